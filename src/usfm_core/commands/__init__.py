@@ -1,0 +1,1 @@
+"""Sub-commands of ``usfm-core``: one module each, exposing ``register(subparsers)``."""

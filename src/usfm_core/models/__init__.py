@@ -1,0 +1,1 @@
+"""usfm_core.models"""
