@@ -1,0 +1,52 @@
+"""``usfm-core info``: scan description and compute report through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from usfm_core.cli import main
+from usfm_core.io import write_dicom, write_nifti
+
+
+def _cine(tmp_path: Path) -> Path:
+    frames = np.random.default_rng(1).integers(0, 255, (4, 24, 32), dtype=np.uint8)
+    return write_dicom(tmp_path / "cine.dcm", frames, spacing_mm=(0.125, 0.25), fps=40.0)
+
+
+def test_info_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(_cine(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "kind:        cine" in out and "format:      dicom" in out
+    assert "shape:       (4, 24, 32)  (gray)" in out
+    assert "dy=0.125 mm, dx=0.25 mm" in out and "fps:         40" in out
+    assert "transfer_syntax: Explicit VR Little Endian" in out
+    assert "compute:" in out and "torch:" in out and "selective scan:" in out
+
+
+def test_info_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vol = write_nifti(tmp_path / "v.nii.gz", np.zeros((3, 8, 9), np.uint8), (1.5, 0.5, 0.25))
+    assert main(["info", str(vol), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    scan = report["scan"]
+    assert scan["kind"] == "volume" and scan["shape"] == [3, 8, 9]
+    assert scan["spacing_mm"] == pytest.approx([0.5, 0.25])
+    assert scan["slice_spacing_mm"] == pytest.approx(1.5)
+    assert isinstance(report["compute"]["cuda_available"], bool)
+    assert report["compute"]["torch"]
+
+
+def test_info_without_file_reports_compute_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["scan"] is None and "selective_scan" in report["compute"]
+
+
+def test_info_bad_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.mp4"
+    assert main(["info", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "missing.mp4: no such file" in err and "Traceback" not in err
