@@ -1,0 +1,176 @@
+"""Backbone speed on CPU: forward latency per image and a training step (forward + backward).
+
+Usage::
+
+    python benchmarks/backbone.py                       # tiny, small-cpu, vmamba-t; batch 1, 8
+    python benchmarks/backbone.py --presets vmamba-t --batch-sizes 1 --repeats 5
+
+Prints a table and writes ``benchmarks/results/backbone.json``. Also reports where the forward
+time of each preset goes (batch 1): selective scan vs convolutions vs linear layers vs layer
+norms vs the rest (cross-scan/merge, einsum projections, activations), measured with wall-clock
+hooks (CPU ops are synchronous).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import usfm_core.models.scan as scan_module
+from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+RESULTS = Path(__file__).resolve().parent / "results" / "backbone.json"
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_breakdown(model: VMamba, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Seconds per forward spent in the scan, convs, linears, layer norms and the rest."""
+    spent: dict[str, float] = defaultdict(float)
+    starts: dict[int, float] = {}
+    kinds = {nn.Conv2d: "conv", nn.Linear: "linear", nn.LayerNorm: "layernorm"}
+    handles = []
+    for module in model.modules():
+        kind = kinds.get(type(module))
+        if kind is None:
+            continue
+
+        def pre(mod, _inp):
+            starts[id(mod)] = time.perf_counter()
+
+        def post(mod, _inp, _out, kind=kind):
+            spent[kind] += time.perf_counter() - starts.pop(id(mod))
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    original = scan_module.selective_scan
+
+    def timed_scan(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        spent["scan"] += time.perf_counter() - start
+        return out
+
+    scan_module.selective_scan = timed_scan
+    try:
+        with torch.inference_mode():
+            model(x)  # warm-up, not counted
+            spent.clear()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
+            total = (time.perf_counter() - start) / repeats
+    finally:
+        scan_module.selective_scan = original
+        for h in handles:
+            h.remove()
+    out = {k: v / repeats for k, v in spent.items()}
+    out["other"] = total - sum(out.values())
+    out["total"] = total
+    return out
+
+
+def bench_preset(name: str, batch_sizes: list[int], size: int, repeats: int, train: bool):
+    """Rows of results (one per batch size) for one preset."""
+    torch.manual_seed(0)
+    model = VMamba(VMambaConfig.preset(name))
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for bs in batch_sizes:
+        x = torch.randn(bs, 3, size, size)
+        model.eval()
+        with torch.inference_mode():
+            fwd = median_time(lambda x=x: model(x), repeats)
+        row = {
+            "preset": name,
+            "params_m": round(params / 1e6, 2),
+            "batch": bs,
+            "size": size,
+            "forward_s_per_image": fwd / bs,
+        }
+        if train:
+            model.train()
+
+            def step(x=x):
+                model.zero_grad(set_to_none=True)
+                model(x).tokens.square().mean().backward()
+
+            row["train_step_s_per_image"] = median_time(step, max(1, repeats // 2)) / bs
+        rows.append(row)
+        print_row(row)
+    model.eval()
+    breakdown = forward_breakdown(model, torch.randn(1, 3, size, size), repeats)
+    return rows, breakdown
+
+
+def print_row(row: dict) -> None:
+    train = row.get("train_step_s_per_image")
+    train_txt = f"{train:9.3f}" if train is not None else "        -"
+    print(
+        f"{row['preset']:>10} {row['params_m']:8.2f} {row['batch']:5d} "
+        f"{row['forward_s_per_image']:9.3f} {train_txt}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small-cpu", "vmamba-t"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, scan backend auto")
+    print(f"{'preset':>10} {'params M':>8} {'batch':>5} {'fwd s/img':>9} {'train s/img':>9}")
+    results, breakdowns = [], {}
+    for name in args.presets:
+        rows, breakdown = bench_preset(
+            name, args.batch_sizes, args.size, args.repeats, not args.no_train
+        )
+        results += rows
+        breakdowns[name] = breakdown
+    print("\nforward time per 224² image, batch 1 (s):")
+    for name, parts in breakdowns.items():
+        text = ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        print(f"  {name}: {text}")
+
+    payload = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "scan_backend": scan_module.resolve_backend("auto", "cpu"),
+        "results": results,
+        "forward_breakdown_batch1_s": breakdowns,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

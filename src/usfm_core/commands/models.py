@@ -1,0 +1,61 @@
+"""``usfm-core models``: list shipped and user models, or import a model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``models`` (list) and ``models import DIR`` to the CLI."""
+    p = sub.add_parser(
+        "models",
+        help="list shipped and user models; import a model folder",
+        description="List the models every tool can use by name, or import one.",
+    )
+    p.add_argument("action", nargs="?", choices=["list", "import"], default="list")
+    p.add_argument("path", nargs="?", help="model folder to import (with `import`)")
+    p.add_argument("--name", help="name to import under (default: the folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """List or import models; returns the exit code."""
+    from usfm_core.errors import USFMError
+    from usfm_core.models.zoo import import_model, list_models, user_model_dir
+
+    if args.action == "import":
+        if not args.path:
+            raise USFMError(
+                "`usfm-core models import` needs a model folder",
+                hint="usfm-core models import RUN/model --name my-model",
+            )
+        dest = import_model(args.path, args.name, overwrite=args.overwrite)
+        print(f"imported {args.path} → {dest}")
+        return 0
+    entries = list_models()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "kind": e.kind,
+                        "source": e.source,
+                        "path": str(e.path),
+                        "sha256": e.sha256,
+                    }
+                    for e in entries
+                ],
+                indent=1,
+            )
+        )
+        return 0
+    print(f"user model directory: {user_model_dir()}  (set USFM_MODEL_DIR to change)")
+    if not entries:
+        print("no models yet: fine-tune one (usfm-core finetune) or import a folder")
+    for e in entries:
+        print(f"  {e.name:<24} {e.kind:<15} {e.source:<8} {e.path}")
+    return 0

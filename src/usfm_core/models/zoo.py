@@ -1,0 +1,182 @@
+"""Finding models on disk: shipped ones, the user's model directory, or any folder.
+
+A *model folder* holds ``config.json`` + ``model.safetensors``. Its ``config.json`` says what it
+is: a fine-tuned task model (``"format": "usfm-finetuned/1"``, with ``"task"``) or a pretrained
+backbone (``"model_type"``, e.g. ``"vmamba"``, written by
+:func:`usfm_core.models.serialization.save_model`). Nothing is ever downloaded: shipped models
+live inside the package (``usfm_core/assets/models``) with sha256 sums in ``index.json``, and
+user models in :func:`user_model_dir` (``$USFM_MODEL_DIR``, default ``~/.cache/usfm/models``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from usfm_core.errors import CheckpointError
+
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+RUN_SUBFOLDERS = ("model", "backbone")
+
+
+@dataclass
+class ModelEntry:
+    """One model folder: ``name``, ``path``, ``kind`` (segmentation / classification /
+    backbone), ``source`` (builtin / user / path) and its parsed ``config.json``."""
+
+    name: str
+    path: Path
+    kind: str
+    source: str
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+    sha256: str | None = None
+
+    @property
+    def description(self) -> str:
+        """One line for lists and dropdowns."""
+        extra = self.config.get("extra", {}) or {}
+        what = extra.get("description") or extra.get("method") or ""
+        return f"{self.name} ({self.kind}, {self.source}){': ' + what if what else ''}"
+
+
+def user_model_dir() -> Path:
+    """The user's model directory: ``$USFM_MODEL_DIR`` or ``$XDG_CACHE_HOME/usfm/models``."""
+    env = os.environ.get("USFM_MODEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "usfm" / "models"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_kind(config: dict[str, Any]) -> str:
+    """``"segmentation" | "classification" | "backbone"`` from a parsed ``config.json``."""
+    if "task" in config and str(config.get("format", "")).startswith("usfm-finetuned"):
+        return str(config["task"])
+    if "model_type" in config:
+        return "backbone"
+    raise ValueError("config.json is neither a fine-tuned model nor a backbone")
+
+
+def read_entry(path: str | Path, *, name: str | None = None, source: str = "path") -> ModelEntry:
+    """Describe the model folder ``path``; raises :class:`CheckpointError` if it is not one."""
+    path = Path(path)
+    if path.is_file() and path.name in (WEIGHTS, CONFIG):
+        path = path.parent
+    name = name or path.name
+    # Run folders: `usfm-core finetune` writes RUN/model/, `usfm-core pretrain` RUN/backbone/.
+    for sub in RUN_SUBFOLDERS:
+        if not (path / CONFIG).is_file() and (path / sub / CONFIG).is_file():
+            path = path / sub
+            break
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(
+            f"not a model folder (needs {CONFIG} and {WEIGHTS})",
+            path=path,
+            hint="pass a folder written by `usfm-core finetune` or `usfm-core pretrain`",
+        )
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        kind = model_kind(config)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise CheckpointError(f"unreadable {CONFIG}: {exc}", path=cfg_path) from None
+    return ModelEntry(name, path, kind, source, config)
+
+
+def _builtin_index() -> dict[str, dict[str, Any]]:
+    index = BUILTIN_DIR / "index.json"
+    if not index.is_file():
+        return {}
+    return json.loads(index.read_text(encoding="utf-8"))
+
+
+def verify_builtin(entry: ModelEntry) -> None:
+    """Check a shipped model's weights against the sha256 in ``index.json``."""
+    expected = _builtin_index().get(entry.name, {}).get("sha256")
+    if expected is None:
+        raise CheckpointError("shipped model has no sha256 in index.json", path=entry.path)
+    actual = file_sha256(entry.path / WEIGHTS)
+    if actual != expected:
+        raise CheckpointError(
+            f"checksum mismatch: sha256 {actual[:12]}… ≠ expected {expected[:12]}…",
+            path=entry.path / WEIGHTS,
+            hint="the installed package is damaged: reinstall napari-usfm",
+        )
+
+
+def list_models(*extra_dirs: str | Path, kind: str | None = None) -> list[ModelEntry]:
+    """Shipped models, then models in the user directory and in ``extra_dirs`` (one level).
+
+    Folders that are not model folders are skipped silently; ``kind`` filters the list.
+    """
+    entries: list[ModelEntry] = []
+    for name, info in sorted(_builtin_index().items()):
+        try:
+            entry = read_entry(BUILTIN_DIR / name, name=name, source="builtin")
+        except CheckpointError:
+            continue
+        entry.sha256 = info.get("sha256")
+        entries.append(entry)
+    for root, source in [(user_model_dir(), "user"), *((Path(d), "path") for d in extra_dirs)]:
+        if not Path(root).is_dir():
+            continue
+        for sub in sorted(Path(root).iterdir()):
+            try:
+                entries.append(read_entry(sub, source=source))
+            except CheckpointError:
+                continue
+    return [e for e in entries if kind is None or e.kind == kind]
+
+
+def find_model(name_or_path: str | Path) -> ModelEntry:
+    """A model by shipped/user name or by folder path; shipped weights are sha256-checked."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.exists():
+        return read_entry(candidate)
+    for entry in list_models():
+        if entry.name == str(name_or_path):
+            if entry.source == "builtin":
+                verify_builtin(entry)
+            return entry
+    known = ", ".join(e.name for e in list_models()) or "none yet"
+    raise CheckpointError(
+        f"no model named {str(name_or_path)!r} and no such folder",
+        hint=f"known models: {known}; or import one with `usfm-core models import DIR`",
+    )
+
+
+def import_model(src: str | Path, name: str | None = None, *, overwrite: bool = False) -> Path:
+    """Copy a model folder into :func:`user_model_dir` (atomically) so every tool finds it."""
+    entry = read_entry(src)
+    dest = user_model_dir() / (name or entry.name)
+    if dest.exists() and not overwrite:
+        raise CheckpointError(
+            "a model of that name exists",
+            path=dest,
+            hint="choose another --name or pass --overwrite",
+        )
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for fname in (CONFIG, WEIGHTS):
+        shutil.copy2(entry.path / fname, tmp / fname)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
