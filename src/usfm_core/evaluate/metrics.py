@@ -1,0 +1,165 @@
+"""Evaluation metrics: classification (scikit-learn) and segmentation (numpy / scipy).
+
+Segmentation metrics are implemented here rather than with MONAI or medpy to keep the
+dependency list short; they follow the usual definitions:
+
+* Dice ``2|A∩B| / (|A| + |B|)`` and IoU ``|A∩B| / |A∪B|`` (both 1.0 when both masks are empty);
+* HD95: the larger of the two directed 95th percentiles of the boundary-to-boundary distances
+  (MONAI's ``compute_hausdorff_distance(percentile=95)`` convention), in the units of
+  ``spacing`` (pixels by default, mm when the pixel spacing is given).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    y_score: np.ndarray | None = None,
+    n_classes: int | None = None,
+) -> dict[str, float]:
+    """Accuracy, macro precision / recall / F1 and (if scores are given) macro one-vs-rest AUROC.
+
+    Args:
+        y_true: true class indices, shape ``(N,)``.
+        y_pred: predicted class indices, shape ``(N,)``.
+        y_score: class probabilities ``(N, K)``; AUROC is NaN when absent or undefined (a
+            class missing from ``y_true``).
+        n_classes: number of classes ``K``; the macro averages run over all ``K`` classes.
+    """
+    from sklearn import metrics as skm
+
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = np.asarray(y_pred, dtype=int)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal 1-D")
+    k = n_classes or int(max(y_true.max(initial=0), y_pred.max(initial=0)) + 1)
+    labels = list(range(k))
+    out = {
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "macro_f1": float(
+            skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
+        "precision": float(
+            skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
+        "recall": float(
+            skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
+        "auroc": float("nan"),
+    }
+    if y_score is not None and len(np.unique(y_true)) == k and k >= 2:
+        scores = np.asarray(y_score, dtype=float)
+        if k == 2:
+            out["auroc"] = float(skm.roc_auc_score(y_true, scores[:, 1]))
+        else:
+            scores = scores / np.clip(scores.sum(axis=1, keepdims=True), 1e-12, None)
+            out["auroc"] = float(
+                skm.roc_auc_score(y_true, scores, multi_class="ovr", average="macro", labels=labels)
+            )
+    return out
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice coefficient of two binary masks of equal shape (1.0 when both are empty)."""
+    p, t = _binary_pair(pred, target)
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
+
+
+def iou(pred: np.ndarray, target: np.ndarray) -> float:
+    """Intersection over union (Jaccard) of two binary masks (1.0 when both are empty)."""
+    p, t = _binary_pair(pred, target)
+    union = np.logical_or(p, t).sum()
+    return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance between the boundaries of two binary masks.
+
+    Args:
+        pred, target: binary masks ``(H, W)`` (or any N-D shape).
+        spacing: pixel size per axis, e.g. ``(dy, dx)`` in mm; pixels when None.
+
+    Returns:
+        The distance; 0.0 when both masks are empty, NaN when exactly one is empty.
+    """
+    p, t = _binary_pair(pred, target)
+    if not p.any() and not t.any():
+        return 0.0
+    if not p.any() or not t.any():
+        return float("nan")
+    sampling = tuple(spacing) if spacing is not None else None
+    bp, bt = _boundary(p), _boundary(t)
+    # Distance of every pixel to the nearest boundary pixel of the other mask.
+    dist_to_t = ndimage.distance_transform_edt(~bt, sampling=sampling)
+    dist_to_p = ndimage.distance_transform_edt(~bp, sampling=sampling)
+    return float(max(np.percentile(dist_to_t[bp], 95), np.percentile(dist_to_p[bt], 95)))
+
+
+def segmentation_metrics(
+    pred: np.ndarray,
+    target: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    n_classes: int = 1,
+) -> dict[str, float]:
+    """Dice, IoU and HD95 of one prediction; multi-class masks are averaged over foreground labels.
+
+    Args:
+        pred, target: label maps ``(H, W)``: binary (``n_classes == 1``, any non-zero value is
+            foreground) or class indices ``0..n_classes-1`` (0 = background).
+        spacing: ``(dy, dx)`` for HD95; pixels when None.
+        n_classes: 1 for binary masks, else the number of classes including background.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    labels = [None] if n_classes <= 2 else list(range(1, n_classes))
+    rows = []
+    for lab in labels:
+        p = pred > 0 if lab is None else pred == lab
+        t = target > 0 if lab is None else target == lab
+        rows.append((dice(p, t), iou(p, t), hd95(p, t, spacing)))
+    d, j, h = (np.array(col, dtype=float) for col in zip(*rows))
+    return {
+        "dice": float(d.mean()),
+        "iou": float(j.mean()),
+        "hd95": float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
+    }
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0.0 for a single value), NaNs ignored."""
+    arr = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate_runs(runs: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean ± std over seeds for every numeric metric key: ``{key: {mean, std, n}}``."""
+    keys = sorted({k for r in runs for k, v in r.items() if isinstance(v, (int, float))})
+    out = {}
+    for key in keys:
+        vals = [float(r[key]) for r in runs if isinstance(r.get(key), (int, float))]
+        m, s = mean_std(vals)
+        out[key] = {"mean": m, "std": s, "n": len(vals)}
+    return out
+
+
+def _binary_pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as boolean arrays of the same shape (ValueError otherwise)."""
+    p, t = np.asarray(pred) > 0, np.asarray(target) > 0
+    if p.shape != t.shape:
+        raise ValueError(f"mask shapes differ: prediction {p.shape} vs target {t.shape}")
+    return p, t
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` that touch the background (4-connectivity), as a boolean array."""
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+    return mask & ~eroded

@@ -1,0 +1,282 @@
+"""Evaluation reports: test metrics, corruption robustness, label efficiency.
+
+:func:`evaluate_model_dir` scores a fine-tuned model on a split of its data set (native image
+resolution, HD95 in mm when ``pixel_size_mm`` is known), optionally under the US-JEPA
+corruptions at severities 1–3, and writes ``metrics.json``, ``summary.md`` and PNG plots.
+:func:`label_efficiency_report` gathers several fine-tuning runs and plots metric vs label ratio
+(mean ± std over seeds), like OpenUS Fig. 5–8.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from usfm_core.errors import ConfigError
+
+MAIN_METRIC = {"segmentation": "dice", "classification": "macro_f1"}
+
+
+def find_splits(model_dir: Path) -> Path | None:
+    """``splits.json`` of the run a model folder belongs to (the folder or its parent)."""
+    for cand in (model_dir / "splits.json", model_dir.parent / "splits.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def evaluate_model_dir(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    corruptions: bool = False,
+    device: str = "cpu",
+    batch_size: int = 8,
+    max_items: int | None = None,
+) -> dict[str, Any]:
+    """Score the model on ``split`` (clean and, optionally, corrupted) and write the report.
+
+    Returns the ``metrics.json`` content: ``{"task", "split", "n", "clean": {...},
+    "corrupted": {kind: {severity: {...}}}}``.
+    """
+    from usfm_core.evaluate.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+    from usfm_core.finetune.data import LabelledSet, load_splits
+    from usfm_core.finetune.models import load_finetuned
+    from usfm_core.utils import atomic_write_text
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model, meta = load_finetuned(model_dir, device=device)
+    task = meta["task"]
+    data = LabelledSet.from_folder(data_dir, task)
+    splits_path = find_splits(model_dir)
+    if splits_path is not None:
+        indices = load_splits(splits_path, data).get(split)
+        if indices is None:
+            raise ConfigError(
+                f"split {split!r} not in splits.json",
+                path=splits_path,
+                hint="use --split train, val or test",
+            )
+    else:
+        indices = list(range(len(data)))  # no run folder: the whole data set
+    indices = indices[:max_items] if max_items else indices
+    if not indices:
+        raise ConfigError(f"split {split!r} is empty", path=splits_path)
+    score = _seg_scorer if task == "segmentation" else _cls_scorer
+    result: dict[str, Any] = {
+        "task": task,
+        "split": split,
+        "n": len(indices),
+        "model": str(model_dir),
+        "splits_file": str(splits_path) if splits_path else None,
+        "clean": score(model, data, indices, None, device, batch_size),
+        "corrupted": {},
+    }
+    if corruptions:
+        for kind in CORRUPTIONS:
+            result["corrupted"][kind] = {}
+            for sev in SEVERITIES:
+
+                def tf(img, kind=kind, sev=sev):
+                    return corrupt(img, kind, sev, rng=sev)
+
+                result["corrupted"][kind][str(sev)] = score(
+                    model, data, indices, tf, device, batch_size
+                )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1))
+    atomic_write_text(out_dir / "summary.md", _summary_md(result))
+    if corruptions:
+        _plot_robustness(result, out_dir / "robustness.png")
+    if task == "segmentation":
+        _plot_overlays(model, data, indices[:4], out_dir / "overlays.png", device)
+    return result
+
+
+def _seg_scorer(
+    model, data, indices, transform: Callable | None, device: str, batch_size: int
+) -> dict[str, float]:
+    """Mean Dice / IoU / HD95 over items, at native resolution."""
+    from usfm_core.evaluate.metrics import segmentation_metrics
+    from usfm_core.finetune.data import read_image, read_mask
+    from usfm_core.finetune.infer import segment_frames
+
+    def frames():
+        for i in indices:
+            img = read_image(data.items[i])
+            yield transform(img) if transform else img
+
+    rows = []
+    for i, pred in zip(
+        indices, segment_frames(model, frames(), batch_size=batch_size, device=device)
+    ):
+        item = data.items[i]
+        px = item.pixel_size_mm
+        rows.append(
+            segmentation_metrics(
+                pred, read_mask(item), (px, px) if px else None, n_classes=max(model.n_classes, 1)
+            )
+        )
+    out = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "iou")}
+    hd = [r["hd95"] for r in rows if np.isfinite(r["hd95"])]
+    out["hd95"] = float(np.mean(hd)) if hd else float("nan")
+    return out
+
+
+def _cls_scorer(
+    model, data, indices, transform: Callable | None, device: str, batch_size: int
+) -> dict[str, float]:
+    from usfm_core.finetune.data import SupervisedDataset
+    from usfm_core.finetune.train import evaluate_split
+
+    ds = SupervisedDataset(data, indices, "classification", model.input_size, transform=transform)
+    return evaluate_split(model, ds, "classification", batch_size, device)
+
+
+def _fmt(v: float, pct: bool) -> str:
+    if v is None or not np.isfinite(v):
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+
+
+def _summary_md(result: dict[str, Any]) -> str:
+    """A markdown table: rows = condition, columns = metrics (percent, as in the papers)."""
+    keys = (
+        ["dice", "iou", "hd95"]
+        if result["task"] == "segmentation"
+        else ["accuracy", "macro_f1", "precision", "recall", "auroc"]
+    )
+    lines = [
+        f"# Evaluation ({result['task']}, split `{result['split']}`, n = {result['n']})",
+        "",
+        "Scores in %, HD95 in mm when the pixel size is known (else px).",
+        "",
+        "| condition | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    conds = [("clean", result["clean"])] + [
+        (f"{kind} ε={sev}", m) for kind, d in result["corrupted"].items() for sev, m in d.items()
+    ]
+    for name, m in conds:
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), k != "hd95") for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_robustness(result: dict[str, Any], path: Path) -> None:
+    """Main metric vs severity (0 = clean) per corruption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = MAIN_METRIC[result["task"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, d in result["corrupted"].items():
+        sev = [0] + [int(s) for s in d]
+        vals = [result["clean"][key]] + [m[key] for m in d.values()]
+        ax.plot(sev, [100 * v for v in vals], marker="o", label=kind)
+    ax.set(
+        xlabel="severity ε",
+        ylabel=f"{key} (%)",
+        xticks=[0, 1, 2, 3],
+        title="robustness to corruptions",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_overlays(model, data, indices: Sequence[int], path: Path, device: str) -> None:
+    """Image with ground-truth (green) and predicted (red) contours for a few items."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from usfm_core.finetune.data import read_image, read_mask
+    from usfm_core.finetune.infer import segment_frames
+
+    imgs = [read_image(data.items[i]) for i in indices]
+    preds = list(segment_frames(model, imgs, device=device))
+    fig, axes = plt.subplots(1, len(imgs), figsize=(3 * len(imgs), 3), squeeze=False)
+    for ax, i, img, pred in zip(axes[0], indices, imgs, preds):
+        ax.imshow(img, cmap="gray")
+        ax.contour(read_mask(data.items[i]) > 0, levels=[0.5], colors="lime", linewidths=1)
+        if pred.any():
+            ax.contour(pred > 0, levels=[0.5], colors="red", linewidths=1)
+        ax.set_axis_off()
+    fig.suptitle("ground truth (green) vs prediction (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def label_efficiency_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, metric: str | None = None
+) -> dict[str, Any]:
+    """Metric vs label ratio, mean ± std over seeds, from ``result.json`` of each run.
+
+    Uses test metrics when a run has them, else validation. Writes ``label_efficiency.json``,
+    ``label_efficiency.md`` and ``label_efficiency.png`` into ``out_dir``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from usfm_core.evaluate.metrics import mean_std
+    from usfm_core.utils import atomic_write_text
+
+    by_ratio: dict[float, list[float]] = defaultdict(list)
+    task = None
+    for run in run_dirs:
+        res_path = Path(run) / "result.json"
+        if not res_path.is_file():
+            raise ConfigError(
+                "no result.json: not a finished fine-tuning run",
+                path=run,
+                hint="pass the run folders written by `usfm-core finetune`",
+            )
+        res = json.loads(res_path.read_text(encoding="utf-8"))
+        task = task or res["task"]
+        key = metric or MAIN_METRIC[res["task"]]
+        scores = res.get("test_metrics") or res["val_metrics"]
+        by_ratio[float(res["label_ratio"])].append(float(scores[key]))
+    key = metric or MAIN_METRIC[task or "segmentation"]
+    ratios = sorted(by_ratio)
+    stats = {
+        f"{r:g}": dict(zip(("mean", "std"), mean_std(by_ratio[r])), n=len(by_ratio[r]))
+        for r in ratios
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"metric": key, "task": task, "ratios": stats}
+    atomic_write_text(out_dir / "label_efficiency.json", json.dumps(doc, indent=1))
+    md = [
+        f"# Label efficiency ({key}, %)",
+        "",
+        "| label ratio | mean ± std | seeds |",
+        "|---|---|---|",
+    ]
+    md += [
+        f"| {100 * float(r):g} % | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {s['n']} |"
+        for r, s in stats.items()
+    ]
+    atomic_write_text(out_dir / "label_efficiency.md", "\n".join(md) + "\n")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    means = np.array([stats[f"{r:g}"]["mean"] for r in ratios]) * 100
+    stds = np.array([stats[f"{r:g}"]["std"] for r in ratios]) * 100
+    ax.errorbar([100 * r for r in ratios], means, yerr=stds, marker="o", capsize=3)
+    ax.set(xlabel="label ratio (%)", ylabel=f"{key} (%)", title="label efficiency")
+    fig.tight_layout()
+    fig.savefig(out_dir / "label_efficiency.png", dpi=120)
+    plt.close(fig)
+    return doc

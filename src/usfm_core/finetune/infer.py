@@ -1,0 +1,153 @@
+"""Inference with a fine-tuned segmenter, and measurements of the masks it produces.
+
+:func:`segment_frames` streams frames through the model in small batches (memory stays flat for
+long cines) and gives masks back in each frame's own geometry. :func:`measure_mask` turns a mask
+into per-object areas, diameters and ellipse-fit circumferences, in mm when the pixel spacing
+is known.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from usfm_core.finetune.data import normalize, to_uint8
+
+
+def _to_gray_u8(frame: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3|4)`` of any dtype → ``(H, W) uint8``."""
+    import cv2
+
+    frame = np.asarray(frame)
+    if frame.ndim == 3 and frame.shape[-1] in (3, 4):
+        frame = cv2.cvtColor(to_uint8(frame[..., :3]), cv2.COLOR_RGB2GRAY)
+    if frame.ndim != 2:
+        raise ValueError(f"expected a 2-D frame (H, W) or (H, W, 3), got shape {frame.shape}")
+    return to_uint8(frame)
+
+
+def segment_frames(
+    model: torch.nn.Module,
+    frames: Iterable[np.ndarray],
+    *,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    input_size: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Segment frames one batch at a time; yields ``(H, W) uint8`` label maps (0 = background).
+
+    Each frame is resized to the model's square input (``model.input_size`` unless given),
+    segmented, and the logits resized back to the frame's own ``(H, W)`` before the
+    threshold / argmax, so the mask overlays the frame exactly. ``progress(n_done)`` is called
+    after each batch.
+    """
+    import cv2
+
+    size = int(input_size or getattr(model, "input_size", 224))
+    model = model.to(device).eval()
+    done = 0
+    batch: list[np.ndarray] = []
+
+    def run(batch: list[np.ndarray]) -> list[np.ndarray]:
+        x = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in batch])
+        xt = torch.from_numpy(normalize(x))[:, None].to(device)
+        with torch.no_grad():
+            logits = model(xt).float().cpu()
+        out = []
+        for f, lg in zip(batch, logits):
+            up = torch.nn.functional.interpolate(
+                lg[None], size=f.shape, mode="bilinear", align_corners=False
+            )[0]
+            lab = (up[0] > 0) if up.shape[0] == 1 else up.argmax(0)
+            out.append(lab.numpy().astype(np.uint8))
+        return out
+
+    for frame in frames:
+        batch.append(_to_gray_u8(frame))
+        if len(batch) == batch_size:
+            yield from run(batch)
+            done += len(batch)
+            batch = []
+            if progress is not None:
+                progress(done)
+    if batch:
+        yield from run(batch)
+        if progress is not None:
+            progress(done + len(batch))
+
+
+def ramanujan_circumference(a: float, b: float) -> float:
+    """Ellipse perimeter from semi-axes ``a``, ``b`` (Ramanujan's first approximation)."""
+    return math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b)))
+
+
+def measure_mask(
+    mask: np.ndarray, spacing_mm: Sequence[float] | None = None, min_pixels: int = 5
+) -> dict:
+    """Per-object measurements of a label map ``(H, W)`` (any non-zero value is foreground).
+
+    Returns ``{"unit": "mm" | "px", "total_area": float, "objects": [ ... ]}`` where each
+    object (8-connected, ≥ ``min_pixels``, largest first) has ``label`` (its class value),
+    ``area`` (mm² or px²), ``max_diameter`` (largest distance between hull points),
+    ``ellipse_major`` / ``ellipse_minor`` (full axes of ``cv2.fitEllipse`` on the outer contour),
+    ``circumference`` (Ramanujan on the fitted ellipse), ``centroid_y`` / ``centroid_x`` (px)
+    and ``n_pixels``. ``spacing_mm`` is ``(dy, dx)``; without it everything is in pixels.
+    """
+    import cv2
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    dy, dx = (float(spacing_mm[0]), float(spacing_mm[1])) if spacing_mm is not None else (1, 1)
+    unit = "mm" if spacing_mm is not None else "px"
+    objects = []
+    for value in np.unique(mask[mask > 0]):
+        n, comp, stats, cents = cv2.connectedComponentsWithStats(
+            (mask == value).astype(np.uint8), connectivity=8
+        )
+        for i in range(1, n):
+            npx = int(stats[i, cv2.CC_STAT_AREA])
+            if npx < min_pixels:
+                continue
+            obj = _measure_object(comp == i, dy, dx)
+            obj.update(
+                label=int(value),
+                n_pixels=npx,
+                area=npx * dy * dx,
+                centroid_y=float(cents[i, 1]),
+                centroid_x=float(cents[i, 0]),
+            )
+            objects.append(obj)
+    objects.sort(key=lambda o: -o["area"])
+    return {"unit": unit, "total_area": float(sum(o["area"] for o in objects)), "objects": objects}
+
+
+def _measure_object(obj: np.ndarray, dy: float, dx: float) -> dict:
+    """Max diameter and ellipse fit of one binary object, contour scaled by ``(dy, dx)``."""
+    import cv2
+
+    contours, _ = cv2.findContours(obj.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    pts = np.concatenate([c[:, 0, :] for c in contours]).astype(np.float32)  # (P, 2) as (x, y)
+    pts_mm = pts * np.array([dx, dy], np.float32)  # scale before fitting: spacing may differ
+    hull = cv2.convexHull(pts_mm)[:, 0, :]
+    diffs = hull[:, None, :] - hull[None, :, :]
+    max_diam = float(np.sqrt((diffs**2).sum(-1)).max()) if len(hull) > 1 else 0.0
+    out = {
+        "max_diameter": max_diam,
+        "ellipse_major": float("nan"),
+        "ellipse_minor": float("nan"),
+        "circumference": float("nan"),
+    }
+    if len(pts_mm) >= 5:
+        (_cx, _cy), (w, h), _angle = cv2.fitEllipse(pts_mm)
+        major, minor = max(w, h), min(w, h)
+        out.update(
+            ellipse_major=float(major),
+            ellipse_minor=float(minor),
+            circumference=ramanujan_circumference(major / 2, minor / 2),
+        )
+    return out

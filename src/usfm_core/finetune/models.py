@@ -1,0 +1,435 @@
+"""Task heads on a pretrained backbone: image classifier and U-Net-like segmenter.
+
+A backbone is any module whose ``forward(x (B, C, H, W))`` returns an object with
+``.features`` (4 maps ``(B, C_i, H/2^{i+2}, W/2^{i+2})``, strides 4, 8, 16, 32) and
+``.global_token`` ``(B, C)``, and which exposes ``.out_dims`` (the 4 channel counts) —
+:class:`usfm_core.models.vmamba.VMamba` and :class:`usfm_core.models.vit.ViT`.
+
+Models take a one-channel image ``(B, 1, H, W)`` normalised with
+:func:`usfm_core.finetune.data.normalize` (repeated to the backbone's input channels if it wants
+three); H and W must be divisible by 32.
+
+Both are registered with :mod:`usfm_core.models.serialization` as ``"segmenter"`` and
+``"classifier"``: ``save_model`` / ``load_model`` (or :func:`save_finetuned` /
+:func:`load_finetuned`) store and rebuild backbone + head together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from usfm_core.errors import CheckpointError
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-excite style gate: (avg-pool + max-pool) → bottleneck MLP → sigmoid → scale.
+
+    ``(B, C, H, W) -> (B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = self.mlp(F.adaptive_avg_pool2d(x, 1))
+        mx = self.mlp(F.adaptive_max_pool2d(x, 1))
+        return x * torch.sigmoid(avg + mx)
+
+
+class ConvAttentionBlock(nn.Module):
+    """Residual decoder block: conv3×3 → GELU → conv3×3, channel attention. ``(B, C, H, W)``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = _norm_groups(channels)
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.GELU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+        )
+        self.attn = ChannelAttention(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x + self.attn(self.body(x)))
+
+
+class ChannelAwareVSSBlock(nn.Module):
+    """OpenUS's decoder block: a VSS block (SS2D, d_state 4) then a channel-attention branch.
+
+    ``(B, C, H, W) -> (B, C, H, W)``; needs :class:`usfm_core.models.vmamba.VSSBlock`.
+    """
+
+    def __init__(self, channels: int, d_state: int = 4):
+        super().__init__()
+        from usfm_core.models.vmamba import VMambaConfig, VSSBlock
+
+        self.vss = VSSBlock(channels, VMambaConfig(d_state=d_state), drop_path=0.0)
+        self.conv = ConvAttentionBlock(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.vss(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # VSS works channels-last
+        return self.conv(x)
+
+
+class UNetDecoder(nn.Module):
+    """Decoder over 4 multi-scale maps: up ×2 + 1×1 conv, additive skip, attention block.
+
+    Stage-4 features (stride 32) go up through strides 16, 8, 4 adding the stage 3/2/1 skips,
+    then a ×4 bilinear upsample and a 1×1 conv give ``(B, n_out, H, W)``. ``block`` builds
+    each stage's block from its channel count (conv + channel attention, or VSS).
+    """
+
+    def __init__(
+        self, in_dims: list[int], n_out: int, block: Callable[[int], nn.Module] = ConvAttentionBlock
+    ):
+        super().__init__()
+        self.bottom = block(in_dims[3])
+        self.ups = nn.ModuleList(nn.Conv2d(in_dims[i + 1], in_dims[i], 1) for i in (2, 1, 0))
+        self.blocks = nn.ModuleList(block(in_dims[i]) for i in (2, 1, 0))
+        self.head = nn.Conv2d(in_dims[0], n_out, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.bottom(feats[3])
+        for up, block, skip in zip(self.ups, self.blocks, (feats[2], feats[1], feats[0])):
+            x = up(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+            x = block(x + skip)
+        x = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+        return self.head(x)
+
+
+class VSSDecoder(UNetDecoder):
+    """:class:`UNetDecoder` with channel-aware VSS blocks (OpenUS's segmentation decoder)."""
+
+    def __init__(self, in_dims: list[int], n_out: int):
+        super().__init__(in_dims, n_out, block=ChannelAwareVSSBlock)
+
+
+class ConvDecoder(nn.Module):
+    """Cheaper FPN-like decoder: 1×1 convs to ``width``, upsample to stride 4, sum, conv head."""
+
+    def __init__(self, in_dims: list[int], n_out: int, width: int = 64):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(d, width, 1) for d in in_dims)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(_norm_groups(width), width),
+            nn.GELU(),
+            nn.Conv2d(width, n_out, 1),
+        )
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        x = sum(
+            F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False)
+            for lat, f in zip(self.lateral, feats)
+        )
+        x = self.fuse(x)
+        return F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+
+
+DECODERS: dict[str, type[nn.Module]] = {
+    "unet": UNetDecoder,
+    "conv": ConvDecoder,
+    "vss": VSSDecoder,
+}
+
+
+class _TaskModel(nn.Module):
+    """Shared plumbing: backbone, channel repeat, and the metadata saved with the model."""
+
+    task = ""
+
+    def __init__(self, backbone: nn.Module, n_classes: int):
+        super().__init__()
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        self.backbone = backbone
+        self.n_classes = n_classes
+        self.in_chans = _backbone_in_chans(backbone)
+        self.classes: list[str] = []
+        self.input_size = 224
+
+    def _features(self, x: torch.Tensor):
+        if x.ndim != 4 or x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"input must be (B, C, H, W) with H, W divisible by 32: {x.shape}")
+        if x.shape[1] != self.in_chans:
+            x = x.mean(1, keepdim=True).expand(-1, self.in_chans, -1, -1)
+        return self.backbone(x)
+
+    @property
+    def head_name(self) -> str:
+        return getattr(self, "head_type", None) or getattr(self, "decoder_type", "")
+
+    @property
+    def config(self) -> TaskModelConfig:
+        """Current config (read by :func:`usfm_core.models.serialization.save_model`)."""
+        return TaskModelConfig(
+            backbone_type=_backbone_type(self.backbone),
+            backbone_config=self.backbone.config.to_dict(),
+            n_classes=self.n_classes,
+            head=self.head_name,
+            classes=list(self.classes),
+            input_size=int(self.input_size),
+        )
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze (linear probe) or unfreeze the backbone's parameters."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(trainable)
+
+
+class Classifier(_TaskModel):
+    """Global token → linear layer. ``(B, 1, H, W) -> logits (B, n_classes)``."""
+
+    task = "classification"
+
+    def __init__(
+        self, backbone: nn.Module | TaskModelConfig, n_classes: int = 2, head: str = "linear"
+    ):
+        cfg = backbone if isinstance(backbone, TaskModelConfig) else None
+        if cfg is not None:  # rebuilt by serialization.load_model
+            backbone, n_classes, head = _backbone_from(cfg), cfg.n_classes, cfg.head
+        super().__init__(backbone, n_classes)
+        if cfg is not None:
+            self.classes, self.input_size = list(cfg.classes), int(cfg.input_size)
+        if head not in ("linear", "mlp"):
+            raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}")
+        self.head_type = head
+        dim = int(_backbone_dims(backbone)[-1])
+        if head == "linear":
+            self.head = nn.Linear(dim, n_classes)
+        else:
+            self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._features(x).global_token)
+
+
+class Segmenter(_TaskModel):
+    """Backbone + multi-scale decoder. ``(B, 1, H, W) -> logits (B, n_out, H, W)``.
+
+    ``n_classes == 1`` is binary (one logit, sigmoid); otherwise ``n_classes`` softmax channels
+    with 0 = background.
+    """
+
+    task = "segmentation"
+
+    def __init__(
+        self, backbone: nn.Module | TaskModelConfig, n_classes: int = 1, decoder: str = "unet"
+    ):
+        cfg = backbone if isinstance(backbone, TaskModelConfig) else None
+        if cfg is not None:  # rebuilt by serialization.load_model
+            backbone, n_classes, decoder = _backbone_from(cfg), cfg.n_classes, cfg.head
+        super().__init__(backbone, n_classes)
+        if cfg is not None:
+            self.classes, self.input_size = list(cfg.classes), int(cfg.input_size)
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
+        self.decoder_type = decoder
+        self.decoder = DECODERS[decoder]([int(d) for d in _backbone_dims(backbone)], n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(list(self._features(x).features))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Label map ``(B, H, W)`` int64: threshold 0.5 (binary) or argmax (multi-class)."""
+        logits = self(x)
+        if self.n_classes == 1:
+            return (logits[:, 0] > 0).long()
+        return logits.argmax(1)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+@dataclass
+class TaskModelConfig:
+    """Everything that rebuilds a task model: backbone type + config, head, classes, size.
+
+    ``backbone_type`` is a model type registered with :mod:`usfm_core.models.serialization`
+    (``"vmamba"``, ``"vit"``), so ``load_model(dir)`` rebuilds backbone and head together.
+    """
+
+    backbone_type: str
+    backbone_config: dict
+    n_classes: int = 1
+    head: str = "unet"
+    classes: list[str] = field(default_factory=list)
+    input_size: int = 224
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskModelConfig:
+        return cls(**data)
+
+
+def _backbone_from(config: TaskModelConfig) -> nn.Module:
+    from usfm_core.models.serialization import build_model
+
+    return build_model(config.backbone_type, config.backbone_config)
+
+
+def _backbone_type(backbone: nn.Module) -> str:
+    """The serialization type name of a backbone instance."""
+    from usfm_core.models import serialization
+
+    try:
+        return serialization._type_of(backbone)
+    except ValueError:
+        raise CheckpointError(
+            f"backbone {type(backbone).__name__} is not registered with serialization",
+            hint="call usfm_core.models.serialization.register_model for it",
+        ) from None
+
+
+def build_backbone(preset: str = "tiny", kind: str = "vmamba") -> nn.Module:
+    """A freshly initialised backbone from a named preset (the from-scratch baseline)."""
+    if kind == "vmamba":
+        from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+        return VMamba(VMambaConfig.preset(preset))
+    if kind == "vit":
+        from usfm_core.models.vit import ViT, ViTConfig
+
+        return ViT(ViTConfig.preset(preset))
+    raise ValueError(f"unknown backbone kind {kind!r}")
+
+
+def load_backbone(ckpt_dir: str | Path) -> nn.Module:
+    """The backbone inside a pretrained checkpoint folder (a bare backbone or a wrapper of one).
+
+    A ``usfm-core pretrain`` run folder is accepted too (its ``backbone/`` sub-folder is used).
+
+    Wrappers are unwrapped through ``.backbone``, ``.student`` / ``.encoder`` or
+    ``.teacher`` attributes (a teacher-student pretrain model yields its teacher if present,
+    as iBOT/DINO do for evaluation).
+    """
+    try:
+        from usfm_core.models.serialization import load_model
+    except ImportError as exc:  # pragma: no cover - depends on the models helper
+        raise CheckpointError(
+            "checkpoint loading is not available (models.serialization)", path=ckpt_dir
+        ) from exc
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "config.json").is_file() and (ckpt_dir / "backbone").is_dir():
+        ckpt_dir = ckpt_dir / "backbone"  # a pretrain run folder: its exported backbone
+    model, _meta = load_model(ckpt_dir)
+    for attr in ("teacher", "backbone", "encoder", "student"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            inner = getattr(inner, "backbone", inner)
+            if hasattr(inner, "out_dims"):
+                return inner
+    if hasattr(model, "out_dims"):
+        return model
+    raise CheckpointError(
+        "checkpoint holds no backbone with multi-scale outputs",
+        path=ckpt_dir,
+        hint="pass a pretrain run folder or a backbone folder",
+    )
+
+
+def _backbone_dims(backbone: nn.Module) -> list[int]:
+    dims = getattr(backbone, "out_dims", None)
+    if dims is None or len(dims) != 4:
+        raise ValueError("backbone must expose .out_dims with 4 stage channel counts")
+    return list(dims)
+
+
+def _backbone_in_chans(backbone: nn.Module) -> int:
+    for owner in (backbone, getattr(backbone, "config", None), getattr(backbone, "cfg", None)):
+        for attr in ("in_chans", "in_channels"):
+            val = getattr(owner, attr, None)
+            if isinstance(val, int):
+                return val
+    return 1
+
+
+def _norm_groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+# ---------------------------------------------------------------------------- save / load
+
+MODEL_TYPES = {"segmenter": "segmentation", "classifier": "classification"}
+FORMAT = "usfm-finetuned/1"
+
+
+def _register() -> None:
+    from usfm_core.models.serialization import register_model
+
+    register_model("segmenter", Segmenter, TaskModelConfig)
+    register_model("classifier", Classifier, TaskModelConfig)
+
+
+_register()
+
+
+def save_finetuned(
+    model: Classifier | Segmenter, out_dir: str | Path, extra: dict | None = None
+) -> Path:
+    """Save with :func:`usfm_core.models.serialization.save_model` (atomic files).
+
+    ``config.json`` also gets top-level ``"format": "usfm-finetuned/1"`` and ``"task"`` so
+    :mod:`usfm_core.models.zoo` lists the folder as a segmentation / classification model.
+    """
+    import json
+
+    from usfm_core.models.serialization import CONFIG_FILE, save_model
+    from usfm_core.utils import atomic_write_text
+
+    out = save_model(model, out_dir, extra=extra)
+    meta = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    meta.update(format=FORMAT, task=model.task)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_finetuned(
+    model_dir: str | Path, device: str = "cpu"
+) -> tuple[Classifier | Segmenter, dict]:
+    """Load a fine-tuned model folder (or a run folder holding ``model/``).
+
+    Returns ``(model in eval mode, meta)`` where ``meta["task"]`` is ``segmentation`` or
+    ``classification``; anything else raises :class:`CheckpointError`.
+    """
+    from usfm_core.models.serialization import CONFIG_FILE, load_model
+
+    model_dir = Path(model_dir)
+    if not (model_dir / CONFIG_FILE).is_file() and (model_dir / "model" / CONFIG_FILE).is_file():
+        model_dir = model_dir / "model"
+    if not (model_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            "no config.json: not a fine-tuned model folder",
+            path=model_dir,
+            hint="pass the run folder written by `usfm-core finetune`",
+        )
+    model, meta = load_model(model_dir, device=device)
+    kind = meta.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise CheckpointError(
+            f"holds a {kind!r} model, not a fine-tuned segmenter/classifier",
+            path=model_dir,
+            hint="fine-tune it first: usfm-core finetune",
+        )
+    meta["task"] = MODEL_TYPES[kind]
+    return model, meta

@@ -1,0 +1,441 @@
+"""Label-efficient fine-tuning: classification (CE) and segmentation (soft Dice + CE).
+
+:func:`finetune` trains a :class:`~usfm_core.finetune.models.Classifier` or
+:class:`~usfm_core.finetune.models.Segmenter` on a labelled folder or on in-memory frames,
+selects the best epoch on the validation split (macro-F1 / Dice), stops early, and writes::
+
+    out_dir/model/{config.json, model.safetensors}   best model (atomic writes)
+    out_dir/history.csv                              one row per epoch
+    out_dir/splits.json                              item keys of train (subset) / val / test
+    out_dir/result.json                              settings, best epoch, val + test metrics
+
+It is safe to call from a worker thread: ``progress`` receives a dict after every step and
+epoch, and ``cancel`` (a callable or ``threading.Event``) stops training at the next step,
+keeping the best model so far. The soft Dice is written here in torch (MONAI's ``DiceCELoss``
+formulation) instead of adding MONAI as a dependency for one loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from usfm_core.errors import ConfigError
+from usfm_core.evaluate.metrics import classification_metrics, dice, iou
+from usfm_core.finetune.data import (
+    LabelledSet,
+    SupervisedDataset,
+    label_subset,
+    make_splits,
+    save_splits,
+)
+from usfm_core.finetune.models import (
+    Classifier,
+    Segmenter,
+    build_backbone,
+    load_backbone,
+    save_finetuned,
+)
+
+SAVE_INTERVAL_S = 60.0
+
+TASK_ALIASES = {
+    "seg": "segmentation",
+    "segmentation": "segmentation",
+    "cls": "classification",
+    "classification": "classification",
+}
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced (paths) and how well it did (metrics)."""
+
+    out_dir: Path
+    model_dir: Path
+    history_path: Path
+    splits_path: Path
+    best_epoch: int
+    epochs_run: int
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    task: str = "segmentation"
+    label_ratio: float = 1.0
+    seed: int = 0
+    n_train: int = 0
+    cancelled: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 − soft Dice, averaged over the batch and foreground channels.
+
+    Args:
+        logits: ``(B, K, H, W)``; K = 1 is binary (sigmoid), K ≥ 2 softmax with 0 = background
+            (left out of the mean, as background Dice is trivially high).
+        target: ``(B, H, W)`` int64 labels.
+    """
+    if logits.shape[1] == 1:
+        prob = torch.sigmoid(logits)
+        onehot = (target > 0).float()[:, None]
+    else:
+        prob = logits.softmax(1)[:, 1:]
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
+    inter = (prob * onehot).sum((2, 3))
+    denom = prob.sum((2, 3)) + onehot.sum((2, 3))
+    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice + cross-entropy (BCE for one logit).
+
+    ``logits (B, K, H, W)``, ``target (B, H, W)`` int64.
+    """
+    if logits.shape[1] == 1:
+        ce = F.binary_cross_entropy_with_logits(logits[:, 0], (target > 0).float())
+    else:
+        ce = F.cross_entropy(logits, target)
+    return soft_dice_loss(logits, target) + ce
+
+
+def finetune(
+    task: str,
+    data: str | Path | LabelledSet | tuple[np.ndarray, np.ndarray],
+    out_dir: str | Path,
+    *,
+    backbone_ckpt: str | Path | None = None,
+    backbone_preset: str = "tiny",
+    backbone: nn.Module | None = None,
+    n_classes: int | None = None,
+    head: str = "linear",
+    decoder: str = "unet",
+    label_ratio: float = 1.0,
+    seed: int = 0,
+    split_seed: int = 0,
+    epochs: int = 20,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    optimizer: str = "adamw",
+    freeze_backbone: bool = False,
+    batch_size: int = 16,
+    input_size: int = 224,
+    device: str = "auto",
+    max_steps: int | None = None,
+    patience: int = 10,
+    augment: bool = True,
+    splits: dict[str, list[int]] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    cancel: Callable[[], bool] | Any | None = None,
+) -> FinetuneResult:
+    """Fine-tune a backbone for ``task`` and save the best model under ``out_dir``.
+
+    Args:
+        task: ``"segmentation"`` / ``"seg"`` or ``"classification"`` / ``"cls"``.
+        data: a folder with ``manifest.csv``, a :class:`LabelledSet`, or a tuple
+            ``(images (N, H, W), masks (N, H, W))`` (segmentation) / ``(images, labels (N,))``.
+        backbone_ckpt: pretrained checkpoint folder; None trains from scratch (the baseline).
+        backbone: an already built backbone module (overrides the two options above).
+        n_classes: segmentation output channels (1 = binary, default) or number of classes
+            (classification, default: from the data).
+        label_ratio: share of the training split used, stratified and grouped (0 < r ≤ 1).
+        seed: seed of the label subset, augmentations and initialisation.
+        split_seed: seed of the train/val/test split (kept fixed across ``seed``s).
+        lr, weight_decay: default 1e-4 / 5e-2 (segmentation, OpenUS) and 1e-3 / 1e-4
+            (classification, US-JEPA linear probe); SGD uses momentum 0.9.
+        freeze_backbone: linear probe: only the head trains, the backbone stays in eval mode.
+        input_size: square model input side, divisible by 32.
+        max_steps: stop after this many optimiser steps in total (quick runs, tests).
+        patience: epochs without validation improvement before stopping.
+        splits: precomputed ``{"train", "val", "test"}`` item indices (else computed).
+        progress: called with a dict (``epoch``, ``step``, ``loss``, ... ) during training.
+        cancel: callable returning True, or an object with ``is_set()``, to stop early.
+    """
+    from usfm_core.utils import resolve_device
+
+    task = _task_name(task)
+    if input_size % 32:
+        raise ConfigError(f"input size must be divisible by 32, got {input_size}")
+    if optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(resolve_device(device))
+    torch.manual_seed(seed)
+
+    dataset = _as_labelled(data, task)
+    if task == "segmentation" and all(it.label is None for it in dataset.items):
+        dataset.annotate_foreground()
+    if splits is None:
+        splits = make_splits(dataset.labels, dataset.groups, seed=split_seed)
+    train_idx = label_subset(splits["train"], dataset.labels, dataset.groups, label_ratio, seed)
+    run_splits = {"train": train_idx, "val": splits["val"], "test": splits["test"]}
+    splits_path = out_dir / "splits.json"
+    save_splits(
+        splits_path,
+        dataset,
+        run_splits,
+        seed=seed,
+        split_seed=split_seed,
+        label_ratio=label_ratio,
+        task=task,
+    )
+
+    model = _build_model(
+        task, dataset, backbone, backbone_ckpt, backbone_preset, n_classes, head, decoder
+    )
+    model.input_size = input_size
+    model.classes = list(dataset.classes)
+    model.to(dev)
+    model.set_backbone_trainable(not freeze_backbone)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = lr if lr is not None else (1e-4 if task == "segmentation" else 1e-3)
+    wd = weight_decay if weight_decay is not None else (5e-2 if task == "segmentation" else 1e-4)
+    opt = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        if optimizer == "adamw"
+        else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    )
+
+    train_ds = SupervisedDataset(dataset, train_idx, task, input_size, augment=augment, seed=seed)
+    val_ds = SupervisedDataset(dataset, splits["val"], task, input_size)
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=gen,
+        drop_last=len(train_ds) > batch_size,
+    )
+    total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
+    )
+
+    key = "dice" if task == "segmentation" else "macro_f1"
+    best, best_epoch, best_state, best_val = -math.inf, 0, None, {}
+    history, step, stale, cancelled, epoch = [], 0, 0, False, 0
+    last_save, saved_epoch = time.monotonic(), 0
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        if freeze_backbone:
+            model.backbone.eval()  # linear probe: no dropout / drop-path in the frozen encoder
+        losses = []
+        for x, y in loader:
+            if _is_cancelled(cancel) or (max_steps is not None and step >= max_steps):
+                cancelled = _is_cancelled(cancel)
+                break
+            x, y = x.to(dev), y.to(dev)
+            loss = _loss(task, model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            _report(progress, epoch=epoch, epochs=epochs, step=step, steps=total, loss=losses[-1])
+        if not losses:
+            epoch -= 1
+            break
+        val = evaluate_split(model, val_ds, task, batch_size, dev)
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            **{f"val_{k}": v for k, v in val.items()},
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        history.append(row)
+        _write_history(out_dir / "history.csv", history)
+        _report(
+            progress,
+            epoch=epoch,
+            epochs=epochs,
+            step=step,
+            steps=total,
+            loss=row["train_loss"],
+            val=val,
+        )
+        if val[key] > best:
+            best, best_epoch, best_val, stale = val[key], epoch, val, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # Checkpoint the best model at most once a minute (disk syncs are slow); the
+            # final best is always written below.
+            if time.monotonic() - last_save > SAVE_INTERVAL_S:
+                save_finetuned(model, out_dir / "model", _extra(task, label_ratio, seed, epoch))
+                last_save, saved_epoch = time.monotonic(), epoch
+        else:
+            stale += 1
+        if stale >= patience or cancelled or (max_steps is not None and step >= max_steps):
+            break
+
+    if best_state is None:
+        raise ConfigError(
+            "training stopped before the first epoch finished; nothing to save",
+            hint="raise max_steps/epochs or do not cancel immediately",
+        )
+    model.load_state_dict(best_state)
+    if saved_epoch != best_epoch:
+        save_finetuned(model, out_dir / "model", _extra(task, label_ratio, seed, best_epoch))
+    test_ds = SupervisedDataset(dataset, splits["test"], task, input_size)
+    test = evaluate_split(model, test_ds, task, batch_size, dev) if len(test_ds) else {}
+    result = FinetuneResult(
+        out_dir=out_dir,
+        model_dir=out_dir / "model",
+        history_path=out_dir / "history.csv",
+        splits_path=splits_path,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        val_metrics=best_val,
+        test_metrics=test,
+        task=task,
+        label_ratio=label_ratio,
+        seed=seed,
+        n_train=len(train_idx),
+        cancelled=cancelled,
+    )
+    from usfm_core.utils import atomic_write_text
+
+    atomic_write_text(out_dir / "result.json", json.dumps(result.to_json(), indent=1))
+    return result
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: Classifier | Segmenter,
+    ds: SupervisedDataset,
+    task: str,
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, float]:
+    """Loss and metrics of ``model`` on a data set at model resolution.
+
+    Segmentation: mean per-image Dice / IoU (foreground) and loss; classification: accuracy,
+    macro precision / recall / F1, AUROC and CE loss.
+    """
+    model.eval()
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+    losses, preds, targets, scores = [], [], [], []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        losses.append(float(_loss(task, logits, y)) * len(x))
+        if task == "segmentation":
+            pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+            preds.extend(pred.cpu().numpy())
+            targets.extend(y.cpu().numpy())
+        else:
+            scores.append(logits.softmax(1).cpu().numpy())
+            targets.extend(y.cpu().numpy().tolist())
+    n = max(len(ds), 1)
+    if task == "segmentation":
+        out = {
+            "dice": float(np.mean([dice(p, t) for p, t in zip(preds, targets)])),
+            "iou": float(np.mean([iou(p, t) for p, t in zip(preds, targets)])),
+        }
+    else:
+        sc = np.concatenate(scores) if scores else np.zeros((0, model.n_classes))
+        out = classification_metrics(targets, sc.argmax(1), sc, n_classes=model.n_classes)
+    out["loss"] = float(sum(losses) / n)
+    return out
+
+
+def _task_name(task: str) -> str:
+    if task not in TASK_ALIASES:
+        raise ConfigError(
+            f"unknown task {task!r}", hint="use segmentation (seg) or classification (cls)"
+        )
+    return TASK_ALIASES[task]
+
+
+def _as_labelled(data: Any, task: str) -> LabelledSet:
+    """Folder / LabelledSet / ``(images, targets)`` tuple → :class:`LabelledSet`."""
+    if isinstance(data, LabelledSet):
+        return data
+    if isinstance(data, (str, Path)):
+        return LabelledSet.from_folder(data, task)
+    if isinstance(data, Sequence) and len(data) == 2:
+        images, targets = data
+        if task == "segmentation":
+            return LabelledSet.from_arrays(images, masks=targets)
+        return LabelledSet.from_arrays(images, labels=targets)
+    raise ConfigError(
+        f"cannot use {type(data).__name__} as training data",
+        hint="pass a folder with manifest.csv or (images, masks/labels) arrays",
+    )
+
+
+def _build_model(
+    task: str,
+    dataset: LabelledSet,
+    backbone: nn.Module | None,
+    ckpt: str | Path | None,
+    preset: str,
+    n_classes: int | None,
+    head: str,
+    decoder: str,
+) -> Classifier | Segmenter:
+    if backbone is None:
+        backbone = load_backbone(ckpt) if ckpt is not None else build_backbone(preset)
+    if task == "segmentation":
+        return Segmenter(backbone, n_classes or 1, decoder)
+    k = n_classes or len(dataset.classes) or int(dataset.labels.max()) + 1
+    if k < 2:
+        raise ConfigError("classification needs at least two classes in the data")
+    return Classifier(backbone, k, head)
+
+
+def _loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if task == "segmentation":
+        return segmentation_loss(logits, target)
+    return F.cross_entropy(logits, target)
+
+
+def _is_cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def _report(progress: Callable[[dict[str, Any]], None] | None, **info: Any) -> None:
+    if progress is not None:
+        progress(info)
+
+
+def _extra(task: str, ratio: float, seed: int, epoch: int) -> dict[str, Any]:
+    # Record the input convention so other tools feed the model the same way.
+    return {
+        "task": task,
+        "label_ratio": ratio,
+        "seed": seed,
+        "epoch": epoch,
+        "normalization": "gray uint8 / 127.5 - 1",
+    }
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``history.csv`` with every epoch so far (a log: a plain rename, no fsync)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,156 @@
+"""End-to-end CLI: finetune (ratios) → evaluate (+ corruptions) → label efficiency."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from usfm_core.cli import main
+
+
+@pytest.fixture(scope="module")
+def disc_folder(tmp_path_factory):
+    """20 labelled 64×64 images: a bright disc (lesion) on speckle-like noise, 0/255 masks."""
+    root = tmp_path_factory.mktemp("discs")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    lines = ["image,mask,label,group,pixel_size_mm"]
+    for i in range(20):
+        label = "big" if i % 2 else "small"
+        r = 14 if label == "big" else 7
+        cy, cx = rng.integers(18, 46, 2)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2).astype(np.uint8) * 255
+        img = np.clip(rng.gamma(2.0, 30, (64, 64)) + (mask > 0) * 100, 0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / f"images/{i}.png"), img)
+        cv2.imwrite(str(root / f"masks/{i}.png"), mask)
+        lines.append(f"images/{i}.png,masks/{i}.png,{label},p{i // 2},0.1")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_finetune_evaluate_label_efficiency_cli(tmp_path, disc_folder):
+    run = tmp_path / "run"
+    rc = main(
+        [
+            "finetune",
+            "--task",
+            "seg",
+            "--data",
+            str(disc_folder),
+            "--out",
+            str(run),
+            "--label-ratio",
+            "0.5",
+            "1.0",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--decoder",
+            "conv",
+        ]
+    )
+    assert rc == 0
+    runs = sorted(p for p in run.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["r0.5_s0", "r1_s0"]
+    res = json.loads((runs[0] / "result.json").read_text())
+    full = json.loads((runs[1] / "result.json").read_text())
+    assert res["n_train"] < full["n_train"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["1"]["val"]["dice"]["n"] == 1
+
+    report = tmp_path / "report"
+    rc = main(
+        [
+            "evaluate",
+            str(runs[1] / "model"),
+            "--data",
+            str(disc_folder),
+            "--out",
+            str(report),
+            "--corruptions",
+            "--device",
+            "cpu",
+            "--max-items",
+            "2",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    splits = json.loads((runs[1] / "splits.json").read_text())["splits"]
+    assert metrics["n"] == min(2, len(splits["test"])) and metrics["split"] == "test"
+    assert set(metrics["corrupted"]) == {"blur", "contrast", "speckle"}
+    assert set(metrics["corrupted"]["blur"]) == {"1", "2", "3"}
+    assert 0.0 <= metrics["clean"]["dice"] <= 1.0
+    assert "| clean |" in (report / "summary.md").read_text()
+    assert (report / "robustness.png").stat().st_size > 1000
+    assert (report / "overlays.png").stat().st_size > 1000
+
+    # A fake second seed at ratio 1 checks the mean ± std over seeds.
+    seed1 = tmp_path / "r1_s1"
+    seed1.mkdir()
+    fake = dict(full, seed=1, test_metrics={"dice": full["test_metrics"]["dice"] + 0.2})
+    (seed1 / "result.json").write_text(json.dumps(fake))
+    le = tmp_path / "le"
+    assert (
+        main(["evaluate", "--label-efficiency", *map(str, runs), str(seed1), "--out", str(le)]) == 0
+    )
+    doc = json.loads((le / "label_efficiency.json").read_text())
+    assert set(doc["ratios"]) == {"0.5", "1"} and doc["ratios"]["1"]["n"] == 2
+    d1 = full["test_metrics"]["dice"]
+    assert doc["ratios"]["1"]["mean"] == pytest.approx(d1 + 0.1)
+    assert doc["ratios"]["1"]["std"] == pytest.approx(0.2 / np.sqrt(2))
+    assert (le / "label_efficiency.png").is_file()
+
+
+def test_evaluate_cli_errors(tmp_path, capsys):
+    assert (
+        main(["evaluate", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+        == 1
+    )
+    assert "config.json" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(tmp_path / "r")]) == 1
+    assert main(["evaluate", "--label-efficiency", str(tmp_path), "--out", str(tmp_path)]) == 1
+    assert "result.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_classifier_report_with_corruptions(tmp_path, disc_folder):
+    """A saved VMamba classifier scored on a labelled folder without splits.json (all items)."""
+    import torch
+
+    from usfm_core.evaluate.report import evaluate_model_dir
+    from usfm_core.finetune.models import Classifier, load_backbone, save_finetuned
+    from usfm_core.models.serialization import save_model
+    from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+    torch.manual_seed(0)
+    save_model(
+        VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)), tmp_path / "pre" / "backbone"
+    )
+    backbone = load_backbone(tmp_path / "pre")  # a pretrain run folder
+    clf = Classifier(backbone, 2)
+    clf.classes, clf.input_size = ["big", "small"], 64
+    save_finetuned(clf, tmp_path / "clf")
+    res = evaluate_model_dir(
+        tmp_path / "clf", disc_folder, tmp_path / "rep", corruptions=True, max_items=4
+    )
+    assert res["task"] == "classification" and res["n"] == 4 and res["splits_file"] is None
+    for m in [res["clean"], *res["corrupted"]["speckle"].values()]:
+        assert 0.0 <= m["accuracy"] <= 1.0 and "macro_f1" in m
+    assert "macro_f1" in (tmp_path / "rep" / "summary.md").read_text()
+    assert (tmp_path / "rep" / "robustness.png").is_file()

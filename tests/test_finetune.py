@@ -1,0 +1,323 @@
+"""Fine-tuning: data splits, label subsets, models, save/load and small real training runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from usfm_core.errors import CheckpointError, ConfigError
+from usfm_core.finetune.data import LabelledSet, label_subset, make_splits
+from usfm_core.finetune.models import (
+    Classifier,
+    Segmenter,
+    load_finetuned,
+    save_finetuned,
+)
+from usfm_core.finetune.train import finetune, soft_dice_loss
+from usfm_core.models.serialization import register_model
+
+
+@dataclass
+class TinyCfg:
+    width: int = 8
+    in_chans: int = 1
+
+    def to_dict(self) -> dict:
+        return {"width": self.width, "in_chans": self.in_chans}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TinyCfg:
+        return cls(**d)
+
+
+@dataclass
+class _Out:
+    features: list
+    global_token: torch.Tensor
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in backbone: 4 conv stages at strides 4, 8, 16, 32."""
+
+    def __init__(self, cfg: TinyCfg | None = None):
+        super().__init__()
+        self.config = cfg or TinyCfg()
+        w = self.config.width
+        self.out_dims = [w, 2 * w, 4 * w, 8 * w]
+        chans = [self.config.in_chans, *self.out_dims]
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(chans[i], chans[i + 1], 3, stride=4 if i == 0 else 2, padding=1),
+                nn.GELU(),
+            )
+            for i in range(4)
+        )
+
+    def forward(self, x):
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return _Out(feats, x.mean((2, 3)))
+
+
+register_model("tiny-test", TinyBackbone, TinyCfg)
+
+
+def _labels_groups():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    groups = [f"g{i // 2}" for i in range(100)]  # pairs of duplicates
+    return labels, groups
+
+
+def test_splits_grouped_stratified_reproducible():
+    labels, groups = _labels_groups()
+    s = make_splits(labels, groups, seed=3)
+    assert s == make_splits(labels, groups, seed=3)
+    assert s != make_splits(labels, groups, seed=4)
+    all_idx = sorted(s["train"] + s["val"] + s["test"])
+    assert all_idx == list(range(100))
+    sets = {k: {groups[i] for i in v} for k, v in s.items()}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"])
+    assert not (sets["val"] & sets["test"])
+    for split in ("train", "val", "test"):  # every class present in every split
+        assert set(labels[s[split]]) == {0, 1, 2}
+    assert 60 <= len(s["train"]) <= 80
+
+
+def test_label_subsets_stratified_grouped_nested():
+    labels, groups = _labels_groups()
+    train = make_splits(labels, groups, seed=0)["train"]
+    n_cls = np.bincount(labels[train])
+    prev: set[int] = set()
+    for ratio in (0.05, 0.1, 0.2, 0.4, 0.6, 1.0):
+        sub = label_subset(train, labels, groups, ratio, seed=1)
+        assert sub == label_subset(train, labels, groups, ratio, seed=1)
+        assert set(sub) <= set(train) and prev <= set(sub)
+        prev = set(sub)
+        counts = np.bincount(labels[sub], minlength=3)
+        assert (counts >= 1).all()  # every class kept even at 5 %
+        assert (counts <= np.ceil(ratio * n_cls) + 1).all()  # +1: whole pairs
+        chosen = {groups[i] for i in sub}
+        assert all(i in sub for i in train if groups[i] in chosen)  # whole groups
+    assert label_subset(train, labels, groups, 0.2, seed=1) != label_subset(
+        train, labels, groups, 0.2, seed=2
+    )
+    with pytest.raises(ConfigError, match="label ratio"):
+        label_subset(train, labels, groups, 0.0)
+
+
+def test_busi_manifest_and_dup_groups(shared_data):
+    ds = LabelledSet.from_folder(shared_data / "busi", "segmentation")
+    assert ds.classes == ["benign", "malignant", "normal"] and len(ds) == 780
+    s = make_splits(ds.labels, ds.groups, seed=0)
+    g = ds.groups
+    assert not ({g[i] for i in s["train"]} & {g[i] for i in s["test"]})
+    with pytest.raises(ConfigError, match="manifest"):
+        LabelledSet.from_folder(shared_data, "segmentation")
+
+
+@pytest.mark.parametrize("decoder", ["unet", "conv", "vss"])
+@pytest.mark.parametrize("n_classes", [1, 3])
+def test_segmenter_shapes_any_size(decoder, n_classes):
+    model = Segmenter(TinyBackbone(), n_classes, decoder)
+    out = model(torch.zeros(2, 1, 64, 96))
+    assert out.shape == (2, n_classes, 64, 96)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        model(torch.zeros(1, 1, 50, 64))
+
+
+def test_three_channel_backbone_and_classifier():
+    model = Classifier(TinyBackbone(TinyCfg(in_chans=3)), 4)
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = Segmenter(TinyBackbone(), 1, "unet").eval()
+    model.classes, model.input_size = ["lesion"], 64
+    save_finetuned(model, tmp_path / "m")
+    loaded, spec = load_finetuned(tmp_path / "m")
+    assert spec["task"] == "segmentation" and loaded.input_size == 64
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "segmenter" and cfg["format"].startswith("usfm-finetuned")
+    x = torch.randn(1, 1, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_finetuned(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        load_finetuned(tmp_path)
+
+
+def test_soft_dice_perfect_and_wrong():
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:6, 2:6] = 1
+    good = (target.float() * 40 - 20)[:, None]
+    assert float(soft_dice_loss(good, target)) < 1e-3
+    assert float(soft_dice_loss(-good, target)) > 0.99
+
+
+def _easy_classification(n=48, size=64, seed=0):
+    """Bright disc (class 1) vs dark background only (class 0), with noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    yy, xx = np.mgrid[:size, :size]
+    imgs = rng.normal(60, 15, size=(n, size, size))
+    for i in np.flatnonzero(labels):
+        cy, cx = rng.integers(20, 44, 2)
+        imgs[i][(yy - cy) ** 2 + (xx - cx) ** 2 < 12**2] += 120
+    return np.clip(imgs, 0, 255).astype(np.uint8), labels
+
+
+@pytest.mark.slow
+def test_linear_probe_beats_chance(tmp_path):
+    torch.manual_seed(0)
+    images, labels = _easy_classification()
+    backbone = TinyBackbone()
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    res = finetune(
+        "cls",
+        (images, labels),
+        tmp_path / "run",
+        backbone=backbone,
+        freeze_backbone=True,
+        epochs=15,
+        lr=5e-2,
+        batch_size=16,
+        input_size=64,
+        patience=15,
+        augment=False,
+    )
+    assert res.val_metrics["macro_f1"] > 0.8  # chance = 0.5
+    for k, v in backbone.state_dict().items():  # linear probe: encoder untouched
+        torch.testing.assert_close(v, frozen[k])
+    rows = list(csv.DictReader(open(res.history_path)))
+    assert len(rows) == res.epochs_run and "val_macro_f1" in rows[0]
+    splits = json.loads(Path(res.splits_path).read_text())["splits"]
+    assert set(splits) == {"train", "val", "test"}
+    loaded, spec = load_finetuned(res.model_dir)
+    assert spec["task"] == "classification" and loaded.n_classes == 2
+
+
+def test_cancel_and_progress(tmp_path):
+    images, labels = _easy_classification(n=16)
+    seen, stop = [], threading.Event()
+
+    def progress(info):
+        seen.append(info)
+        if info["step"] >= 2:
+            stop.set()
+
+    res = finetune(
+        "cls",
+        (images, labels),
+        tmp_path / "r",
+        backbone=TinyBackbone(),
+        epochs=50,
+        batch_size=4,
+        input_size=64,
+        progress=progress,
+        cancel=stop,
+    )
+    assert res.cancelled and res.epochs_run == 1 and seen[0]["epoch"] == 1
+    assert (res.model_dir / "model.safetensors").is_file()
+
+
+def test_bad_inputs(tmp_path):
+    images, labels = _easy_classification(n=8)
+    with pytest.raises(ConfigError, match="task"):
+        finetune("detect", (images, labels), tmp_path, backbone=TinyBackbone())
+    with pytest.raises(ConfigError, match="divisible by 32"):
+        finetune("cls", (images, labels), tmp_path, backbone=TinyBackbone(), input_size=50)
+
+
+@pytest.mark.slow
+def test_busi_segmentation_beats_trivial(tmp_path, shared_data):
+    """~24 BUSI lesions at 64²: a few epochs must beat the all-background prediction."""
+    full = LabelledSet.from_folder(shared_data / "busi", "segmentation")
+    items = [it for it in full.items if "normal" not in it.key][:32]
+    ds = LabelledSet(items=items, classes=full.classes, root=full.root)
+    splits = {"train": list(range(24)), "val": list(range(24, 32)), "test": []}
+    torch.manual_seed(0)
+    res = finetune(
+        "seg",
+        ds,
+        tmp_path / "seg",
+        backbone=TinyBackbone(TinyCfg(width=8)),
+        splits=splits,
+        epochs=8,
+        lr=3e-3,
+        batch_size=8,
+        input_size=64,
+        patience=8,
+        augment=False,
+    )
+    # Trivial baselines: all-background scores Dice 0 on lesion images; all-foreground scores
+    # 2|T| / (|T| + H·W) per image.
+    from usfm_core.finetune.data import read_mask
+
+    fg = [read_mask(it) > 0 for it in items[24:32]]
+    all_fg = float(np.mean([2 * m.sum() / (m.sum() + m.size) for m in fg]))
+    print(f"val dice {res.val_metrics['dice']:.3f} vs all-foreground {all_fg:.3f}")
+    assert res.val_metrics["dice"] > max(all_fg, 0.0) + 0.05
+    assert res.n_train == 24 and res.best_epoch >= 1
+
+
+def test_segmentation_from_a_few_in_memory_frames(tmp_path):
+    """The napari path: 4 annotated frames as arrays (too few to split: all used everywhere)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 80, (4, 70, 90)).astype(np.uint8)
+    masks = np.zeros((4, 70, 90), np.uint8)
+    masks[:, 20:50, 30:60] = 1
+    images[masks > 0] += 150
+    res = finetune(
+        "seg",
+        (images, masks),
+        tmp_path / "few",
+        backbone=TinyBackbone(),
+        epochs=2,
+        batch_size=2,
+        input_size=64,
+    )
+    splits = json.loads(Path(res.splits_path).read_text())["splits"]
+    assert splits["train"] == splits["val"] == [f"frame{i:05d}" for i in range(4)]
+    model, meta = load_finetuned(tmp_path / "few")
+    assert meta["task"] == "segmentation" and model.input_size == 64
+    with pytest.raises(Exception, match="shape"):
+        finetune("seg", (images, masks[:, :10]), tmp_path / "bad", backbone=TinyBackbone())
+
+
+def test_real_vmamba_segmenter_roundtrip_via_serialization(tmp_path):
+    """``load_model`` alone rebuilds a VMamba backbone + decoder saved by the fine-tuner."""
+    from usfm_core.models.serialization import load_model
+    from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+    model = Segmenter(VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)), 2, "unet")
+    model.classes, model.input_size = ["bg", "lesion"], 64
+    save_finetuned(model.eval(), tmp_path / "m")
+    loaded, _meta = load_model(tmp_path / "m")
+    assert isinstance(loaded, Segmenter) and loaded.classes == ["bg", "lesion"]
+    x = torch.randn(1, 1, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))
+    from usfm_core.models import zoo
+
+    assert zoo.model_kind(json.loads((tmp_path / "m" / "config.json").read_text())) == (
+        "segmentation"
+    )
+
+
+def test_splits_few_groups_never_empty_or_straddling():
+    labels = np.zeros(8, int)
+    groups = ["a", "a", "a", "b", "b", "c", "c", "c"]
+    s = make_splits(labels, groups, seed=0)
+    assert all(s[k] for k in ("train", "val", "test"))
+    owner = {groups[i]: k for k, v in s.items() for i in v}
+    assert all(owner[groups[i]] == k for k, v in s.items() for i in v)
