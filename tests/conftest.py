@@ -40,3 +40,23 @@ def _torch_threads():
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_run(tmp_path_factory) -> Path:
+    """A `tiny` OpenUS pretraining run (3 steps on 8 simulated frames), shared by tests that
+    need a real checkpoint (inspection, the napari Inspect widget, fine-tuning from it)."""
+    import cv2
+
+    from usfm_core.pretrain.config import load_config
+    from usfm_core.pretrain.trainer import pretrain
+    from usfm_core.sim import simulate_frame
+
+    root = tmp_path_factory.mktemp("tiny-pretrain")
+    data = root / "data" / "phantom"
+    data.mkdir(parents=True)
+    for i in range(8):
+        frame = simulate_frame(seed=i, height=128, width=128)
+        cv2.imwrite(str(data / f"frame_{i}.png"), frame.image)
+    cfg = load_config("tiny", ["device=cpu"])
+    return Path(pretrain(cfg, root / "data", root / "run", max_steps=3))
