@@ -1,0 +1,676 @@
+"""Dock widgets: Segment, Inspect (self-adaptive masking), Fine-tune, Preprocess.
+
+Each widget only wires napari layers to ``usfm_core`` functions. Long work runs in a napari
+generator ``thread_worker`` (one yield per frame / step drives a ``napari.utils.progress`` bar and
+incremental layer updates); Cancel calls ``worker.quit()``, which takes effect at the next yield.
+torch is imported inside the workers, never at napari start-up, and background work is capped to
+leave a core for the GUI.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+    Table,
+)
+from psygnal import Signal
+
+from napari_usfm import _layers
+from napari_usfm._settings import default_device, model_dir, num_threads
+
+FROM_SCRATCH = "(from scratch: tiny VMamba)"
+
+
+class _Events:
+    """Plugin-wide signals: a new model was saved (Segment refreshes its model list)."""
+
+    models_changed = Signal()
+
+
+EVENTS = _Events()
+
+
+def _limit_threads() -> None:
+    """Cap torch's threads for background work so the GUI thread keeps a core."""
+    import torch
+
+    torch.set_num_threads(num_threads())
+
+
+def _layer_choices(viewer: Any, kind: str):
+    def choices(_widget: Any = None) -> list[tuple[str, Any]]:
+        import napari
+
+        cls = getattr(napari.layers, kind)
+        return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, cls)]
+
+    return choices
+
+
+def _model_choices(kind: str, extra: tuple[str, ...] = ()):
+    def choices(_widget: Any = None) -> list[tuple[str, str]]:
+        from usfm_core.models.zoo import list_models
+
+        found = [(e.description, str(e.path)) for e in list_models(model_dir(), kind=kind)]
+        return [(x, x) for x in extra] + found
+
+    return choices
+
+
+class _Base(Container):
+    """Shared plumbing: layer pickers that follow the layer list, a status line, a worker."""
+
+    def __init__(self, viewer: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._viewer = viewer
+        self._worker: Any = None
+        self.busy = False  # True from start until the worker's `finished` is handled
+        self.error: Exception | None = None
+        self._status = Label(value="")
+        viewer.layers.events.inserted.connect(self._refresh)
+        viewer.layers.events.removed.connect(self._refresh)
+
+    def _refresh(self, *_: Any) -> None:
+        self.reset_choices()
+
+    def _notice(self, text: str) -> None:
+        self._status.value = text
+
+    def _device(self, choice: str) -> str:
+        from usfm_core.utils import resolve_device
+
+        dev = resolve_device(choice)
+        if dev == "cpu":
+            self._notice("running on CPU (no CUDA GPU selected/found): this can take a while")
+        return dev
+
+    def _start(
+        self,
+        gen_func: Any,
+        *args: Any,
+        total: int | None,
+        desc: str,
+        on_yield: Any,
+        on_done: Any = None,
+    ) -> Any:
+        from napari.qt.threading import thread_worker
+
+        progress = {"total": total, "desc": desc} if total else True
+        worker = thread_worker(gen_func, progress=progress, start_thread=False)(*args)
+        worker.yielded.connect(on_yield)
+        worker.errored.connect(self._errored)
+        worker.finished.connect(lambda: self._finished(on_done))
+        self._worker = worker
+        self.error = None
+        self.busy = True
+        self._set_running(True)
+        worker.start()
+        return worker
+
+    def _errored(self, exc: Exception) -> None:
+        self.error = exc
+        self._notice(f"error: {exc}")
+
+    def _finished(self, on_done: Any) -> None:
+        self.busy = False
+        self._set_running(False)
+        if on_done is not None and self.error is None:
+            on_done()
+
+    def _set_running(self, running: bool) -> None:
+        """Enable / disable the run and cancel buttons (subclasses own them)."""
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop at its next frame / step."""
+        if self._worker is not None:
+            self._worker.quit()
+            self._notice("cancelling…")
+
+
+# --------------------------------------------------------------------------- Segment
+
+
+def _segment_job(
+    model_path: str, device: str, get: Any, indices: list[int], spacing: tuple[float, float] | None
+):
+    """Worker: load a fine-tuned segmenter, yield ``(frame, mask (H, W) uint8, measures)``."""
+    _limit_threads()
+    from usfm_core.finetune.infer import measure_mask, segment_frames
+    from usfm_core.finetune.models import load_finetuned
+
+    model, _ = load_finetuned(model_path, device=device)
+    frames = (get(i) for i in indices)
+    for i, mask in zip(indices, segment_frames(model, frames, batch_size=1, device=device)):
+        yield i, mask, measure_mask(mask, spacing)
+
+
+class SegmentWidget(_Base):
+    """Run a segmentation model on the current frame, all frames or a frame range."""
+
+    def __init__(self, viewer: Any):
+        super().__init__(viewer, labels=True)
+        self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
+        self._model = ComboBox(label="model", choices=_model_choices("segmentation"))
+        self._model_path = FileEdit(label="or folder", mode="d", value="")
+        self._device_choice = ComboBox(
+            label="device", choices=["auto", "cpu", "cuda"], value=default_device()
+        )
+        self._scope = ComboBox(
+            label="frames",
+            value="all frames",
+            choices=["current frame", "all frames", "frame range"],
+        )
+        self._first = SpinBox(label="from", min=0, max=100000, value=0)
+        self._last = SpinBox(label="to", min=0, max=100000, value=0)
+        self._run = PushButton(text="Segment")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._table = Table(
+            value={
+                "frame": [],
+                "object": [],
+                "area": [],
+                "max diameter": [],
+                "circumference": [],
+                "unit": [],
+            }
+        )
+        self._csv = FileEdit(label="save to", mode="w", filter="*.csv", value="measurements.csv")
+        self._save = PushButton(text="Save measurements")
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        self._save.changed.connect(self.save_measurements)
+        self.extend(
+            [
+                self._image,
+                self._model,
+                self._model_path,
+                self._device_choice,
+                self._scope,
+                self._first,
+                self._last,
+                self._run,
+                self._cancel,
+                self._status,
+                self._table,
+                self._csv,
+                self._save,
+            ]
+        )
+        self.rows: list[dict[str, Any]] = []
+        self.labels_layer: Any = None
+        EVENTS.models_changed.connect(self._models_changed)
+
+    def _set_running(self, running: bool) -> None:
+        self._run.enabled, self._cancel.enabled = not running, running
+
+    def _models_changed(self) -> None:
+        try:
+            self.reset_choices()
+        except RuntimeError:  # this widget's Qt side was closed: stop listening
+            EVENTS.models_changed.disconnect(self._models_changed)
+
+    def _model_ref(self) -> str:
+        chosen = str(self._model_path.value or "")
+        if chosen and chosen != "." and Path(chosen).is_dir():
+            return chosen
+        if not self._model.value:
+            raise ValueError(
+                "no segmentation model: fine-tune one (Fine-tune widget) or pick a model folder"
+            )
+        return str(self._model.value)
+
+    def _indices(self, layer: Any) -> list[int]:
+        n = _layers.n_frames(layer)
+        if self._scope.value == "current frame":
+            return [_layers.current_frame(self._viewer, layer)]
+        if self._scope.value == "frame range":
+            lo, hi = sorted((int(self._first.value), int(self._last.value)))
+            return list(range(max(lo, 0), min(hi, n - 1) + 1))
+        return list(range(n))
+
+    def run(self, *_: Any) -> Any:
+        """Start segmenting; results stream into a Labels layer ``<image> segmentation``."""
+        layer = self._image.value
+        if layer is None:
+            self._notice("open an image first")
+            return None
+        try:
+            model_path = self._model_ref()
+            device = self._device(self._device_choice.value)
+        except Exception as exc:  # user-fixable: show it, don't raise into Qt
+            self._notice(str(exc))
+            return None
+        indices = self._indices(layer)
+        self.labels_layer = self._ensure_labels(layer)
+        self.rows = []
+        self.frames_done: list[int] = []
+        spacing = _layers.spacing_mm(layer)
+        return self._start(
+            _segment_job,
+            model_path,
+            device,
+            _layers.frame_getter(layer),
+            indices,
+            spacing,
+            total=len(indices),
+            desc="Segment",
+            on_yield=self._on_frame,
+            on_done=lambda: self._notice(f"segmented {len(self.rows)} object(s)"),
+        )
+
+    def _ensure_labels(self, layer: Any) -> Any:
+        name = f"{layer.name} segmentation"
+        shape = layer.data.shape[:-1] if getattr(layer, "rgb", False) else layer.data.shape
+        if name in self._viewer.layers and self._viewer.layers[name].data.shape == shape:
+            return self._viewer.layers[name]
+        data = np.zeros(shape, dtype=np.uint8)
+        return self._viewer.add_labels(
+            data, name=name, opacity=0.5, **_layers.geometry_kwargs(layer)
+        )
+
+    def _on_frame(self, item: tuple[int, np.ndarray, dict]) -> None:
+        index, mask, measures = item
+        self.frames_done.append(index)
+        data = self.labels_layer.data
+        if data.ndim == 2:
+            data[:] = mask
+        else:
+            data[index] = mask
+        self.labels_layer.refresh()
+        for k, obj in enumerate(measures["objects"]):
+            self.rows.append(
+                {
+                    "frame": index,
+                    "object": k + 1,
+                    "area": obj["area"],
+                    "max diameter": obj["max_diameter"],
+                    "circumference": obj["circumference"],
+                    "unit": measures["unit"],
+                }
+            )
+        self._table.value = {
+            key: [round(r[key], 3) if isinstance(r[key], float) else r[key] for r in self.rows]
+            for key in self._table.column_headers
+        }
+
+    def save_measurements(self, *_: Any) -> Path | None:
+        """Write the measurements table as CSV (areas in unit², lengths in unit)."""
+        if not self.rows:
+            self._notice("nothing to save yet: run Segment first")
+            return None
+        path = Path(self._csv.value)
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        self._notice(f"saved {path}")
+        return path
+
+
+# --------------------------------------------------------------------------- Fine-tune
+
+
+def _finetune_job(
+    images: np.ndarray,
+    masks: np.ndarray,
+    out_dir: str,
+    backbone: str | None,
+    epochs: int,
+    lr: float,
+    freeze: bool,
+    device: str,
+    input_size: int,
+):
+    """Worker: run :func:`usfm_core.finetune.train.finetune` in a thread, yield its progress."""
+    _limit_threads()
+    from usfm_core.finetune.train import finetune
+
+    messages: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = finetune(
+                "segmentation",
+                (images, masks),
+                out_dir,
+                backbone_ckpt=backbone,
+                epochs=epochs,
+                lr=lr,
+                freeze_backbone=freeze,
+                device=device,
+                input_size=input_size,
+                batch_size=min(8, len(images)),
+                patience=epochs,
+                progress=messages.put,
+                cancel=stop.is_set,
+            )
+        except Exception as exc:  # surfaced in the GUI through the worker
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() or not messages.empty():
+            try:
+                yield messages.get(timeout=0.1)
+            except queue.Empty:
+                continue
+    finally:  # worker.quit() lands here: tell the training loop to stop
+        stop.set()
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+class FinetuneWidget(_Base):
+    """Fine-tune a segmentation model from a few painted frames, off the GUI thread."""
+
+    def __init__(self, viewer: Any):
+        super().__init__(viewer, labels=True)
+        self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
+        self._labels = ComboBox(label="labels", choices=_layer_choices(viewer, "Labels"))
+        self._backbone = ComboBox(
+            label="backbone", choices=_model_choices("backbone", (FROM_SCRATCH,))
+        )
+        self._epochs = SpinBox(label="epochs", min=1, max=1000, value=30)
+        self._lr = FloatSpinBox(label="learning rate", min=1e-6, max=1.0, step=1e-4, value=1e-3)
+        self._freeze = CheckBox(label="freeze backbone", value=False)
+        self._size = ComboBox(label="input size", choices=[64, 96, 128, 160, 224], value=128)
+        self._device_choice = ComboBox(
+            label="device", choices=["auto", "cpu", "cuda"], value=default_device()
+        )
+        self._name = LineEdit(label="model name", value="my-segmenter")
+        self._run = PushButton(text="Fine-tune")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._run.changed.connect(self.run)
+        self._cancel.changed.connect(self.cancel)
+        self.extend(
+            [
+                self._image,
+                self._labels,
+                self._backbone,
+                self._epochs,
+                self._lr,
+                self._freeze,
+                self._size,
+                self._device_choice,
+                self._name,
+                self._run,
+                self._cancel,
+                self._status,
+            ]
+        )
+        self.losses: list[float] = []
+        self.out_dir: Path | None = None
+
+    def _set_running(self, running: bool) -> None:
+        self._run.enabled, self._cancel.enabled = not running, running
+
+    def training_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(images (N, H, W) uint8, masks (N, H, W) uint8)`` of the painted frames only."""
+        image, labels = self._image.value, self._labels.value
+        if image is None or labels is None:
+            raise ValueError("choose an image layer and a Labels layer with painted frames")
+        frames = _layers.labelled_frames(labels)
+        if not frames:
+            raise ValueError(f"'{labels.name}' has no painted pixels: paint a few frames first")
+        get = _layers.frame_getter(image)
+        lab = labels.data
+        images = np.stack([get(i) for i in frames])
+        masks = np.stack([np.asarray(lab if lab.ndim == 2 else lab[i]) for i in frames])
+        if images.shape != masks.shape:
+            raise ValueError(
+                f"image frames {images.shape[1:]} and labels {masks.shape[1:]} differ in size"
+            )
+        return images, masks.astype(np.uint8)
+
+    def run(self, *_: Any) -> Any:
+        """Start fine-tuning into ``<model dir>/<model name>``."""
+        try:
+            images, masks = self.training_set()
+            device = self._device(self._device_choice.value)
+        except Exception as exc:
+            self._notice(str(exc))
+            return None
+        backbone = None if self._backbone.value == FROM_SCRATCH else str(self._backbone.value)
+        self.out_dir = model_dir() / str(self._name.value).strip().replace(os.sep, "_")
+        self.losses = []
+        self._notice(f"training on {len(images)} labelled frame(s)…")
+        epochs = int(self._epochs.value)
+        return self._start(
+            _finetune_job,
+            images,
+            masks,
+            str(self.out_dir),
+            backbone,
+            epochs,
+            float(self._lr.value),
+            bool(self._freeze.value),
+            device,
+            int(self._size.value),
+            total=None,
+            desc="Fine-tune",
+            on_yield=self._on_progress,
+            on_done=self._done,
+        )
+
+    def _on_progress(self, info: dict[str, Any]) -> None:
+        if "loss" in info:
+            self.losses.append(float(info["loss"]))
+            self._notice(
+                f"epoch {info.get('epoch', '?')}  step {info.get('step', '?')}  "
+                f"loss {info['loss']:.4f}"
+            )
+
+    def _done(self) -> None:
+        from usfm_core.errors import CheckpointError
+        from usfm_core.models.zoo import read_entry
+
+        if self.out_dir is None:
+            return
+        try:
+            read_entry(self.out_dir)
+        except CheckpointError:
+            self._notice("stopped before a model was saved")
+            return
+        self._notice(f"saved {self.out_dir.name}: now selectable in Segment")
+        EVENTS.models_changed.emit()
+
+
+# --------------------------------------------------------------------------- Preprocess
+
+
+class PreprocessWidget(_Base):
+    """Scan-region mask and annotation removal on the current frame, shown as layers."""
+
+    def __init__(self, viewer: Any):
+        super().__init__(viewer, labels=True)
+        self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
+        self._ocr = CheckBox(label="OCR text (Tesseract)", value=True)
+        self._detect = PushButton(text="Detect")
+        self._apply = PushButton(text="Apply to layer (current frame)", enabled=False)
+        self._detect.changed.connect(self.detect)
+        self._apply.changed.connect(self.apply)
+        self.extend([self._image, self._ocr, self._detect, self._apply, self._status])
+        self.result: Any = None
+        self._frame = 0
+
+    def detect(self, *_: Any) -> Any:
+        """Compute region mask + annotation mask + cleaned frame, add them as layers."""
+        from usfm_core.preprocess import remove_annotations, scan_region_mask
+
+        layer = self._image.value
+        if layer is None:
+            self._notice("open an image first")
+            return None
+        self._frame = _layers.current_frame(self._viewer, layer)
+        frame = _layers.frame_getter(layer)(self._frame)
+        region = scan_region_mask(frame)
+        self.result = remove_annotations(
+            frame, region_mask=region, use_ocr="auto" if self._ocr.value else False
+        )
+        geo = _layers.frame_geometry(layer)
+        self._put(f"{layer.name} scan region", region.astype(np.uint8), "labels", geo, opacity=0.25)
+        self._put(
+            f"{layer.name} annotations",
+            self.result.mask.astype(np.uint8) * 2,
+            "labels",
+            geo,
+            opacity=0.7,
+        )
+        self._put(f"{layer.name} cleaned", self.result.clean, "image", geo, visible=False)
+        self._apply.enabled = True
+        self._notice(
+            f"region {region.mean():.0%} of the frame; "
+            f"{int(self.result.mask.sum())} annotation pixels"
+        )
+        return self.result
+
+    def _put(self, name: str, data: np.ndarray, kind: str, geo: dict, **kw: Any) -> None:
+        if name in self._viewer.layers:
+            self._viewer.layers[name].data = data
+            return
+        add = self._viewer.add_labels if kind == "labels" else self._viewer.add_image
+        add(data, name=name, **geo, **kw)
+
+    def apply(self, *_: Any) -> None:
+        """Write the cleaned frame into the image layer (in memory; the file is untouched)."""
+        layer = self._image.value
+        if layer is None or self.result is None:
+            return
+        clean = self.result.clean
+        if _layers.n_frames(layer) == 1 and not getattr(layer, "rgb", False):
+            layer.data = clean
+        else:
+            data = np.array(layer.data)  # lazy stacks become an in-memory copy
+            frame = data[self._frame]
+            data[self._frame] = clean if frame.ndim == 2 else clean[..., None]
+            layer.data = data
+        self._notice("annotations removed from the layer (current frame)")
+
+
+# --------------------------------------------------------------------------- Inspect
+
+
+def _inspect_job(
+    checkpoint: str, frame: np.ndarray, alpha: float, r: float, ratio: float, size: int, device: str
+):
+    """Worker: teacher attention, student loss map, ALP, mask and reconstruction of a frame."""
+    _limit_threads()
+    from usfm_core.pretrain.inspect import inspect_frame
+
+    yield inspect_frame(checkpoint, frame, alpha=alpha, r=r, ratio=ratio, size=size, device=device)
+
+
+class InspectWidget(_Base):
+    """Heatmaps of OpenUS's self-adaptive masking for the current frame."""
+
+    def __init__(self, viewer: Any):
+        super().__init__(viewer, labels=True)
+        self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
+        self._ckpt = FileEdit(label="pretraining run", mode="d", value="")
+        self._alpha = FloatSlider(label="α (loss share)", min=0.0, max=1.0, value=0.5)
+        self._r = FloatSlider(label="r (ALP share)", min=0.0, max=1.0, value=0.5)
+        self._ratio = FloatSlider(label="mask ratio", min=0.05, max=0.95, value=0.6)
+        self._size = ComboBox(label="input size", choices=[64, 128, 224], value=224)
+        self._follow = CheckBox(label="update on frame change", value=True)
+        self._run = PushButton(text="Inspect")
+        self._run.changed.connect(self.run)
+        self.extend(
+            [
+                self._image,
+                self._ckpt,
+                self._alpha,
+                self._r,
+                self._ratio,
+                self._size,
+                self._follow,
+                self._run,
+                self._status,
+            ]
+        )
+        viewer.dims.events.current_step.connect(self._on_step)
+        self.result: Any = None
+
+    def _on_step(self, *_: Any) -> None:
+        if self._follow.value and self.result is not None and self._worker_idle():
+            self.run()
+
+    def _worker_idle(self) -> bool:
+        return not self.busy
+
+    def run(self, *_: Any) -> Any:
+        """Compute the maps for the current frame in a worker; layers update when done."""
+        layer = self._image.value
+        ckpt = str(self._ckpt.value or "")
+        if layer is None or not ckpt or ckpt == ".":
+            self._notice("choose an image and a pretraining run folder")
+            return None
+        frame = _layers.frame_getter(layer)(_layers.current_frame(self._viewer, layer))
+        return self._start(
+            _inspect_job,
+            ckpt,
+            frame,
+            float(self._alpha.value),
+            float(self._r.value),
+            float(self._ratio.value),
+            int(self._size.value),
+            "cpu",
+            total=1,
+            desc="Inspect",
+            on_yield=self._show,
+        )
+
+    def _show(self, result: Any) -> None:
+        self.result = result
+        layer = self._image.value
+        geo = _layers.frame_geometry(layer) if layer is not None else {}
+        maps = [
+            ("teacher attention", result.attention, "inferno"),
+            ("student loss", result.loss_map, "viridis"),
+            ("ALP score", result.alp, "magma"),
+        ]
+        for name, data, cmap in maps:
+            self._set_image(
+                name,
+                data,
+                geo,
+                colormap=cmap,
+                opacity=0.6,
+                blending="additive",
+                contrast_limits=(0.0, 1.0),
+            )
+        self._set_image("masked input", result.masked_input, geo, colormap="gray", visible=False)
+        self._set_image(
+            "reconstruction", result.reconstruction, geo, colormap="gray", visible=False
+        )
+        self._notice(
+            f"mask: {result.mask.mean():.0%} of patches; "
+            f"ALP top share r={result.r:.2f}, α={result.alpha:.2f}"
+        )
+
+    def _set_image(self, name: str, data: np.ndarray, geo: dict, **kw: Any) -> None:
+        if name in self._viewer.layers:
+            self._viewer.layers[name].data = data
+        else:
+            self._viewer.add_image(data, name=name, **geo, **kw)
