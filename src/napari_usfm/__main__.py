@@ -48,11 +48,12 @@ def build_viewer(sample: str = "cine", path: str | None = None, show: bool = Tru
     for data, kwargs, kind in layers:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widgets = {}
+    # Tabbed on the right; the last one added (Segment) is the tab shown first.
     for name, cls in [
-        ("Segment", SegmentWidget),
+        ("Preprocess", PreprocessWidget),
         ("Fine-tune", FinetuneWidget),
         ("Inspect", InspectWidget),
-        ("Preprocess", PreprocessWidget),
+        ("Segment", SegmentWidget),
     ]:
         widgets[name] = cls(viewer)
         viewer.window.add_dock_widget(widgets[name], name=name, area="right", tabify=True)

@@ -645,20 +645,22 @@ class InspectWidget(_Base):
         self.result = result
         layer = self._image.value
         geo = _layers.frame_geometry(layer) if layer is not None else {}
+        # One heatmap visible at a time reads best over B-mode: ALP on, its two inputs off.
         maps = [
-            ("teacher attention", result.attention, "inferno"),
-            ("student loss", result.loss_map, "viridis"),
-            ("ALP score", result.alp, "magma"),
+            ("teacher attention", result.attention, "inferno", False),
+            ("student loss", result.loss_map, "viridis", False),
+            ("ALP score", result.alp, "magma", True),
         ]
-        for name, data, cmap in maps:
+        for name, data, cmap, visible in maps:
             self._set_image(
                 name,
                 data,
                 geo,
                 colormap=cmap,
-                opacity=0.6,
-                blending="additive",
+                opacity=0.45,
+                blending="translucent",
                 contrast_limits=(0.0, 1.0),
+                visible=visible,
             )
         self._set_image("masked input", result.masked_input, geo, colormap="gray", visible=False)
         self._set_image(

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every available sub-command."""
     parser = argparse.ArgumentParser(
         prog="usfm-core",
-        description="Ultrasound foundation models: read, preprocess, pretrain, fine-tune, evaluate.",
+        description="Ultrasound foundation models: read, preprocess, pretrain, fine-tune, "
+        "evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"usfm-core {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
