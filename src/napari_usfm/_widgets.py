@@ -13,6 +13,7 @@ import csv
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,8 @@ class SegmentWidget(_Base):
         self.labels_layer = self._ensure_labels(layer)
         self.rows = []
         self.frames_done: list[int] = []
+        self._table_updated = 0.0
+        self._labels_refreshed = 0.0
         spacing = _layers.spacing_mm(layer)
         return self._start(
             _segment_job,
@@ -272,7 +275,7 @@ class SegmentWidget(_Base):
             total=len(indices),
             desc="Segment",
             on_yield=self._on_frame,
-            on_done=lambda: self._notice(f"segmented {len(self.rows)} object(s)"),
+            on_done=self._segment_done,
         )
 
     def _ensure_labels(self, layer: Any) -> Any:
@@ -293,7 +296,14 @@ class SegmentWidget(_Base):
             data[:] = mask
         else:
             data[index] = mask
-        self.labels_layer.refresh()
+        # Redraw when the shown frame changed, else at most 4 times a second (redraws cost
+        # GUI time; the data is already in place for when the user scrolls).
+        now = time.perf_counter()
+        image = self._image.value
+        shown = image is not None and index == _layers.current_frame(self._viewer, image)
+        if shown or now - self._labels_refreshed > 0.25:
+            self.labels_layer.refresh()
+            self._labels_refreshed = now
         for k, obj in enumerate(measures["objects"]):
             self.rows.append(
                 {
@@ -305,10 +315,22 @@ class SegmentWidget(_Base):
                     "unit": measures["unit"],
                 }
             )
+        # Rebuilding the table is O(rows): do it at most twice a second (and once at the end).
+        now = time.perf_counter()
+        if now - self._table_updated > 0.5:
+            self._update_table()
+            self._table_updated = now
+
+    def _update_table(self) -> None:
         self._table.value = {
             key: [round(r[key], 3) if isinstance(r[key], float) else r[key] for r in self.rows]
             for key in self._table.column_headers
         }
+
+    def _segment_done(self) -> None:
+        self.labels_layer.refresh()
+        self._update_table()
+        self._notice(f"segmented {len(self.frames_done)} frame(s), {len(self.rows)} object(s)")
 
     def save_measurements(self, *_: Any) -> Path | None:
         """Write the measurements table as CSV (areas in unit², lengths in unit)."""
