@@ -1,0 +1,314 @@
+"""Selective scan (Mamba S6) with interchangeable backends.
+
+The recurrence, per batch ``b``, channel ``d`` and state ``n`` (Mamba, Gu & Dao 2023)::
+
+    Δ_t = softplus(δ_t + bias_d)        (if delta_softplus, else δ_t + bias_d)
+    h_t = exp(Δ_t A_dn) h_{t-1} + Δ_t B_tn u_t
+    y_t = Σ_n C_tn h_tn + D_d u_t ;     y_t *= silu(z_t)   (if z is given)
+
+Shapes follow mamba-ssm's ``selective_scan_fn``: ``u, delta, z`` are ``(B, D, L)``, ``A`` is
+``(D, N)`` (real, negative), ``B, C`` are ``(B, N, L)`` or grouped ``(B, G, N, L)`` where group
+``g`` serves channels ``g·D/G … (g+1)·D/G − 1``, ``D`` and ``delta_bias`` are ``(D,)``.
+
+Backends:
+
+* ``"reference"``: a plain loop over ``L`` (the test oracle).
+* ``"torch"``: a chunked scan for any device (see :mod:`usfm_core.models._scan_chunked`);
+  a few ``2·√L`` small kernel launches instead of ``L``, with a hand-written backward.
+* ``"cuda"``: mamba-ssm's fused kernel, only for CUDA tensors when ``mamba_ssm`` imports.
+
+``"auto"`` picks ``cuda`` when possible, else ``torch``.  The choice can be forced per call
+(``backend=``), process-wide (:func:`set_default_backend`) or by the environment variable
+``USFM_SCAN_BACKEND``.  The scan always runs in float32 (float64 inputs stay float64): inputs
+are cast up, autocast is switched off inside, and the output is cast back to ``u``'s dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from usfm_core.models._scan_chunked import chunked_scan_core
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "backend_report",
+    "get_default_backend",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_reference",
+    "set_default_backend",
+    "tune_cpu_allocator",
+]
+
+BACKENDS = ("reference", "torch", "cuda")
+ENV_VAR = "USFM_SCAN_BACKEND"
+_default_backend: str | None = None
+
+
+# --------------------------------------------------------------------------- backend choice
+@lru_cache(maxsize=1)
+def _mamba_ssm_status() -> tuple[bool, str]:
+    """Whether ``mamba_ssm``'s CUDA selective scan imports, and why not if it does not."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CUDA extension (OSError, ...)
+        return False, f"mamba_ssm does not import ({type(exc).__name__}: {exc})"
+    return True, "mamba_ssm imports"
+
+
+def set_default_backend(name: str | None) -> None:
+    """Set the process-wide backend used when ``backend="auto"`` (``None`` resets to auto)."""
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}"
+        )
+    global _default_backend
+    _default_backend = None if name == "auto" else name
+
+
+def get_default_backend() -> str:
+    """The backend ``"auto"`` resolves through: set_default_backend > $USFM_SCAN_BACKEND > auto."""
+    if _default_backend is not None:
+        return _default_backend
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env and env != "auto":
+        if env not in BACKENDS:
+            raise ValueError(
+                f"environment variable {ENV_VAR}={env!r} is not a scan backend; "
+                f"use one of auto, {', '.join(BACKENDS)} (or unset it)"
+            )
+        return env
+    return "auto"
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process (``cuda`` needs mamba_ssm and a CUDA device)."""
+    names = ["reference", "torch"]
+    if _mamba_ssm_status()[0] and torch.cuda.is_available():
+        names.append("cuda")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Concrete backend for tensors on ``device``; ``auto`` never picks ``cuda`` for CPU."""
+    name = get_default_backend() if backend == "auto" else backend
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(
+            f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}"
+        )
+    on_cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        return "cuda" if on_cuda and _mamba_ssm_status()[0] else "torch"
+    if name == "cuda":
+        if not on_cuda:
+            raise ValueError("scan backend 'cuda' needs CUDA tensors; use 'torch' for CPU tensors")
+        ok, why = _mamba_ssm_status()
+        if not ok:
+            raise ValueError(f"scan backend 'cuda' unavailable: {why}; pip install mamba-ssm")
+    return name
+
+
+def backend_report() -> dict[str, Any]:
+    """What ``auto`` would pick on CPU and on CUDA, and why (for ``usfm-core info``)."""
+    ok, why = _mamba_ssm_status()
+    cuda_ok = torch.cuda.is_available()
+    if ok and cuda_ok:
+        cuda_pick, reason = "cuda", "mamba_ssm imports and a CUDA device is present"
+    elif not cuda_ok:
+        cuda_pick, reason = "torch", "no CUDA device visible to torch"
+    else:
+        cuda_pick, reason = "torch", why
+    return {
+        "default": get_default_backend(),
+        "env": os.environ.get(ENV_VAR),
+        "available": available_backends(),
+        "auto_cpu": "torch",
+        "auto_cuda": cuda_pick,
+        "cuda_available": cuda_ok,
+        "mamba_ssm": ok,
+        "reason": reason if cuda_pick != "cuda" else why,
+    }
+
+
+def tune_cpu_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Let glibc recycle freed large blocks instead of unmapping them (Linux only).
+
+    By default glibc serves each allocation above a (dynamic) threshold with a fresh ``mmap``
+    and returns it on free, so every big temporary is page-faulted in again; on virtualised
+    machines that costs ~1 ms per 4 MB and dominated the CPU scan (and the loop's backward)
+    here.  This keeps up to ``trim_threshold`` bytes of freed memory for reuse, like jemalloc
+    or tcmalloc would.  Process-wide and opt-in: call it once at start-up (CLI, training).
+    Returns whether both settings were accepted.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    ok_mmap = libc.mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
+    ok_trim = libc.mallopt(m_trim_threshold, int(trim_threshold)) == 1
+    return ok_mmap and ok_trim
+
+
+# --------------------------------------------------------------------------- validation
+def _check_shapes(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+) -> None:
+    """Raise ``ValueError`` naming the offending argument when shapes do not fit together."""
+    if u.dim() != 3:
+        raise ValueError(f"u must be (B, D, L), got shape {tuple(u.shape)}")
+    bsz, dim, length = u.shape
+    if tuple(delta.shape) != (bsz, dim, length):
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (D, N) = ({dim}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("complex A is not supported; pass a real, negative A")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            ok = tuple(t.shape) == (bsz, n, length)
+        elif t.dim() == 4:
+            ok = t.shape[0] == bsz and t.shape[2:] == (n, length) and t.shape[1] >= 1
+            if ok and dim % t.shape[1] != 0:
+                raise ValueError(f"{name} has G={t.shape[1]} groups, which must divide D={dim}")
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{name} must be (B, N, L) = ({bsz}, {n}, {length}) or (B, G, N, L), "
+                f"got {tuple(t.shape)}"
+            )
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        raise ValueError(f"B and C must have the same groups, got {B.shape[1]} and {C.shape[1]}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{name} must be ({dim},), got {tuple(t.shape)}")
+    if z is not None and tuple(z.shape) != (bsz, dim, length):
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def _grouped(t: Tensor, dim: int) -> Tensor:
+    """``(B, N, L)`` or ``(B, G, N, L)`` -> ``(B, D, N, L)`` (a broadcast view, no copy)."""
+    if t.dim() == 3:
+        return t.unsqueeze(1).expand(-1, dim, -1, -1)
+    g = t.shape[1]
+    return t.unsqueeze(2).expand(-1, -1, dim // g, -1, -1).reshape(t.shape[0], dim, *t.shape[2:])
+
+
+# --------------------------------------------------------------------------- reference
+def selective_scan_reference(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Plain sequential scan over ``L`` (readable oracle); ``delta`` already final (post-softplus).
+
+    ``u, delta (B, D, L)``, ``A (D, N)``, ``B, C (B, N, L) | (B, G, N, L)`` -> ``y (B, D, L)``
+    without the ``D``/``z`` terms, and the last state ``(B, D, N)`` if asked.  Uses ``unbind``
+    so that autograd's backward stays linear in ``L``.
+    """
+    dim = u.shape[1]
+    Bx = _grouped(B, dim)
+    Cx = _grouped(C, dim)
+    decay = torch.exp(delta.unsqueeze(2) * A.unsqueeze(-1))  # (B, D, N, L)
+    drive = (delta * u).unsqueeze(2) * Bx  # (B, D, N, L)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1])
+    ys = []
+    for a_t, x_t, c_t in zip(decay.unbind(-1), drive.unbind(-1), Cx.unbind(-1), strict=True):
+        h = a_t * h + x_t
+        ys.append((h * c_t).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    return (y, h) if return_last_state else y
+
+
+# --------------------------------------------------------------------------- backends
+def _scan_cuda(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, return_last_state: bool
+) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba-ssm's fused CUDA kernel (delta already final; D, z applied by the caller)."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(
+        u.contiguous(),
+        delta.contiguous(),
+        A.contiguous(),
+        B.contiguous(),
+        C.contiguous(),
+        return_last_state=return_last_state,
+    )
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` signature and semantics.
+
+    Args:
+        u: input ``(B, D, L)``.
+        delta: step sizes before bias/softplus ``(B, D, L)``.
+        A: state matrix ``(D, N)``, real and negative.
+        B, C: input/output projections ``(B, N, L)`` or ``(B, G, N, L)``.
+        D: skip weights ``(D,)``; z: gate ``(B, D, L)``; delta_bias: ``(D,)``.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the final state ``(B, D, N)``.
+        backend: ``"auto" | "reference" | "torch" | "cuda"``.
+
+    Returns:
+        ``y (B, D, L)`` in ``u``'s dtype, or ``(y, last_state)``.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u.device)
+    out_dtype = u.dtype
+    work = torch.float64 if u.dtype == torch.float64 else torch.float32
+
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u32, delta32, A32, B32, C32 = (t.to(work) for t in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta32 = delta32 + delta_bias.to(work).unsqueeze(-1)
+        if delta_softplus:
+            delta32 = F.softplus(delta32)
+        if name == "reference":
+            out = selective_scan_reference(u32, delta32, A32, B32, C32, return_last_state)
+        elif name == "cuda":
+            out = _scan_cuda(u32, delta32, A32, B32, C32, return_last_state)
+        else:
+            out = chunked_scan_core(u32, delta32, A32, B32, C32, return_last_state)
+        y, last = out if return_last_state else (out, None)
+        if D is not None:
+            y = y + u32 * D.to(work).unsqueeze(-1)
+        if z is not None:
+            y = y * F.silu(z.to(work))
+        y = y.to(out_dtype)
+    return (y, last) if return_last_state else y

@@ -1,0 +1,282 @@
+"""Selective scan: every backend against the sequential reference (values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from usfm_core.models import _scan_chunked, scan
+from usfm_core.models.scan import (
+    available_backends,
+    backend_report,
+    resolve_backend,
+    selective_scan,
+    set_default_backend,
+)
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(
+    b: int,
+    d: int,
+    n: int,
+    length: int,
+    groups: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    delta_scale: float = 1.0,
+    a_scale: float = 3.0,
+) -> dict[str, torch.Tensor]:
+    """Random scan inputs (leaf tensors requiring grad); ``groups=None`` gives 3-D B and C."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    bc_shape = (b, n, length) if groups is None else (b, groups, n, length)
+    t = {
+        "u": rnd(b, d, length),
+        "delta": rnd(b, d, length) * delta_scale,
+        "A": -(torch.rand(d, n, generator=gen, dtype=torch.float64) * a_scale + 0.05),
+        "B": rnd(*bc_shape),
+        "C": rnd(*bc_shape),
+        "D": rnd(d),
+        "z": rnd(b, d, length),
+        "delta_bias": rnd(d) * 0.5,
+    }
+    return {k: v.to(dtype).requires_grad_() for k, v in t.items()}
+
+
+def run(inputs, backend, use_d=True, use_z=True, use_bias=True, softplus=True, last=True):
+    """Forward + backward of a fixed non-linear loss; returns outputs and input gradients."""
+    for t in inputs.values():
+        t.grad = None
+    out = selective_scan(
+        inputs["u"],
+        inputs["delta"],
+        inputs["A"],
+        inputs["B"],
+        inputs["C"],
+        D=inputs["D"] if use_d else None,
+        z=inputs["z"] if use_z else None,
+        delta_bias=inputs["delta_bias"] if use_bias else None,
+        delta_softplus=softplus,
+        return_last_state=last,
+        backend=backend,
+    )
+    y, state = out if last else (out, None)
+    loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sin().sum()
+    if state is not None:
+        loss = loss + state.cos().sum()
+    loss.backward()
+    grads = {k: (v.grad.clone() if v.grad is not None else None) for k, v in inputs.items()}
+    return y.detach(), (state.detach() if state is not None else None), grads
+
+
+def assert_same(ref, got, atol):
+    """Max abs error ≤ atol, scaled by the tensor's magnitude when that exceeds 1 (fp32 has
+    only ~7 digits, so a value of 300 cannot be matched to 1e-4 absolutely)."""
+    y_r, s_r, g_r = ref
+    y_g, s_g, g_g = got
+    pairs = [("y", y_g, y_r), ("last_state", s_g, s_r)]
+    pairs += [(f"grad {k}", g_g[k], g_r[k]) for k in GRAD_NAMES]
+    for name, mine, theirs in pairs:
+        if theirs is None:
+            assert mine is None, name
+            continue
+        err = (mine.double() - theirs.double()).abs().max().item()
+        assert err <= atol * max(1.0, theirs.abs().max().item()), f"{name}: {err:.2e}"
+
+
+CASES = [
+    # (b, d, n, L, groups, D, z, bias, softplus, last)
+    (2, 4, 1, 1, None, True, True, True, True, True),  # L = 1
+    (2, 4, 1, 17, None, True, False, True, True, True),  # odd L
+    (1, 6, 16, 50, 3, True, True, True, True, True),  # L not a multiple of the chunk, G > 1
+    (2, 8, 1, 49, 4, False, False, False, True, False),  # VMamba-like: 4 groups, N = 1
+    (1, 4, 16, 64, 2, False, True, True, False, True),  # no softplus
+    (3, 2, 2, 100, None, True, False, False, False, False),
+    (1, 4, 3, 7, 4, True, True, False, True, True),  # one channel per group
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}n{}L{}g{}".format(*c[:5]))
+def test_torch_backend_matches_reference(case):
+    b, d, n, length, groups, use_d, use_z, use_bias, softplus, last = case
+    flags = dict(use_d=use_d, use_z=use_z, use_bias=use_bias, softplus=softplus, last=last)
+
+    def inputs(dtype=torch.float64):
+        t = make_inputs(b, d, n, length, groups, dtype=dtype)
+        if not softplus:  # raw Δ must then be positive (a decaying, not exploding, state)
+            with torch.no_grad():
+                t["delta"].abs_()
+                t["delta_bias"].abs_()
+        return t
+
+    ref = run(inputs(), "reference", **flags)
+    # float64 on both sides: the two algorithms agree to rounding.
+    assert_same(ref, run(inputs(), "torch", **flags), atol=1e-10)
+    # float32 chunked scan against the float64 reference: the required 1e-4.
+    got32 = run(inputs(torch.float32), "torch", **flags)
+    assert got32[0].dtype == torch.float32
+    assert_same(ref, got32, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [40, 300, 800], ids=["channel", "group", "image"])
+def test_blocking_over_channels_groups_and_images(monkeypatch, budget):
+    """Tiny block budgets force each split mode of the blocked scan; results must not change."""
+    inputs = make_inputs(3, 8, 2, 23, groups=2)
+    ref = run(inputs, "torch")
+    blocks = _scan_chunked._plan_blocks(3, 2, 4, 2 * 25, budget)
+    assert len(blocks) > 1
+    monkeypatch.setattr(_scan_chunked, "BLOCK_ELEMENTS", budget)
+    assert_same(ref, run(inputs, "torch"), atol=1e-12)
+
+
+def test_gradcheck_hand_written_backward():
+    """Finite differences on the custom autograd.Function (float64, incl. last-state grad)."""
+    t = make_inputs(1, 4, 2, 11, groups=2)
+    args = (t["u"], t["delta"].detach().abs().requires_grad_(), t["A"], t["B"], t["C"])
+
+    def f(u, delta, A, B, C):
+        y, h = _scan_chunked.chunked_scan_core(u, delta, A, B, C, return_last_state=True)
+        return y, h
+
+    assert torch.autograd.gradcheck(f, args, atol=1e-7, fast_mode=True)
+
+
+def test_chunk_size_balances_loops():
+    assert _scan_chunked.chunk_size(1) == 1
+    assert _scan_chunked.chunk_size(49) == 7
+    assert _scan_chunked.chunk_size(50) == 8
+    assert _scan_chunked.chunk_size(3136) == 56
+
+
+def test_long_sequence_with_strong_decay_is_stable():
+    """L = 3136 with Δ·|A| up to ~300 per step: no NaN/inf, equal to the float64 loop."""
+    t64 = make_inputs(1, 4, 16, 3136, groups=2, delta_scale=8.0, a_scale=16.0, seed=3)
+    with torch.no_grad():
+        t64["delta"].add_(10.0)  # softplus(delta) ≈ 10–30 on most steps
+    t32 = {k: v.detach().float().requires_grad_() for k, v in t64.items()}
+    ref = run(t64, "reference", use_z=False)
+    got = run(t32, "torch", use_z=False)
+    for tensor in (got[0], got[1], *got[2].values()):
+        if tensor is not None:
+            assert torch.isfinite(tensor).all()
+    assert_same(ref, got, atol=1e-4)
+
+
+def test_mamba_ssm_reference_as_second_oracle():
+    iface = pytest.importorskip(
+        "mamba_ssm.ops.selective_scan_interface", reason="mamba_ssm is not installed"
+    )
+    t = make_inputs(2, 6, 4, 33, groups=3)
+    args = [t[k].detach() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    ref = iface.selective_scan_ref(*args, delta_softplus=True)
+    ours = selective_scan(*args, delta_softplus=True, backend="torch")
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=0)
+
+
+def test_autocast_bf16_on_cpu_keeps_fp32():
+    t = make_inputs(2, 4, 1, 30, groups=2, dtype=torch.float32)
+    args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
+    expected = selective_scan(*args, delta_softplus=True, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan(*args, delta_softplus=True)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+    # bf16 inputs: computed in fp32, returned in the caller's dtype.
+    y16 = selective_scan(*(a.bfloat16() for a in args), delta_softplus=True)
+    assert y16.dtype == torch.bfloat16
+    up = [a.bfloat16().float() for a in args]
+    expected16 = selective_scan(*up, delta_softplus=True, backend="reference")
+    torch.testing.assert_close(y16.float(), expected16.bfloat16().float(), atol=0.05, rtol=0.02)
+
+
+def test_auto_never_picks_cuda_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.setattr(scan, "_mamba_ssm_status", lambda: (True, "pretend"))
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("auto", "cuda") == "cuda"
+    monkeypatch.setattr(scan, "_mamba_ssm_status", lambda: (False, "no mamba_ssm"))
+    assert resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        resolve_backend("cuda", "cpu")
+
+
+def test_env_var_and_default_override(monkeypatch):
+    calls = []
+    real = scan.selective_scan_reference
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan, "selective_scan_reference", spy)
+    t = make_inputs(1, 2, 1, 5)
+    args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
+    monkeypatch.setenv(scan.ENV_VAR, "reference")
+    selective_scan(*args)
+    assert calls == [1]
+    try:
+        set_default_backend("torch")  # the process-wide setting wins over the variable
+        selective_scan(*args)
+        assert calls == [1]
+    finally:
+        set_default_backend(None)
+    monkeypatch.setenv(scan.ENV_VAR, "warp-drive")
+    with pytest.raises(ValueError, match=scan.ENV_VAR):
+        selective_scan(*args)
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        set_default_backend("fast")
+
+
+def test_backend_report_and_available():
+    names = available_backends()
+    assert names[:2] == ["reference", "torch"]
+    report = backend_report()
+    assert report["auto_cpu"] == "torch"
+    assert report["auto_cuda"] in ("torch", "cuda")
+    if not report["mamba_ssm"]:
+        assert report["auto_cuda"] == "torch" and report["reason"]
+
+
+def _bad(**overrides):
+    t = {k: v.detach() for k, v in make_inputs(2, 4, 3, 10, groups=2).items()}
+    t.update(overrides)
+    return t
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"u": torch.zeros(2, 4)}, "u must be"),
+        ({"delta": torch.zeros(2, 4, 9)}, "delta must"),
+        ({"A": torch.zeros(5, 3)}, "A must be"),
+        ({"B": torch.zeros(2, 3, 3, 10)}, "groups, which must divide"),
+        ({"C": torch.zeros(2, 2, 3, 11)}, "C must be"),
+        ({"D": torch.zeros(3)}, "D must be"),
+        ({"z": torch.zeros(2, 4, 11)}, "z must"),
+        ({"delta_bias": torch.zeros(4, 1)}, "delta_bias must"),
+    ],
+)
+def test_bad_shapes_raise_clear_errors(overrides, match):
+    t = _bad(**overrides)
+    with pytest.raises(ValueError, match=match):
+        selective_scan(**t)
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        selective_scan(**_bad(), backend="magic")
+
+
+def test_no_grad_inference_and_allocator_tuning():
+    """Under no_grad the torch backend builds no graph; allocator tuning leaves results alone."""
+    t = make_inputs(2, 8, 4, 40, groups=4, dtype=torch.float32)
+    args = [v.detach() for k, v in t.items() if k in ("u", "delta", "A", "B", "C")]
+    expected = selective_scan(*args, delta_softplus=True, backend="reference")
+    tuned = scan.tune_cpu_allocator()
+    assert isinstance(tuned, bool)
+    with torch.no_grad():
+        y = selective_scan(*[a.requires_grad_() for a in args], delta_softplus=True)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
