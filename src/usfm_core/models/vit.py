@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usfm_core.errors import ConfigError
+from usfm_core.models.common import adapt_input
 from usfm_core.models.vmamba import BackboneOutput, DropPath
 
 __all__ = ["ViT", "ViTConfig", "patchify", "sincos_pos_embed_2d", "unpatchify"]
@@ -206,21 +207,7 @@ class ViT(nn.Module):
         return pe.to(self.patch_embed.weight.device)[None]
 
     def _adapt_input(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        c, want = x.shape[1], self.config.in_chans
-        if c != want:
-            if c == 1 and want == 3:
-                x = x.expand(-1, 3, -1, -1)
-            elif c == 3 and want == 1:
-                x = x.mean(dim=1, keepdim=True)
-            else:
-                raise ValueError(f"model takes {want} channel(s) (or 1/3), got {c}")
-        h, w = x.shape[-2:]
-        p = self.config.patch_size
-        if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(f"image size {h}×{w} must be a positive multiple of {p}")
-        return x
+        return adapt_input(x, self.config.in_chans, self.config.patch_size)
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch embeddings ``(B, L, C)`` (no positions yet) and the grid ``(h, w)``."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usfm_core.errors import ConfigError
+from usfm_core.models.common import adapt_input
 
 __all__ = [
     "SS2D",
@@ -454,23 +455,7 @@ class VMamba(nn.Module):
             ss2d._record = None
 
     def _adapt_input(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        c, want = x.shape[1], self.config.in_chans
-        if c != want:
-            if c == 1 and want == 3:
-                x = x.expand(-1, 3, -1, -1)
-            elif c == 3 and want == 1:
-                x = x.mean(dim=1, keepdim=True)
-            else:
-                raise ValueError(f"model takes {want} channel(s) (or 1/3), got {c}")
-        h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride or h == 0 or w == 0:
-            raise ValueError(
-                f"image size {h}×{w} must be a positive multiple of {self.stride}; "
-                "resize or pad the input"
-            )
-        return x
+        return adapt_input(x, self.config.in_chans, self.stride)
 
     def apply_mask(self, x: Tensor, mask: Tensor) -> Tensor:
         """Replace masked patch embeddings by :attr:`mask_token`.

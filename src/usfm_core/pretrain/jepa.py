@@ -32,6 +32,7 @@ from torch import nn
 
 from usfm_core.errors import CheckpointError, ConfigError
 from usfm_core.models.vit import ViT, sincos_pos_embed_2d
+from usfm_core.pretrain.base import PretrainMethod
 from usfm_core.pretrain.blocks import JEPAMasks, sample_jepa_masks, valid_patches
 from usfm_core.pretrain.config import PretrainConfig
 from usfm_core.pretrain.mae import build_encoder, transformer_blocks
@@ -173,7 +174,7 @@ class JEPAStudent(nn.Module):
         return self.predictor(context, context_idx, target_idx, self.grid(images))
 
 
-class JEPA(nn.Module):
+class JEPA(PretrainMethod):
     """US-JEPA / SALT pre-training module for the trainer (see the module docstring)."""
 
     method = "jepa"
@@ -187,7 +188,6 @@ class JEPA(nn.Module):
         self.teacher = load_teacher(cfg)
         teacher_dim = int(self.teacher.embed_dim)
         self.student = JEPAStudent(build_encoder(cfg), cfg, teacher_dim)
-        self._student_runner: nn.Module | None = None
 
     # ------------------------------------------------------------------ plumbing
     def train(self, mode: bool = True) -> JEPA:
@@ -195,27 +195,6 @@ class JEPA(nn.Module):
         super().train(mode)
         self.teacher.eval()
         return self
-
-    def set_student_runner(self, runner: nn.Module | None) -> None:
-        """Run the student through ``runner`` (e.g. its DDP wrapper); kept out of state_dict."""
-        object.__setattr__(self, "_student_runner", runner)
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups over the student only: weights with decay; ≤ 1-D parameters without."""
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
-        ]
-
-    def before_optimizer_step(self, step: int) -> None:
-        """Nothing to freeze."""
-
-    def after_step(self, step: int) -> None:
-        """SALT: the teacher is static, no EMA update."""
 
     def export_backbone(self) -> nn.Module:
         """The student (context) encoder."""
@@ -263,7 +242,7 @@ class JEPA(nn.Module):
         context_idx = masks.context_idx.to(device)
         target_idx = masks.target_idx.to(device)
         targets = self.teacher_targets(images, self.student.grid(images))
-        runner = self._student_runner if self._student_runner is not None else self.student
+        runner = self.runner
         pred = runner(images, context_idx, target_idx)
         loss = jepa_loss(pred, targets, target_idx, self.cfg.jepa.smooth_l1_beta)
         logs = {

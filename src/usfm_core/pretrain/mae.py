@@ -25,6 +25,7 @@ from torch import nn
 
 from usfm_core.errors import ConfigError
 from usfm_core.models.vit import Block, ViT, ViTConfig, patchify, sincos_pos_embed_2d
+from usfm_core.pretrain.base import PretrainMethod
 from usfm_core.pretrain.config import PretrainConfig
 from usfm_core.pretrain.heads import ReconstructionHead
 from usfm_core.pretrain.openus import build_backbone, step_generator
@@ -171,7 +172,7 @@ class MAEStudent(nn.Module):
         return patchify(self.decoder(fmap), self.patch)
 
 
-class MAE(nn.Module):
+class MAE(PretrainMethod):
     """USF-MAE pre-training module for the trainer (see the module docstring)."""
 
     method = "mae"
@@ -184,28 +185,6 @@ class MAE(nn.Module):
         self.total_steps = max(total_steps, 1)
         self.student = MAEStudent(build_encoder(cfg), cfg, cfg.views.in_chans)
         self.teacher = nn.ModuleList()  # no teacher: keeps the trainer's plan generic
-        self._student_runner: nn.Module | None = None
-
-    def set_student_runner(self, runner: nn.Module | None) -> None:
-        """Run the student through ``runner`` (e.g. its DDP wrapper); kept out of state_dict."""
-        object.__setattr__(self, "_student_runner", runner)
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: weights with decay; biases, norms, tokens (≤ 1-D) without."""
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
-        ]
-
-    def before_optimizer_step(self, step: int) -> None:
-        """Nothing to freeze."""
-
-    def after_step(self, step: int) -> None:
-        """No EMA teacher."""
 
     def export_backbone(self) -> nn.Module:
         """The encoder (the decoder is discarded after pre-training, USF-MAE §2.3)."""
@@ -222,7 +201,7 @@ class MAE(nn.Module):
         gen = step_generator(self.cfg.seed, step, self.rank)
         mask, keep_idx = random_patch_mask(len(images), h * w, self.cfg.mae.ratio, gen)
         mask, keep_idx = mask.to(device), keep_idx.to(device)
-        runner = self._student_runner if self._student_runner is not None else self.student
+        runner = self.runner
         pred = runner(images, mask, keep_idx)
         target = patchify(images, self.student.patch)
         loss = masked_patch_mse(pred, target, mask, self.cfg.mae.norm_pix_loss)

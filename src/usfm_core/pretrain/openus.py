@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from usfm_core.pretrain.base import PretrainMethod
 from usfm_core.pretrain.config import PretrainConfig
 from usfm_core.pretrain.ema import PerImageLossEMA, PositionalLossEMA, ema_update
 from usfm_core.pretrain.heads import ProjectionHead, ReconstructionHead
@@ -115,7 +116,7 @@ class TeacherNet(nn.Module):
         self.head = head
 
 
-class OpenUS(nn.Module):
+class OpenUS(PretrainMethod):
     """OpenUS student/teacher pair, losses, mask generators and loss EMA.
 
     ``total_steps`` / ``steps_per_epoch`` fix the schedules (α, r_t, teacher temperature,
@@ -202,7 +203,6 @@ class OpenUS(nn.Module):
         self.ema_momentum = cosine_schedule(
             cfg.ema_momentum, cfg.ema_momentum_end, self.total_steps
         )
-        self._student_runner: nn.Module | None = None
 
     # ------------------------------------------------------------------ plumbing
     def train(self, mode: bool = True) -> OpenUS:
@@ -211,27 +211,8 @@ class OpenUS(nn.Module):
         self.teacher.eval()
         return self
 
-    def set_student_runner(self, runner: nn.Module | None) -> None:
-        """Run the student through ``runner`` (e.g. a DDP wrapper of ``self.student``).
-
-        Stored outside the module tree so state_dict keys stay unchanged.
-        """
-        object.__setattr__(self, "_student_runner", runner)
-
     def _schedule(self, values, step: int) -> float:
         return float(values[min(step, len(values) - 1)])
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: weights with decay; biases, norms, gains (≤ 1-D) without."""
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
-        ]
 
     def before_optimizer_step(self, step: int) -> None:
         """Freeze the prototypes (last layers) during the first epoch(s): drop their grads."""
@@ -297,7 +278,7 @@ class OpenUS(nn.Module):
         gmask_dev = gmask.to(device)
 
         # 3. Student on masked views.
-        runner = self._student_runner if self._student_runner is not None else self.student
+        runner = self.runner
         s_out = runner(globals_, gmask_dev, locals_, lmask)
         s_cls = (
             s_out["cls_g"] if "cls_l" not in s_out else torch.cat([s_out["cls_g"], s_out["cls_l"]])
