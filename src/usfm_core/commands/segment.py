@@ -13,12 +13,9 @@ import argparse
 import csv
 from pathlib import Path
 
-MEASURE_FIELDS = (
-    "file",
-    "frame",
-    "object",
+# Per-object values from usfm_core.finetune.infer.measure_mask, in CSV column order.
+OBJECT_FIELDS = (
     "label",
-    "unit",
     "area",
     "max_diameter",
     "ellipse_major",
@@ -27,8 +24,8 @@ MEASURE_FIELDS = (
     "centroid_y",
     "centroid_x",
     "n_pixels",
-    "note",
 )
+MEASURE_FIELDS = ("file", "frame", "object", "unit", *OBJECT_FIELDS, "note")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -152,20 +149,7 @@ def _write_rows(writer: csv.DictWriter, name: str, frame: int, meas: dict, note:
             {
                 **base,
                 "object": k,
-                **{
-                    key: _fmt(obj[key])
-                    for key in (
-                        "label",
-                        "area",
-                        "max_diameter",
-                        "ellipse_major",
-                        "ellipse_minor",
-                        "circumference",
-                        "centroid_y",
-                        "centroid_x",
-                        "n_pixels",
-                    )
-                },
+                **{key: _fmt(obj[key]) for key in OBJECT_FIELDS},
             }
         )
 
