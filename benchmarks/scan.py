@@ -129,9 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep glibc's default allocator settings (see scan.tune_cpu_allocator)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); use 1 on an oversubscribed machine",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan.json"))
     args = parser.parse_args(argv)
     repeat = 1 if args.quick else args.repeat
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     tuned = False if args.no_malloc_tuning else tune_cpu_allocator()
     print(f"malloc tuning: {'on' if tuned else 'off'}; threads: {torch.get_num_threads()}")
     stages = [s for s in STAGES if not args.quick or s[1] in (49, 784)]

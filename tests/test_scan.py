@@ -280,3 +280,23 @@ def test_no_grad_inference_and_allocator_tuning():
         y = selective_scan(*[a.requires_grad_() for a in args], delta_softplus=True)
     assert y.grad_fn is None
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+
+
+def test_gradient_through_last_state_only():
+    """The backward must also work when only the last state (not y) feeds the loss."""
+    grads = {}
+    for backend in ("reference", "torch"):
+        t = make_inputs(2, 4, 3, 19, groups=2)
+        _, last = selective_scan(
+            t["u"], t["delta"], t["A"], t["B"], t["C"], delta_softplus=True,
+            return_last_state=True, backend=backend,
+        )  # fmt: skip
+        last.pow(2).sum().backward()
+        grads[backend] = [
+            t[k].grad if t[k].grad is not None else torch.zeros_like(t[k])
+            for k in ("u", "delta", "A", "B", "C")
+        ]
+        assert grads[backend][4].abs().sum() == 0  # C does not touch the state
+        assert grads[backend][0].abs().sum() > 0
+    for ref, got in zip(grads["reference"], grads["torch"], strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)

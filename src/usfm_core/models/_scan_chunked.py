@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["BLOCK_ELEMENTS", "chunk_size", "chunked_scan_core"]
 
@@ -67,8 +68,11 @@ def _sum_state(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- scan kernels
-def _border_states(a: Tensor, x: Tensor, log_a: Tensor, h0: Tensor | None) -> Tensor:
-    """State entering each chunk, ``(M, nc)``, for ``h_t = a_t h_{t-1} + x_t`` on ``(T, M, nc)``."""
+def _border_states(a: Tensor, x: Tensor, total: Tensor, h0: Tensor | None) -> Tensor:
+    """State entering each chunk, ``(M, nc)``, for ``h_t = a_t h_{t-1} + x_t`` on ``(T, M, nc)``.
+
+    ``total (M, nc)`` is each chunk's whole decay ``Π_t a_t``; ``h0 (M,)`` an optional start.
+    """
     steps, m, nc = x.shape
     carry = torch.zeros(nc, m, dtype=x.dtype, device=x.device)
     if h0 is not None:
@@ -78,7 +82,7 @@ def _border_states(a: Tensor, x: Tensor, log_a: Tensor, h0: Tensor | None) -> Te
         for t in range(steps):  # every chunk from a zero state: its local end state
             torch.addcmul(x[t], a[t], end, out=end)
         ends = end.t().contiguous()
-        total = log_a.sum(0).exp_().t().contiguous()  # (nc, M) whole-chunk decay
+        total = total.t().contiguous()  # (nc, M) whole-chunk decay
         for k in range(1, nc):
             torch.addcmul(ends[k - 1], total[k - 1], carry[k - 1], out=carry[k])
     return carry.t().contiguous()
@@ -93,8 +97,11 @@ def _scan_from(a: Tensor, x: Tensor, start: Tensor) -> Tensor:
     return h
 
 
-def _reverse_scan(a: Tensor, g: Tensor, log_a: Tensor) -> Tensor:
-    """Adjoint ``q_t = g_t + a_{t+1} q_{t+1}`` (``q_{L-1} = g_{L-1}``) on ``(T, M, nc)``."""
+def _reverse_scan(a: Tensor, g: Tensor, total: Tensor) -> Tensor:
+    """Adjoint ``q_t = g_t + a_{t+1} q_{t+1}`` (``q_{L-1} = g_{L-1}``) on ``(T, M, nc)``.
+
+    ``total (M, nc)`` is each chunk's whole decay, as in :func:`_border_states`.
+    """
     steps, m, nc = g.shape
     carry = torch.zeros(m, nc, dtype=g.dtype, device=g.device)  # added at each chunk's end
     if nc > 1:
@@ -102,7 +109,7 @@ def _reverse_scan(a: Tensor, g: Tensor, log_a: Tensor) -> Tensor:
         for t in range(steps - 2, -1, -1):
             torch.addcmul(g[t], a[t + 1], r, out=r)
         w = (a[0] * r).t().contiguous()  # (nc, M): what chunk k+1 hands to chunk k ...
-        total = log_a.sum(0).exp_().t().contiguous()  # ... plus total decay × its own carry
+        total = total.t().contiguous()  # ... plus total decay × its own carry
         back = torch.zeros(nc, m, dtype=g.dtype, device=g.device)
         for k in range(nc - 2, -1, -1):
             torch.addcmul(w[k + 1], total[k + 1], back[k + 1], out=back[k])
@@ -146,7 +153,8 @@ def _plan_blocks(
 
 class _Block:
     """One block's inputs in chunk layout: delta/u ``(T, b, g, d, 1, nc)``, B/C ``(T, b, g, 1,
-    N, nc)``, A ``(g, d, N, 1)``, and the derived ``log_a``, ``a``, ``x`` as ``(T, M, nc)``."""
+    N, nc)``, A ``(g, d, N, 1)``; derived: ``a = exp(Δ·A)`` and ``x = Δ·u·B`` as ``(T, M, nc)``
+    and each chunk's total decay ``exp(A·Σ_chunk Δ)`` as ``(M, nc)`` (from the small Δ)."""
 
     def __init__(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, steps: int):
         length = u.shape[-1]
@@ -159,8 +167,8 @@ class _Block:
         self.du = self.delta * self.u
         self.full_shape = (steps, *u.shape[:3], A.shape[-1], nc)
         flat = (steps, -1, nc)
-        self.log_a = (self.delta * self.A).contiguous().view(flat)
-        self.a = self.log_a.exp()
+        self.a = (self.delta * self.A).exp_().contiguous().view(flat)
+        self.total = (self.delta.sum(0) * self.A).exp_().view(-1, nc)
         self.x = (self.du * self.B).contiguous().view(flat)
 
     def full(self, t: Tensor) -> Tensor:
@@ -187,17 +195,19 @@ class _ChunkedScan(torch.autograd.Function):
         starts = []
         for bs, gs, ds in blocks:
             blk = _Block(u[bs, gs, ds], delta[bs, gs, ds], A[gs, ds], B[bs, gs], C[bs, gs], steps)
-            start = _border_states(blk.a, blk.x, blk.log_a, None)
+            start = _border_states(blk.a, blk.x, blk.total, None)
             h = blk.full(_scan_from(blk.a, blk.x, start))
             y[bs, gs, ds] = _from_chunks(_sum_state(h * blk.C).squeeze(-2), length)
             last[bs, gs, ds] = h[-1, ..., -1]  # padding has a = 1, x = 0: h stays put
             starts.append(start)
+        ctx.set_materialize_grads(False)  # an unused output (often `last`) gets None, not zeros
         ctx.save_for_backward(u, delta, A, B, C, *starts)
         ctx.blocks = blocks
         ctx.steps = steps
         return y, last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_last):  # type: ignore[override]
         u, delta, A, B, C, *starts = ctx.saved_tensors
         length = u.shape[-1]
@@ -215,8 +225,8 @@ class _ChunkedScan(torch.autograd.Function):
                 gC[bs, gs] += _from_chunks((gy * h).sum(3), length)
             if grad_last is not None:
                 gh[-1, ..., -1] += grad_last[bs, gs, ds]
-            flat = gh.view(blk.log_a.shape)
-            q = blk.full(_reverse_scan(blk.a, flat, blk.log_a))
+            flat = gh.view(blk.a.shape)
+            q = blk.full(_reverse_scan(blk.a, flat, blk.total))
             # ∂ℓ/∂log a_t = q_t · a_t h_{t-1}  and  a_t h_{t-1} = h_t − x_t (no shifted copy).
             g_log_a = h.sub_(blk.full(blk.x)).mul_(q)
             g_du = _sum_state(q * blk.B)
