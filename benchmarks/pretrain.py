@@ -4,9 +4,11 @@ For each preset (``tiny``, ``small-cpu``, optionally ``openus-s`` at batch 2) on
 step on random views is split into: teacher forward, scan-attention map (teacher forward
 with the attention read-out minus without), mask generation, student forward (+ losses),
 backward, and the selective scan's share of the forward passes. Prints a table and writes
-``benchmarks/results/pretrain.json``.
+``benchmarks/results/pretrain.json``. ``--methods`` adds a side-by-side table of full training
+steps (images/s) of each pretraining method (openus, ibot, mae, jepa) on one preset.
 
     python benchmarks/pretrain.py [--presets tiny small-cpu openus-s] [--steps 3]
+    python benchmarks/pretrain.py --presets --methods openus ibot mae jepa --method-preset tiny
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def _batch(cfg, batch_size: int) -> dict[str, torch.Tensor]:
         ),
         "local_views": torch.randn(batch_size, v.n_local, v.in_chans, v.local_size, v.local_size),
         "index": torch.arange(batch_size),
+        "global_regions": torch.ones(
+            batch_size, v.n_global, v.global_size, v.global_size, dtype=torch.bool
+        ),
     }
 
 
@@ -138,11 +143,55 @@ def bench(name: str, batch_size: int | None, steps: int) -> dict[str, float | st
     }
 
 
+def bench_method(method: str, preset_name: str, batch_size: int, steps: int) -> dict:
+    """Full training steps (forward, backward, optimiser, EMA/hooks) of one method."""
+    from usfm_core.pretrain.methods import get_method
+
+    cfg = preset(preset_name)
+    cfg.method = method
+    model = get_method(method)(cfg, total_steps=100, steps_per_epoch=10, n_items=batch_size)
+    opt = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
+    batch = _batch(cfg, batch_size)
+    model.train()
+
+    def full_step(step: int) -> None:
+        loss, _ = model.training_step(batch, step)
+        opt.zero_grad()
+        loss.backward()
+        model.before_optimizer_step(step)
+        opt.step()
+        model.after_step(step)
+
+    full_step(0)  # warm-up
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+        full_step(s)
+    per_step = (time.perf_counter() - t0) / steps
+    return {
+        "method": method,
+        "preset": preset_name,
+        "batch": batch_size,
+        "params_trained_M": round(
+            sum(p.numel() for p in model.student.parameters() if p.requires_grad) / 1e6, 2
+        ),
+        "step_s": round(per_step, 3),
+        "images_per_s": round(batch_size / per_step, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small-cpu", "openus-s"])
+    parser.add_argument("--presets", nargs="*", default=["tiny", "small-cpu", "openus-s"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=[],
+        help="also time full steps of these methods side by side",
+    )
+    parser.add_argument("--method-preset", default="tiny")
+    parser.add_argument("--method-batch", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -154,7 +203,15 @@ def main() -> None:
         "note": "seconds per step part; shared 2-core CI box",
     }
     # Keep earlier results of presets not re-run now (openus-s takes minutes on CPU).
-    old = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else []
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old = saved.get("results", [])
+    methods = [
+        bench_method(m, args.method_preset, args.method_batch, args.steps) for m in args.methods
+    ] or saved.get("methods", [])
+    if args.methods:
+        print(" | ".join(methods[0]))
+        for r in methods:
+            print(" | ".join(str(v) for v in r.values()), flush=True)
     rows = [r for r in old if r["preset"] not in args.presets]
     for name in args.presets:
         # openus-s (VMamba-S at 224²) only with batch 2: its per-process batch 32 is GPU-sized.
@@ -162,7 +219,14 @@ def main() -> None:
         _print_table(rows)
         # Written after every preset so a long openus-s run does not lose the others.
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+        RESULTS.write_text(
+            json.dumps({"meta": meta, "results": rows, "methods": methods}, indent=2) + "\n"
+        )
+    if not args.presets:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(
+            json.dumps({"meta": meta, "results": rows, "methods": methods}, indent=2) + "\n"
+        )
     print(f"wrote {RESULTS}")
 
 
