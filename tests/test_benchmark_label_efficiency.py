@@ -1,0 +1,116 @@
+"""Tests of benchmarks/label_efficiency.py: cine writing, the inference worker, summaries."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def le():
+    """The benchmark script imported as a module."""
+    spec = importlib.util.spec_from_file_location("label_efficiency_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_write_cine_repeats_distinct_frames_and_reads_lazily(le, tmp_path):
+    from usfm_core.io import load_scan
+
+    path = le.write_cine(tmp_path / "cine.tif", n_frames=11, side=64, n_distinct=4)
+    with load_scan(path) as scan:
+        assert scan.n_frames == 11
+        assert tuple(scan.frame_shape[:2]) == (64, 64)
+        f0, f1, f4, f8 = (np.asarray(scan.frame(i)) for i in (0, 1, 4, 8))
+    assert np.array_equal(f0, f4) and np.array_equal(f0, f8)  # period n_distinct
+    assert not np.array_equal(f0, f1)  # but the distinct frames differ (motion)
+
+
+def test_inference_worker_streams_every_frame(le, tmp_path):
+    path = le.write_cine(tmp_path / "cine.tif", n_frames=10, side=96, n_distinct=3)
+    spec = {
+        "cine": str(path),
+        "preset": "tiny",
+        "input_size": 64,
+        "max_seconds": 0,
+        "batch_size": 4,
+        "threads": 1,
+    }
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        rec = le.inference_worker(spec)
+    finally:
+        torch.set_num_threads(before)  # the worker sets it process-wide
+    assert rec["threads"] == 1
+    assert rec["frames"] == rec["frames_total"] == 10 and rec["complete"]
+    assert rec["frame_shape"][:2] == [96, 96]
+    assert rec["fps"] > 0 and rec["seconds"] > 0
+    assert rec["peak_rss_mb"] >= rec["rss_after_load_mb"] > 0
+    assert 0.0 <= rec["mean_foreground"] <= 1.0
+    assert 0.1 < rec["params_M"] < 3  # "tiny" is a sub-million-parameter backbone + decoder
+
+
+def test_summarise_means_and_stds_over_seeds(le):
+    rng = np.random.default_rng(0)
+    runs = []
+    for init in ("pretrained", "scratch"):
+        for ratio in (0.2, 1.0):
+            for seed in range(3):
+                d = float(rng.uniform(0.2, 0.8))
+                runs.append(
+                    {
+                        "init": init,
+                        "label_ratio": ratio,
+                        "seed": seed,
+                        "n_train": int(100 * ratio),
+                        "test_dice": d,
+                        "test_iou": d / (2 - d),
+                    }
+                )
+    rows = le.summarise(runs)
+    assert [(r["init"], r["label_ratio"]) for r in rows] == [
+        ("pretrained", 0.2),
+        ("pretrained", 1.0),
+        ("scratch", 0.2),
+        ("scratch", 1.0),
+    ]
+    for row in rows:
+        group = [
+            r for r in runs if r["init"] == row["init"] and r["label_ratio"] == row["label_ratio"]
+        ]
+        dice = np.array([r["test_dice"] for r in group])
+        assert row["seeds"] == 3
+        assert row["dice_mean"] == pytest.approx(dice.mean())
+        assert row["dice_std"] == pytest.approx(dice.std(ddof=1))
+        assert row["iou_mean"] == pytest.approx(np.mean([r["test_iou"] for r in group]))
+    table = le.format_tables({"table": rows})
+    assert table.count("\n| pretrained |") == 2 and "| 20 % |" in table
+
+
+def test_pretrain_folder_leaves_out_test_images(le, shared_data, tmp_path):
+    from usfm_core.finetune.data import LabelledSet, make_splits
+
+    busi = LabelledSet.from_folder(shared_data / "busi", "segmentation")
+    splits = make_splits(busi.labels, busi.groups, seed=0)
+    keep = splits["train"] + splits["val"]
+    folder = le.pretrain_folder(busi, keep, shared_data / "hc18", tmp_path)
+    linked = {p.name for p in (folder / "busi").iterdir()}
+    assert len(linked) == len(keep)
+    test_names = {Path(busi.items[i].image).name for i in splits["test"]}
+    assert test_names and not linked & test_names
+    assert (folder / "hc18" / "manifest.csv").is_file()
+
+
+def test_cli_rejects_unknown_setting(le):
+    with pytest.raises(SystemExit):
+        le.main(["--setting", "nope"])
