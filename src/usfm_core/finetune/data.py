@@ -120,8 +120,12 @@ class LabelledSet:
         masks: np.ndarray | Sequence[np.ndarray] | None = None,
         labels: Sequence[int] | None = None,
         classes: Sequence[str] | None = None,
+        groups: Sequence[str] | None = None,
     ) -> LabelledSet:
-        """Wrap in-memory frames ``(N, H, W)`` with masks ``(N, H, W)`` or labels ``(N,)``."""
+        """Wrap in-memory frames ``(N, H, W)`` with masks ``(N, H, W)`` or labels ``(N,)``.
+
+        ``groups`` (N,) keeps related frames (e.g. one cine, one patient) in the same split.
+        """
         if (masks is None) == (labels is None):
             raise USFMError("give either masks (segmentation) or labels (classification)")
         n = len(images)
@@ -139,7 +143,8 @@ class LabelledSet:
                 if mask.shape != img.shape:
                     raise USFMError(f"mask {i} shape {mask.shape} != image shape {img.shape}")
             label = int(labels[i]) if labels is not None else None
-            items.append(Item(key=f"frame{i:05d}", image=img, mask=mask, label=label))
+            group = str(groups[i]) if groups is not None else ""
+            items.append(Item(key=f"frame{i:05d}", image=img, mask=mask, label=label, group=group))
         if labels is not None and not classes:
             classes = [str(c) for c in range(int(max(labels)) + 1)]
         return cls(items=items, classes=list(classes or []))
