@@ -158,7 +158,7 @@ def test_segment_widget_streams_labels_and_measurements(
     from napari_usfm._widgets import SegmentWidget
     from usfm_core.models.zoo import import_model
 
-    import_model(tiny_segmenter, "sim-lesion")
+    imported = import_model(tiny_segmenter, "test-lesion")
     viewer = make_napari_viewer()
     layer = viewer.add_image(
         sim_cine.frames, name="cine", scale=(1, *sim_cine.spacing_mm), units=("s", "mm", "mm")
@@ -166,7 +166,10 @@ def test_segment_widget_streams_labels_and_measurements(
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert widget._image.value is layer
+    # The user's model is listed beside the shipped one; pick it.
+    assert any("test-lesion" in str(c) for c in widget._model.choices)
     assert any("sim-lesion" in str(c) for c in widget._model.choices)
+    widget._model.value = str(imported)
     widget._scope.value = "all frames"
     widget.run()
     _wait_worker(qtbot, widget)

@@ -49,24 +49,31 @@ def run(args: argparse.Namespace) -> int:
     t0 = _step(f"simulating a {args.frames}-frame sector cine with lesions and annotations")
     cine = simulate_cine(n_frames=args.frames, seed=args.seed, text=True, calipers=True)
     frames = cine.frames if cine.frames.ndim == 3 else cine.frames.mean(-1).astype(np.uint8)
-    dcm = write_dicom(out / "scans" / "phantom" / "sim_cine.dcm", frames,
-                      spacing_mm=cine.spacing_mm, fps=cine.fps)
+    dcm = write_dicom(
+        out / "scans" / "phantom" / "sim_cine.dcm", frames, spacing_mm=cine.spacing_mm, fps=cine.fps
+    )
     scan = load_scan(dcm)
-    print(f"    {dcm}: {scan.kind}, {scan.shape}, spacing {scan.spacing_mm} mm, "
-          f"{scan.fps} fps ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"    {dcm}: {scan.kind}, {scan.shape}, spacing {scan.spacing_mm} mm, "
+        f"{scan.fps} fps ({time.perf_counter() - t0:.1f} s)"
+    )
 
     t0 = _step("preprocessing (scan region, annotation removal, rescale, frame sampling)")
-    manifest = preprocess_folder(out / "scans", out / "data" / "phantom",
-                                 target_fps=max(1.0, float(cine.fps)), progress=False)
+    manifest = preprocess_folder(
+        out / "scans",
+        out / "data" / "phantom",
+        target_fps=max(1.0, float(cine.fps)),
+        progress=False,
+    )
     n_frames = sum(1 for _ in open(manifest, encoding="utf-8")) - 1
-    print(f"    {n_frames} training frames → {manifest.parent} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(f"    {n_frames} training frames → {manifest.parent} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = _step(f"pretraining a tiny OpenUS model for {args.steps} steps on the CPU")
     # Tiny backbone, but 128² global / 64² local views so the last-stage grid (4×4) carries
     # a visible mask; inspection then runs at 224² (7×7 cells).
-    cfg = load_config("tiny", [f"seed={args.seed}", "device=cpu", "views.global_size=128",
-                               "views.local_size=64"])
+    cfg = load_config(
+        "tiny", [f"seed={args.seed}", "device=cpu", "views.global_size=128", "views.local_size=64"]
+    )
     run_dir = pretrain(cfg, out / "data", out / "run", max_steps=args.steps)
     print(f"    run → {run_dir} ({time.perf_counter() - t0:.1f} s)")
 
@@ -86,11 +93,14 @@ def _figure(frame, res, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("frame", None, None), ("teacher attention", res.attention, "inferno"),
-              ("student reconstruction loss", res.loss_map, "viridis"),
-              (f"ALP (α={res.alpha:.1f})", res.alp, "magma"),
-              (f"masked input ({res.ratio:.0%}, r={res.r:.1f})", res.masked_input, None),
-              ("student reconstruction (masked cells)", res.reconstruction, None)]
+    panels = [
+        ("frame", None, None),
+        ("teacher attention", res.attention, "inferno"),
+        ("student reconstruction loss", res.loss_map, "viridis"),
+        (f"ALP (α={res.alpha:.1f})", res.alp, "magma"),
+        (f"masked input ({res.ratio:.0%}, r={res.r:.1f})", res.masked_input, None),
+        ("student reconstruction (masked cells)", res.reconstruction, None),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(11, 7))
     for ax, (title, img, cmap) in zip(axes.flat, panels):
         if cmap is None:  # a grey image on its own
