@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from usfm_core.pretrain.config import preset
-from usfm_core.pretrain.openus import build_openus, step_generator
+from usfm_core.pretrain.openus import step_generator
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain.json"
 
@@ -109,45 +109,11 @@ def profile_step(model, batch: dict[str, torch.Tensor], step: int) -> dict[str, 
     return t
 
 
-def bench(name: str, batch_size: int | None, steps: int) -> dict[str, float | str | int]:
-    """Time ``steps`` full training steps (after one warm-up) and one profiled step."""
-    cfg = preset(name)
-    bs = batch_size or cfg.batch_size
-    model = build_openus(cfg, total_steps=100, steps_per_epoch=10, n_items=bs)
-    opt = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
-    batch = _batch(cfg, bs)
-    model.train()
-
-    def full_step(step: int) -> None:
-        loss, _ = model.training_step(batch, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        model.after_step(step)
-
-    full_step(0)  # warm-up
-    t0 = time.perf_counter()
-    for s in range(1, steps + 1):
-        full_step(s)
-    per_step = (time.perf_counter() - t0) / steps
-    parts = profile_step(model, batch, steps + 1)
-    v = cfg.views
-    return {
-        "preset": name,
-        "batch": bs,
-        "views": f"{v.n_global}x{v.global_size}² + {v.n_local}x{v.local_size}²",
-        "params_student_M": round(sum(p.numel() for p in model.student.parameters()) / 1e6, 2),
-        "step_s": round(per_step, 3),
-        "images_per_s": round(bs / per_step, 2),
-        **{k: round(x, 3) for k, x in parts.items()},
-    }
-
-
-def bench_method(method: str, preset_name: str, batch_size: int, steps: int) -> dict:
-    """Full training steps (forward, backward, optimiser, EMA/hooks) of one method."""
+def time_steps(method: str, cfg, batch_size: int, steps: int):
+    """Build ``method`` and time ``steps`` full training steps (forward, backward, optimiser,
+    hooks) after one warm-up; returns ``(model, batch, seconds per step)``."""
     from usfm_core.pretrain.methods import get_method
 
-    cfg = preset(preset_name)
     cfg.method = method
     model = get_method(method)(cfg, total_steps=100, steps_per_epoch=10, n_items=batch_size)
     opt = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
@@ -166,7 +132,30 @@ def bench_method(method: str, preset_name: str, batch_size: int, steps: int) -> 
     t0 = time.perf_counter()
     for s in range(1, steps + 1):
         full_step(s)
-    per_step = (time.perf_counter() - t0) / steps
+    return model, batch, (time.perf_counter() - t0) / steps
+
+
+def bench(name: str, batch_size: int | None, steps: int) -> dict[str, float | str | int]:
+    """Time ``steps`` full OpenUS training steps (after one warm-up) and one profiled step."""
+    cfg = preset(name)
+    bs = batch_size or cfg.batch_size
+    model, batch, per_step = time_steps("openus", cfg, bs, steps)
+    parts = profile_step(model, batch, steps + 1)
+    v = cfg.views
+    return {
+        "preset": name,
+        "batch": bs,
+        "views": f"{v.n_global}x{v.global_size}² + {v.n_local}x{v.local_size}²",
+        "params_student_M": round(sum(p.numel() for p in model.student.parameters()) / 1e6, 2),
+        "step_s": round(per_step, 3),
+        "images_per_s": round(bs / per_step, 2),
+        **{k: round(x, 3) for k, x in parts.items()},
+    }
+
+
+def bench_method(method: str, preset_name: str, batch_size: int, steps: int) -> dict:
+    """Full training steps of one method on one preset (for the side-by-side table)."""
+    model, _, per_step = time_steps(method, preset(preset_name), batch_size, steps)
     return {
         "method": method,
         "preset": preset_name,

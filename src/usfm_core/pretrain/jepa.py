@@ -35,7 +35,7 @@ from usfm_core.models.vit import ViT, sincos_pos_embed_2d
 from usfm_core.pretrain.base import PretrainMethod
 from usfm_core.pretrain.blocks import JEPAMasks, sample_jepa_masks, valid_patches
 from usfm_core.pretrain.config import PretrainConfig
-from usfm_core.pretrain.mae import build_encoder, transformer_blocks
+from usfm_core.pretrain.mae import MaskTokenTransformer, build_encoder
 from usfm_core.pretrain.openus import step_generator
 
 
@@ -90,7 +90,7 @@ def jepa_loss(
     return F.smooth_l1_loss(pred.float(), y.float(), beta=beta)
 
 
-class JEPAPredictor(nn.Module):
+class JEPAPredictor(MaskTokenTransformer):
     """Narrow transformer: context tokens + positioned mask tokens → target embeddings."""
 
     def __init__(
@@ -102,13 +102,7 @@ class JEPAPredictor(nn.Module):
         out_dim: int,
         ref_grid: tuple[int, int],
     ):
-        super().__init__()
-        self.ref_grid = ref_grid
-        self.embed = nn.Linear(enc_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.blocks = transformer_blocks(dim, depth, heads)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        super().__init__(enc_dim, dim, depth, heads, ref_grid)
         # US-JEPA §4.4: a linear adapter from the predictor width to the teacher's.
         self.adapter = nn.Linear(dim, out_dim)
 

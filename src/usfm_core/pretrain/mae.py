@@ -93,7 +93,22 @@ def masked_patch_mse(
     return (err * m).sum() / m.sum().clamp_min(1.0)
 
 
-class MAEDecoder(nn.Module):
+class MaskTokenTransformer(nn.Module):
+    """Shared trunk of the MAE decoder and the JEPA predictor: encoder tokens projected to
+    ``dim`` (``embed``), a learnable ``mask_token`` placed at the positions to predict, ``depth``
+    transformer blocks and a final LayerNorm; ``ref_grid`` is the positional-embedding grid."""
+
+    def __init__(self, enc_dim: int, dim: int, depth: int, heads: int, ref_grid: tuple[int, int]):
+        super().__init__()
+        self.ref_grid = ref_grid
+        self.embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.blocks = transformer_blocks(dim, depth, heads)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+
+class MAEDecoder(MaskTokenTransformer):
     """Light transformer decoder: visible tokens + mask tokens at their positions → pixels."""
 
     def __init__(
@@ -105,13 +120,7 @@ class MAEDecoder(nn.Module):
         patch_pixels: int,
         ref_grid: tuple[int, int],
     ):
-        super().__init__()
-        self.ref_grid = ref_grid
-        self.embed = nn.Linear(enc_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.blocks = transformer_blocks(dim, depth, heads)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        super().__init__(enc_dim, dim, depth, heads, ref_grid)
         self.pred = nn.Linear(dim, patch_pixels)
 
     def forward(
