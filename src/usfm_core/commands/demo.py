@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo`` to the CLI."""
     p = sub.add_parser(
         "demo",
-        help="run the pipeline end to end on a built-in sample (or open it in napari)",
+        help="run the pipeline end to end on a built-in sample (napari: python -m napari_usfm)",
         description="Simulate a calibrated DICOM cine, read and preprocess it, pretrain a tiny "
         "OpenUS model for a few steps and save the self-adaptive masking maps as a figure.",
     )
