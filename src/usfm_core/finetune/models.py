@@ -152,15 +152,25 @@ class _TaskModel(nn.Module):
 
     task = ""
 
-    def __init__(self, backbone: nn.Module, n_classes: int):
+    def __init__(self, backbone: nn.Module, n_classes: int, cfg: TaskModelConfig | None = None):
         super().__init__()
         if n_classes < 1:
             raise ValueError(f"n_classes must be >= 1, got {n_classes}")
         self.backbone = backbone
         self.n_classes = n_classes
         self.in_chans = _backbone_in_chans(backbone)
-        self.classes: list[str] = []
-        self.input_size = 224
+        self.classes: list[str] = list(cfg.classes) if cfg is not None else []
+        self.input_size = int(cfg.input_size) if cfg is not None else 224
+
+    @staticmethod
+    def _resolve(
+        backbone: nn.Module | TaskModelConfig, n_classes: int, head: str
+    ) -> tuple[nn.Module, int, str, TaskModelConfig | None]:
+        """``(backbone, n_classes, head, cfg)``; a :class:`TaskModelConfig` (the model being
+        rebuilt by ``serialization.load_model``) supplies all of them and its backbone."""
+        if isinstance(backbone, TaskModelConfig):
+            return _backbone_from(backbone), backbone.n_classes, backbone.head, backbone
+        return backbone, n_classes, head, None
 
     def _features(self, x: torch.Tensor):
         if x.ndim != 4 or x.shape[-1] % 32 or x.shape[-2] % 32:
@@ -199,12 +209,8 @@ class Classifier(_TaskModel):
     def __init__(
         self, backbone: nn.Module | TaskModelConfig, n_classes: int = 2, head: str = "linear"
     ):
-        cfg = backbone if isinstance(backbone, TaskModelConfig) else None
-        if cfg is not None:  # rebuilt by serialization.load_model
-            backbone, n_classes, head = _backbone_from(cfg), cfg.n_classes, cfg.head
-        super().__init__(backbone, n_classes)
-        if cfg is not None:
-            self.classes, self.input_size = list(cfg.classes), int(cfg.input_size)
+        backbone, n_classes, head, cfg = self._resolve(backbone, n_classes, head)
+        super().__init__(backbone, n_classes, cfg)
         if head not in ("linear", "mlp"):
             raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}")
         self.head_type = head
@@ -230,12 +236,8 @@ class Segmenter(_TaskModel):
     def __init__(
         self, backbone: nn.Module | TaskModelConfig, n_classes: int = 1, decoder: str = "unet"
     ):
-        cfg = backbone if isinstance(backbone, TaskModelConfig) else None
-        if cfg is not None:  # rebuilt by serialization.load_model
-            backbone, n_classes, decoder = _backbone_from(cfg), cfg.n_classes, cfg.head
-        super().__init__(backbone, n_classes)
-        if cfg is not None:
-            self.classes, self.input_size = list(cfg.classes), int(cfg.input_size)
+        backbone, n_classes, decoder, cfg = self._resolve(backbone, n_classes, decoder)
+        super().__init__(backbone, n_classes, cfg)
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {decoder!r}")
         self.decoder_type = decoder
