@@ -103,6 +103,10 @@ SETTINGS = {
 }
 
 
+# Segmenters timed on the long cine: the test size, the earlier CPU preset, the shipped one.
+INFER_PRESETS = ("tiny", "small-cpu", "small-fast")
+
+
 # ------------------------------------------------------------------------------ part 1: labels
 def pretrain_folder(busi: Any, keep: list[int], hc18: Path, root: Path) -> Path:
     """A data root for pre-training: ``busi/`` (links to the ``keep`` images) and ``hc18/``.
@@ -395,6 +399,7 @@ def inference_part(
     report: dict[str, Any],
     save,
     threads: list[int | None] | None = None,
+    presets: tuple[str, ...] = INFER_PRESETS,
 ) -> None:
     """Write the cine, then one subprocess per (threads, preset, input size) (fills ``report``)."""
     cine_path = work / "cine.tif"
@@ -408,7 +413,7 @@ def inference_part(
     }
     report["inference"] = []
     for n_threads in threads or [None]:
-        for preset in ("tiny", "small-cpu"):
+        for preset in presets:
             for size in sorted({setting.ft_size, 256}):
                 # The first measurement always streams the whole cine: it is the memory check.
                 first = preset == "tiny" and size == min(setting.ft_size, 256)
@@ -502,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch threads of the inference measurements, e.g. 2 1 (default: torch's)",
     )
+    parser.add_argument(
+        "--infer-presets",
+        nargs="+",
+        default=list(INFER_PRESETS),
+        help=f"VMamba presets of the timed segmenters (default: {' '.join(INFER_PRESETS)})",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -537,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "inference" in args.parts:
-            inference_part(setting, work, report, save, args.infer_threads)
+            inference_part(
+                setting, work, report, save, args.infer_threads, tuple(args.infer_presets)
+            )
         if "label" in args.parts:
             label_part(setting, work, report, save, args.pretrained)
     report["total_s"] = round(time.perf_counter() - t0, 1)

@@ -154,3 +154,62 @@ def test_classifier_report_with_corruptions(tmp_path, disc_folder):
         assert 0.0 <= m["accuracy"] <= 1.0 and "macro_f1" in m
     assert "macro_f1" in (tmp_path / "rep" / "summary.md").read_text()
     assert (tmp_path / "rep" / "robustness.png").is_file()
+
+
+def test_circumference_error_of_an_ellipse_and_of_a_miss():
+    """HC18's measure: the ellipse fit of the predicted head vs the reference, in mm."""
+    from usfm_core.evaluate.report import circumference_error_mm
+
+    a, b, px = 60, 35, 0.15  # semi-axes in pixels, mm per pixel
+    pred = np.zeros((200, 240), np.uint8)
+    cv2.ellipse(pred, (120, 100), (a, b), 20, 0, 360, 1, -1)
+    ramanujan = np.pi * (3 * (a + b) - np.sqrt((3 * a + b) * (a + 3 * b))) * px
+    err = circumference_error_mm(pred, px, ramanujan)
+    assert abs(err) < 0.015 * ramanujan
+    # Twice the pixel size doubles the measured circumference: error = +reference.
+    assert circumference_error_mm(pred, 2 * px, ramanujan) == pytest.approx(ramanujan, rel=0.02)
+    # An empty prediction misses the whole head instead of being skipped.
+    assert circumference_error_mm(np.zeros_like(pred), px, 150.0) == -150.0
+
+
+def test_evaluate_with_a_baseline_and_head_circumference(tmp_path, disc_folder):
+    """Two segmenters scored on the same items; HC error appears when the manifest has it."""
+    import shutil
+
+    import torch
+
+    from usfm_core.errors import ConfigError
+    from usfm_core.evaluate.report import evaluate_model_dir
+    from usfm_core.finetune.models import Classifier, Segmenter, save_finetuned
+    from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(disc_folder, data)
+    rows = (data / "manifest.csv").read_text().splitlines()
+    rows = [rows[0] + ",head_circumference_mm"] + [r + f",{10 + i}" for i, r in enumerate(rows[1:])]
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+    def seg(seed: int, out: str) -> None:
+        torch.manual_seed(seed)
+        model = Segmenter(VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)), 1, "conv")
+        model.input_size = 64
+        save_finetuned(model, tmp_path / out)
+
+    seg(0, "a")
+    seg(1, "b")
+    res = evaluate_model_dir(
+        tmp_path / "a", data, tmp_path / "rep", baseline=tmp_path / "b", max_items=6
+    )
+    alone = evaluate_model_dir(tmp_path / "b", data, tmp_path / "rep_b", max_items=6)
+    assert res["baseline"]["clean"] == alone["clean"]
+    assert res["clean"] != alone["clean"]
+    assert {"hc_error_mm", "hc_error_mm_median", "hc_bias_mm"} <= set(res["clean"])
+    assert res["clean"]["hc_error_mm"] >= 0
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert "| a | clean |" in summary and "| b | clean |" in summary and "hc_error_mm" in summary
+
+    torch.manual_seed(0)
+    clf = Classifier(VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)), 2)
+    save_finetuned(clf, tmp_path / "clf")
+    with pytest.raises(ConfigError, match="classification"):
+        evaluate_model_dir(tmp_path / "a", data, tmp_path / "r3", baseline=tmp_path / "clf")

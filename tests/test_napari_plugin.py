@@ -123,15 +123,19 @@ def test_writer_round_trip_keeps_geometry(tmp_path, name):
     np.testing.assert_array_equal(back.reshape(data.shape), data)
 
 
-def test_hc18_sample_is_calibrated_and_attributed():
-    from napari_usfm._sample_data import hc18_image
+def test_real_samples_are_calibrated_where_known_and_attributed():
+    """HC18 (0.19 mm pixels) and BUSI (no pixel size) samples with their annotations."""
+    from napari_usfm._sample_data import busi_image, hc18_image
 
     (img, kw, kind), (mask, _mkw, mkind) = hc18_image()
     assert kind == "image" and mkind == "labels"
     assert img.shape == mask.shape and img.dtype == np.uint8
-    assert kw["scale"] == pytest.approx((0.144033, 0.144033))
+    assert kw["scale"] == pytest.approx((0.190190, 0.190190))
     assert "CC BY 4.0" in kw["metadata"]["attribution"]
     assert 0.02 < mask.mean() < 0.5
+    (bimg, bkw, _), (bmask, _bmkw, _) = busi_image()
+    assert bimg.shape == bmask.shape and "scale" not in bkw
+    assert "spacing_mm" not in bkw["metadata"] and 0.01 < bmask.mean() < 0.5
 
 
 def test_simulated_samples_have_time_axis_and_spacing():
@@ -300,3 +304,30 @@ def test_inspect_widget_shows_heatmaps(make_napari_viewer, qtbot, tiny_pretrain_
         assert data.shape == sim_cine.frames.shape[1:3]
         assert np.isfinite(data).all()
     assert 0.0 <= viewer.layers["ALP score"].data.min() <= viewer.layers["ALP score"].data.max()
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+@pytest.mark.parametrize("sample,model", [("hc18", "fetal-head"), ("busi", "breast-lesion")])
+def test_main_job_segments_the_real_samples_with_the_shipped_models(
+    qtbot, model_dir, sample, model
+):
+    """``python -m napari_usfm [--sample busi]``: the shipped model made for the sample is
+    preselected, and one click segments the (held-out) real image close to its annotation."""
+    from napari_usfm.__main__ import build_viewer
+
+    viewer, widgets = build_viewer(sample, show=False)
+    try:
+        seg = widgets["Segment"]
+        assert Path(seg._model.value).name == model
+        seg.run()
+        _wait_worker(qtbot, seg)
+        image, annotation = viewer.layers[0], viewer.layers[1].data > 0
+        pred = viewer.layers[f"{image.name} segmentation"].data > 0
+        dice = 2 * (pred & annotation).sum() / (pred.sum() + annotation.sum())
+        assert dice > 0.7, f"{model} on the {sample} sample: Dice {dice:.2f}"
+        if sample == "hc18":  # head circumference in mm, reference 69.0 mm
+            assert seg.rows[0]["unit"] == "mm"
+            assert seg.rows[0]["circumference"] == pytest.approx(69.0, abs=6.0)
+    finally:
+        viewer.close()

@@ -72,3 +72,105 @@ def test_sim_lesion_reproduces_its_recorded_dice(index):
     # A weak demo model (tiny, from scratch, 30 epochs on 128 simulated frames), but far from
     # the all-background (0) and clearly above chance on lesions covering a few % of a frame.
     assert measured > 0.3, "the shipped demo segmenter should find simulated lesions"
+
+
+# ------------------------------------------------------------- the real (BUSI / HC18) models
+REAL_MODELS = ("breast-lesion", "fetal-head", "breast-class")
+MAIN_METRIC = {"segmentation": "dice", "classification": "macro_f1"}
+
+
+def _shipped_tool():
+    spec = importlib.util.spec_from_file_location(
+        "shipped_models", REPO / "tools" / "shipped_models.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_real_model_loads_by_name_with_both_checksums(index, name, capsys):
+    import torch
+
+    from usfm_core.cli import main
+    from usfm_core.finetune.models import load_finetuned
+    from usfm_core.models.serialization import load_model
+    from usfm_core.models.zoo import BUILTIN_DIR, file_sha256
+
+    info = index[name]
+    folder = BUILTIN_DIR / name
+    assert file_sha256(folder / "model.safetensors") == info["sha256"]
+    assert file_sha256(folder / "config.json") == info["config_sha256"]
+    model, meta = load_model(name)  # by name, checksummed
+    assert meta["model_type"] in ("segmenter", "classifier")
+    model, spec = load_finetuned(name)
+    assert spec["task"] == info["task"]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < n_params < 8_000_000, "a few million parameters, for CPU use"
+    x = torch.rand(1, 1, model.input_size, model.input_size)
+    out = model(x)
+    assert torch.isfinite(out).all()
+    main(["models", "--json"])
+    assert any(m["name"] == name for m in json.loads(capsys.readouterr().out))
+
+
+def test_shipped_weights_fit_the_size_budget(index):
+    from usfm_core.models.zoo import BUILTIN_DIR
+
+    total = sum(f.stat().st_size for f in BUILTIN_DIR.rglob("*") if f.is_file())
+    assert total < 25 * 2**20, f"shipped models take {total / 2**20:.1f} MiB (budget ~25 MB)"
+
+
+def test_config_checksum_catches_an_edited_architecture(index, tmp_path, monkeypatch):
+    import usfm_core.models.zoo as zoo
+    from usfm_core.errors import CheckpointError
+
+    fake = tmp_path / "models"
+    shutil.copytree(zoo.BUILTIN_DIR, fake)
+    cfg = fake / "breast-lesion" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"input_size": ', '"input_size": 1'))
+    monkeypatch.setattr(zoo, "BUILTIN_DIR", fake)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        zoo.find_model("breast-lesion")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_real_model_reproduces_its_metrics_on_the_check_subset(index, name, shared_data):
+    """Re-score the fixed test items recorded at install; same numbers within tolerance."""
+    info = index[name]
+    check = info["check"]
+    measured = _shipped_tool().check_subset(name, shared_data, check["keys"])["metrics"]
+    key = MAIN_METRIC[info["task"]]
+    assert measured[key] == pytest.approx(check["metrics"][key], abs=0.02)
+    if "hc_error_mm" in check["metrics"]:
+        assert measured["hc_error_mm"] == pytest.approx(check["metrics"]["hc_error_mm"], abs=0.5)
+    # Useful models, not stubs: well above what chance / an empty mask would score.
+    floor = {"breast-lesion": 0.5, "fetal-head": 0.8, "breast-class": 0.5}[name]
+    assert measured[key] > floor
+
+
+def test_sample_images_are_test_images_of_the_shipped_models(shared_data, tmp_path):
+    """The plugin's real samples were never seen in pre-training or fine-tuning."""
+    tool = _shipped_tool()
+    hc18 = tool.prepare_hc18(shared_data / "hc18", tmp_path / "hc18")
+    seen = {p.name for p in tool.train_val_images(hc18)}
+    seen |= {p.name for p in tool.train_val_images(shared_data / "busi")}
+    assert len(seen) == 663 + 848
+    assert "003_HC.png" not in seen and "malignant_102.png" not in seen
+    assert "000_HC.png" in seen  # the split does keep images out: the old sample was seen
+
+
+def test_loaders_take_model_names(index, tmp_path, monkeypatch):
+    from usfm_core.errors import CheckpointError
+    from usfm_core.finetune.models import load_finetuned
+    from usfm_core.models.serialization import load_model
+
+    monkeypatch.chdir(tmp_path)  # a name, not a folder here
+    model, meta = load_model("sim-lesion")
+    assert meta["model_type"] == "segmenter"
+    seg, spec = load_finetuned("sim-lesion")
+    assert spec["task"] == "segmentation" and type(seg) is type(model)
+    with pytest.raises(CheckpointError, match="no model named 'no-such-model'") as err:
+        load_model("no-such-model")
+    assert "sim-lesion" in err.value.hint

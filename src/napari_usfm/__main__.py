@@ -1,4 +1,5 @@
-"""``python -m napari_usfm``: napari with a built-in sample cine and the four widgets docked."""
+"""``python -m napari_usfm``: napari with a built-in sample and the four widgets docked, the
+Segment widget set to the shipped model made for that sample."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Open the demo viewer (``--sample cine|dicom|hc18``); returns when the window closes."""
+    """Open the demo viewer (``--sample hc18|busi|cine|dicom``); returns when the window closes."""
     parser = argparse.ArgumentParser(prog="python -m napari_usfm", description=__doc__)
-    parser.add_argument("--sample", choices=["cine", "dicom", "hc18"], default="cine")
+    parser.add_argument("--sample", choices=list(SAMPLE_MODELS), default="hc18")
     parser.add_argument("path", nargs="?", help="open this scan instead of a sample")
     args = parser.parse_args(argv)
     build_viewer(args.sample, args.path)
@@ -19,9 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build_viewer(sample: str = "cine", path: str | None = None, show: bool = True):
+# The shipped model the Segment widget starts with, per sample.
+SAMPLE_MODELS = {
+    "hc18": "fetal-head",
+    "busi": "breast-lesion",
+    "cine": "sim-lesion",
+    "dicom": "sim-lesion",
+}
+
+
+def build_viewer(sample: str = "hc18", path: str | None = None, show: bool = True):
     """``(viewer, {name: widget})``: the sample (or ``path``) with Segment / Fine-tune /
-    Inspect / Preprocess docked on the right (tabbed)."""
+    Inspect / Preprocess docked on the right (tabbed), Segment set to the sample's model."""
     import napari
 
     from napari_usfm import _sample_data
@@ -44,6 +54,7 @@ def build_viewer(sample: str = "cine", path: str | None = None, show: bool = Tru
             "cine": _sample_data.simulated_cine,
             "dicom": _sample_data.simulated_dicom,
             "hc18": _sample_data.hc18_image,
+            "busi": _sample_data.busi_image,
         }[sample]()
     for data, kwargs, kind in layers:
         getattr(viewer, f"add_{kind}")(data, **kwargs)
@@ -57,6 +68,8 @@ def build_viewer(sample: str = "cine", path: str | None = None, show: bool = Tru
     ]:
         widgets[name] = cls(viewer)
         viewer.window.add_dock_widget(widgets[name], name=name, area="right", tabify=True)
+    if not path:
+        widgets["Segment"].select_model(SAMPLE_MODELS[sample])
     return viewer, widgets
 
 

@@ -1,5 +1,6 @@
-"""Offline sample data: a simulated cine with lesions, a simulated calibrated DICOM, and one
-real fetal-head image (HC18, CC BY 4.0) shipped with attribution in ``samples/``."""
+"""Offline sample data: a simulated cine with lesions, a simulated calibrated DICOM, and two
+real images (HC18 fetal head and BUSI breast lesion, CC BY 4.0) shipped with attribution in
+``samples/``."""
 
 from __future__ import annotations
 
@@ -66,25 +67,40 @@ def simulated_dicom() -> LayerData:
     return reader(str(path))
 
 
-def hc18_image() -> LayerData:
-    """A real fetal-head ultrasound (HC18 ``000_HC``, CC BY 4.0) with its head annotation."""
+def _real_image(name: str, stem: str, px: float | None, source: str) -> LayerData:
+    """A shipped real image and its annotation (hidden) as two layers, calibrated if ``px``."""
     import cv2
 
-    image = cv2.imread(str(SAMPLES / "hc18_000_HC.png"), cv2.IMREAD_GRAYSCALE)
-    mask = cv2.imread(str(SAMPLES / "hc18_000_HC_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
-    px = 0.144033
-    common = {"scale": (px, px), "units": ("mm", "mm"), "axis_labels": ("y", "x")}
-    meta = {
-        "spacing_mm": (px, px),
+    image = cv2.imread(str(SAMPLES / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imread(str(SAMPLES / f"{stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+    common: dict[str, Any] = {"axis_labels": ("y", "x")}
+    meta: dict[str, Any] = {
         "kind": "image",
-        "source": "HC18 000_HC (CC BY 4.0)",
+        "source": source,
         "attribution": (SAMPLES / "ATTRIBUTION.md").read_text(encoding="utf-8"),
     }
+    if px is not None:
+        common.update(scale=(px, px), units=("mm", "mm"))
+        meta["spacing_mm"] = (px, px)
     return [
-        (image, {"name": "HC18 fetal head", "metadata": meta, **common}, "image"),
+        (image, {"name": name, "metadata": meta, **common}, "image"),
         (
             mask.astype(np.uint8),
-            {"name": "HC18 head annotation", "opacity": 0.4, "visible": False, **common},
+            {"name": f"{name} annotation", "opacity": 0.4, "visible": False, **common},
             "labels",
         ),
     ]
+
+
+def hc18_image() -> LayerData:
+    """A real fetal-head ultrasound (HC18 ``003_HC``, CC BY 4.0, 0.19 mm pixels, HC 69.0 mm)
+    with its head annotation; a test image of the shipped ``fetal-head`` model."""
+    return _real_image("HC18 fetal head", "hc18_003_HC", 0.190190, "HC18 003_HC (CC BY 4.0)")
+
+
+def busi_image() -> LayerData:
+    """A real breast ultrasound with a malignant lesion (BUSI ``malignant 102``, CC BY 4.0)
+    and its lesion mask; a test image of the shipped ``breast-lesion`` model (no pixel size)."""
+    return _real_image(
+        "BUSI breast lesion", "busi_malignant_102", None, "BUSI malignant 102 (CC BY 4.0)"
+    )

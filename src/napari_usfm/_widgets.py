@@ -227,6 +227,16 @@ class SegmentWidget(_Base):
         except RuntimeError:  # this widget's Qt side was closed: stop listening
             EVENTS.models_changed.disconnect(self._models_changed)
 
+    def select_model(self, name: str) -> bool:
+        """Pick the listed model called ``name`` (shipped or user); False if none is listed."""
+        from usfm_core.models.zoo import list_models
+
+        for entry in list_models(model_dir(), kind="segmentation"):
+            if entry.name == name and str(entry.path) in self._model.choices:
+                self._model.value = str(entry.path)
+                return True
+        return False
+
     def _model_ref(self) -> str:
         chosen = str(self._model_path.value or "")
         if chosen and chosen != "." and Path(chosen).is_dir():

@@ -19,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", type=Path, nargs="?", help="fine-tuned model (or run) folder")
+    p.add_argument(
+        "model", type=Path, nargs="?", help="model name (usfm-core models), model or run folder"
+    )
     p.add_argument("--data", type=Path, help="labelled folder with manifest.csv")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -37,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--metric", default=None, help="metric for --label-efficiency")
     p.add_argument("--max-items", type=int, default=None, help="evaluate only the first N")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a second model (e.g. the same recipe from scratch) scored on the same items",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=run)
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         batch_size=args.batch_size,
         max_items=args.max_items,
+        baseline=args.baseline,
     )
     print((args.out / "summary.md").read_text(encoding="utf-8"))
     return 0 if res else 1

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         default="small-cpu",
-        help="preset (tiny, small-cpu, openus-s) or a .json/.yaml file (default: small-cpu)",
+        help="preset (tiny, small-cpu, small-fast, openus-s) or a .json/.yaml file "
+        "(default: small-cpu)",
     )
     p.add_argument("--data", required=True, help="data folder (one sub-folder per data set)")
     p.add_argument("--out", required=True, help="run folder (logs, checkpoints, backbone/)")

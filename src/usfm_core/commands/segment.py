@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", type=Path, help="fine-tuned model folder (or its run folder)")
+    p.add_argument(
+        "model", type=Path, help="model name (usfm-core models), model folder or run folder"
+    )
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="scans to segment")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=4, help="frames per forward pass")

@@ -40,11 +40,16 @@ def evaluate_model_dir(
     device: str = "cpu",
     batch_size: int = 8,
     max_items: int | None = None,
+    baseline: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score the model on ``split`` (clean and, optionally, corrupted) and write the report.
 
+    ``baseline`` (e.g. the same recipe trained from scratch) is scored on exactly the same
+    items and shown beside the model in ``summary.md``.
+
     Returns the ``metrics.json`` content: ``{"task", "split", "n", "clean": {...},
-    "corrupted": {kind: {severity: {...}}}}``.
+    "corrupted": {kind: {severity: {...}}}}`` plus ``"baseline": {"model", "clean",
+    "corrupted"}`` when a baseline is given.
     """
     from usfm_core.evaluate.corruptions import CORRUPTIONS, SEVERITIES, corrupt
     from usfm_core.finetune.data import LabelledSet, load_splits
@@ -70,26 +75,42 @@ def evaluate_model_dir(
     if not indices:
         raise ConfigError(f"split {split!r} is empty", path=splits_path)
     score = _seg_scorer if task == "segmentation" else _cls_scorer
+
+    def score_all(net) -> dict[str, Any]:
+        res: dict[str, Any] = {
+            "clean": score(net, data, indices, None, device, batch_size),
+            "corrupted": {},
+        }
+        if corruptions:
+            for kind in CORRUPTIONS:
+                res["corrupted"][kind] = {}
+                for sev in SEVERITIES:
+
+                    def tf(img, kind=kind, sev=sev):
+                        return corrupt(img, kind, sev, rng=sev)
+
+                    res["corrupted"][kind][str(sev)] = score(
+                        net, data, indices, tf, device, batch_size
+                    )
+        return res
+
     result: dict[str, Any] = {
         "task": task,
         "split": split,
         "n": len(indices),
         "model": str(model_dir),
         "splits_file": str(splits_path) if splits_path else None,
-        "clean": score(model, data, indices, None, device, batch_size),
-        "corrupted": {},
+        **score_all(model),
     }
-    if corruptions:
-        for kind in CORRUPTIONS:
-            result["corrupted"][kind] = {}
-            for sev in SEVERITIES:
-
-                def tf(img, kind=kind, sev=sev):
-                    return corrupt(img, kind, sev, rng=sev)
-
-                result["corrupted"][kind][str(sev)] = score(
-                    model, data, indices, tf, device, batch_size
-                )
+    if baseline is not None:
+        base_model, base_meta = load_finetuned(baseline, device=device)
+        if base_meta["task"] != task:
+            raise ConfigError(
+                f"baseline is a {base_meta['task']} model, the model a {task} one",
+                path=baseline,
+                hint="compare models of the same task",
+            )
+        result["baseline"] = {"model": str(baseline), **score_all(base_model)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1))
     atomic_write_text(out_dir / "summary.md", _summary_md(result))
@@ -98,6 +119,18 @@ def evaluate_model_dir(
     if task == "segmentation":
         _plot_overlays(model, data, indices[:4], out_dir / "overlays.png", device)
     return result
+
+
+def score_items(
+    model, data, indices: Sequence[int], *, device: str = "cpu", batch_size: int = 8
+) -> dict[str, float]:
+    """Clean metrics of a fine-tuned ``model`` on items ``indices`` of a :class:`LabelledSet`.
+
+    Segmentation: mean Dice / IoU / HD95 (+ HC error in mm when the items carry a reference
+    circumference); classification: accuracy, macro-F1, precision, recall, AUROC.
+    """
+    score = _seg_scorer if getattr(model, "task", "") == "segmentation" else _cls_scorer
+    return score(model, data, list(indices), None, device, batch_size)
 
 
 def _seg_scorer(
@@ -113,7 +146,7 @@ def _seg_scorer(
             img = read_image(data.items[i])
             yield transform(img) if transform else img
 
-    rows = []
+    rows, hc_errors = [], []
     for i, pred in zip(
         indices, segment_frames(model, frames(), batch_size=batch_size, device=device)
     ):
@@ -124,10 +157,33 @@ def _seg_scorer(
                 pred, read_mask(item), (px, px) if px else None, n_classes=max(model.n_classes, 1)
             )
         )
+        if item.circumference_mm is not None and px:
+            hc_errors.append(circumference_error_mm(pred, px, item.circumference_mm))
     out = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "iou")}
     hd = [r["hd95"] for r in rows if np.isfinite(r["hd95"])]
     out["hd95"] = float(np.mean(hd)) if hd else float("nan")
+    if hc_errors:
+        err = np.abs(hc_errors)
+        out.update(
+            hc_error_mm=float(err.mean()),
+            hc_error_mm_std=float(err.std()),
+            hc_error_mm_median=float(np.median(err)),
+            hc_bias_mm=float(np.mean(hc_errors)),
+        )
     return out
+
+
+def circumference_error_mm(pred: np.ndarray, pixel_size_mm: float, reference_mm: float) -> float:
+    """Signed error (mm) of the ellipse-fit circumference of the largest predicted object.
+
+    ``pred`` is a label map ``(H, W)``; an empty prediction counts as circumference 0 (the
+    whole reference is missed) rather than being skipped, so misses cannot flatter the mean.
+    """
+    from usfm_core.finetune.infer import measure_mask
+
+    objects = measure_mask(pred, (pixel_size_mm, pixel_size_mm))["objects"]
+    predicted = objects[0]["circumference"] if objects else 0.0
+    return float(predicted - reference_mm)
 
 
 def _cls_scorer(
@@ -140,32 +196,47 @@ def _cls_scorer(
     return evaluate_split(model, ds, "classification", batch_size, device)
 
 
-def _fmt(v: float, pct: bool) -> str:
+# Metrics shown in millimetres (or pixels) rather than percent.
+_ABSOLUTE = {"hd95", "hc_error_mm", "hc_error_mm_median"}
+
+
+def _fmt(v: float | None, pct: bool) -> str:
     if v is None or not np.isfinite(v):
         return "–"
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
 def _summary_md(result: dict[str, Any]) -> str:
-    """A markdown table: rows = condition, columns = metrics (percent, as in the papers)."""
-    keys = (
-        ["dice", "iou", "hd95"]
-        if result["task"] == "segmentation"
-        else ["accuracy", "macro_f1", "precision", "recall", "auroc"]
-    )
+    """A markdown table: rows = (model,) condition, columns = metrics (percent, as in the
+    papers); with a baseline, each condition has a row for the model and one for the baseline."""
+    if result["task"] == "segmentation":
+        keys = ["dice", "iou", "hd95"]
+        keys += [k for k in ("hc_error_mm", "hc_error_mm_median") if k in result["clean"]]
+    else:
+        keys = ["accuracy", "macro_f1", "precision", "recall", "auroc"]
+    arms = [(Path(result["model"]).name, result)]
+    if "baseline" in result:
+        arms.append((Path(result["baseline"]["model"]).name, result["baseline"]))
+    lead = "| model | condition | " if len(arms) > 1 else "| condition | "
     lines = [
         f"# Evaluation ({result['task']}, split `{result['split']}`, n = {result['n']})",
         "",
-        "Scores in %, HD95 in mm when the pixel size is known (else px).",
+        "Scores in %; HD95 and head-circumference (HC) absolute error in mm when the pixel "
+        "size is known (else px).",
         "",
-        "| condition | " + " | ".join(keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
+        lead + " | ".join(keys) + " |",
+        "|---" * (len(keys) + len(lead.split("|")) - 2) + "|",
     ]
-    conds = [("clean", result["clean"])] + [
-        (f"{kind} ε={sev}", m) for kind, d in result["corrupted"].items() for sev, m in d.items()
-    ]
-    for name, m in conds:
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), k != "hd95") for k in keys) + " |")
+    conds = ["clean"] + [f"{kind} ε={sev}" for kind, d in result["corrupted"].items() for sev in d]
+    for cond in conds:
+        for name, arm in arms:
+            if cond == "clean":
+                m = arm["clean"]
+            else:
+                kind, sev = cond.split(" ε=")
+                m = arm["corrupted"][kind][sev]
+            cells = " | ".join(_fmt(m.get(k), k not in _ABSOLUTE) for k in keys)
+            lines.append((f"| {name} " if len(arms) > 1 else "") + f"| {cond} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,9 @@ A labelled data set is a folder holding ``manifest.csv`` with the columns
   ``class`` (classification);
 * optional ``group`` or ``dup_group``: items of a group (a patient, a video, near-duplicates)
   always land in the same split, so nothing leaks from train to test;
-* optional ``pixel_size_mm``.
+* optional ``pixel_size_mm``, and ``head_circumference_mm`` (or ``circumference_mm``): a
+  reference circumference that ``usfm-core evaluate`` compares with the predicted mask's
+  ellipse-fit circumference (HC18's measure).
 
 The shared BUSI / HC18 folders follow this layout as they are. In-memory arrays (a few annotated
 frames from the napari plugin) are wrapped with :meth:`LabelledSet.from_arrays`.
@@ -39,6 +41,7 @@ class Item:
     label: int | None = None
     group: str = ""
     pixel_size_mm: float | None = None
+    circumference_mm: float | None = None
 
 
 @dataclass
@@ -101,6 +104,7 @@ class LabelledSet:
             if task == "segmentation" and (mask is None or not mask.is_file()):
                 raise ScanReadError("mask listed in manifest.csv not found", path=mask or image)
             px = row.get("pixel_size_mm")
+            hc = row.get("head_circumference_mm") or row.get("circumference_mm")
             items.append(
                 Item(
                     key=row["image"],
@@ -109,6 +113,7 @@ class LabelledSet:
                     label=classes.index(row[label_col]) if label_col else None,
                     group=(row.get(group_col) or "") if group_col else "",
                     pixel_size_mm=float(px) if px else None,
+                    circumference_mm=float(hc) if hc else None,
                 )
             )
         return cls(items=items, classes=classes, root=root)

@@ -409,7 +409,7 @@ def save_finetuned(
 def load_finetuned(
     model_dir: str | Path, device: str = "cpu"
 ) -> tuple[Classifier | Segmenter, dict]:
-    """Load a fine-tuned model folder (or a run folder holding ``model/``).
+    """Load a fine-tuned model folder (or a run folder holding ``model/``, or a model name).
 
     Returns ``(model in eval mode, meta)`` where ``meta["task"]`` is ``segmentation`` or
     ``classification``; anything else raises :class:`CheckpointError`.
@@ -417,6 +417,10 @@ def load_finetuned(
     from usfm_core.models.serialization import CONFIG_FILE, load_model
 
     model_dir = Path(model_dir)
+    if not model_dir.exists() and len(model_dir.parts) == 1:
+        from usfm_core.models.zoo import resolve_model_dir  # a shipped / user model's name
+
+        model_dir = resolve_model_dir(model_dir)
     if not (model_dir / CONFIG_FILE).is_file() and (model_dir / "model" / CONFIG_FILE).is_file():
         model_dir = model_dir / "model"
     if not (model_dir / CONFIG_FILE).is_file():

@@ -189,11 +189,16 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a folder written by :func:`save_model`; returns ``(model in eval mode, meta)``.
 
-    ``path_dir`` may also be the ``model.safetensors`` or ``config.json`` file inside it.
+    ``path_dir`` may also be the ``model.safetensors`` or ``config.json`` file inside it, or
+    the name of a shipped / user model (``load_model("breast-lesion")``, sha256-checked).
     ``expected_type`` (e.g. ``"vmamba"``) guards against loading the wrong kind of model.
     ``device`` is ``"cpu"``, ``"cuda"``, ``"auto"``, … (see :func:`usfm_core.utils.resolve_device`).
     """
     path_dir = Path(path_dir)
+    if not path_dir.exists() and len(path_dir.parts) == 1:
+        from usfm_core.models.zoo import resolve_model_dir  # a shipped / user model's name
+
+        path_dir = resolve_model_dir(path_dir)
     if path_dir.is_file() and path_dir.name in (WEIGHTS_FILE, CONFIG_FILE):
         path_dir = path_dir.parent
     if not path_dir.is_dir():

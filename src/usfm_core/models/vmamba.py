@@ -38,12 +38,23 @@ __all__ = [
 _PRESETS: dict[str, dict] = {
     # Test size: ≈ 0.46 M parameters.
     "tiny": {"depths": (1, 1, 2, 1), "dims": 16, "d_state": 1, "ssm_ratio": 2.0},
-    # What we ship for CPU use: ≈ 3.6 M parameters.
+    # ≈ 3.6 M parameters, but 2 blocks at stride 4 and ssm_ratio 2: ~10 frames/s at 256².
     "small-cpu": {
         "depths": (2, 2, 6, 2),
         "dims": 32,
         "d_state": 1,
         "ssm_ratio": 2.0,
+        "drop_path_rate": 0.1,
+    },
+    # The shipped models' backbone (≈ 3.3 M): one block at strides 4 and 8, where the scan is
+    # long and the work memory-bound; width and depth at strides 16/32, where parameters are
+    # cheap to run; ssm_ratio 1 halves the scanned channels. ≈ 20-30 segmentation frames/s at
+    # 256² on 2 CPU cores with the U-Net decoder (benchmarks/label_efficiency.py).
+    "small-fast": {
+        "depths": (1, 1, 4, 2),
+        "dims": (16, 48, 128, 256),
+        "d_state": 1,
+        "ssm_ratio": 1.0,
         "drop_path_rate": 0.1,
     },
     # VMamba-T v2 with ssm_ratio 2 (≈ 30 M), VMamba-S (≈ 50 M, OpenUS), VMamba-B (≈ 89 M).
@@ -125,7 +136,7 @@ class VMambaConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VMambaConfig:
-        """Named configuration: "tiny", "small-cpu", "vmamba-t", "vmamba-s", "vmamba-b"."""
+        """Named configuration: one of :meth:`preset_names` ("tiny", "small-fast", ...)."""
         if name not in _PRESETS:
             raise ConfigError(
                 f"unknown VMamba preset {name!r}", hint=f"use one of {sorted(_PRESETS)}"

@@ -107,17 +107,47 @@ def _builtin_index() -> dict[str, dict[str, Any]]:
 
 
 def verify_builtin(entry: ModelEntry) -> None:
-    """Check a shipped model's weights against the sha256 in ``index.json``."""
-    expected = _builtin_index().get(entry.name, {}).get("sha256")
-    if expected is None:
+    """Check a shipped model's files against the sha256s in ``index.json``.
+
+    ``sha256`` covers the weights; ``config_sha256`` (models shipped since the first real
+    ones) covers ``config.json`` too, so a hand-edited architecture cannot load silently.
+    """
+    info = _builtin_index().get(entry.name, {})
+    if info.get("sha256") is None:
         raise CheckpointError("shipped model has no sha256 in index.json", path=entry.path)
-    actual = file_sha256(entry.path / WEIGHTS)
-    if actual != expected:
+    for fname, key in ((WEIGHTS, "sha256"), (CONFIG, "config_sha256")):
+        expected = info.get(key)
+        if expected is None:
+            continue
+        actual = file_sha256(entry.path / fname)
+        if actual != expected:
+            raise CheckpointError(
+                f"checksum mismatch: sha256 {actual[:12]}… ≠ expected {expected[:12]}…",
+                path=entry.path / fname,
+                hint="the installed package is damaged: reinstall napari-usfm",
+            )
+
+
+def builtin_info(name: str) -> dict[str, Any]:
+    """The ``index.json`` record of a shipped model (metrics, recipe, check subset)."""
+    info = _builtin_index().get(name)
+    if info is None:
         raise CheckpointError(
-            f"checksum mismatch: sha256 {actual[:12]}… ≠ expected {expected[:12]}…",
-            path=entry.path / WEIGHTS,
-            hint="the installed package is damaged: reinstall napari-usfm",
+            f"no shipped model named {name!r}",
+            hint=f"shipped: {', '.join(sorted(_builtin_index())) or 'none'}",
         )
+    return info
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A model folder from a folder path or a shipped / user model name (checksummed).
+
+    Lets every loader take ``"breast-lesion"`` as well as a path.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    return find_model(name_or_path).path
 
 
 def list_models(*extra_dirs: str | Path, kind: str | None = None) -> list[ModelEntry]:

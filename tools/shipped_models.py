@@ -1,0 +1,217 @@
+"""Data preparation and installation for the shipped models (``breast-lesion``, ``fetal-head``,
+``breast-class``); the training itself is ``usfm-core`` commands, listed in
+``tools/train_shipped_models.sh`` and in each model card.
+
+    python tools/shipped_models.py prepare --shared ../shared/data --out work/data
+    python tools/shipped_models.py install NAME... [--runs work/runs]
+    python tools/shipped_models.py card NAME... [--runs work/runs]
+
+``prepare`` writes three labelled folders and one unlabelled pre-training folder:
+
+* ``busi/``: BUSI as in ``shared/data`` (groups = ``dup_group``), used for lesion segmentation
+  and benign / malignant / normal classification; both tasks get the same split.
+* ``hc18/``: HC18 with a ``group`` column = the subject number of the file name
+  (``010_HC`` and ``010_2HC`` are the same fetus), so no fetus straddles the split.
+* ``pretrain/``: links to the BUSI and HC18 images of the *train and validation* splits only
+  (the split ``usfm-core finetune`` makes with its default ``split_seed`` 0; pre-training
+  never sees a test image) plus simulated B-mode frames from the product's simulator.
+
+``install`` copies a fine-tuned model into ``src/usfm_core/assets/models/NAME`` and records
+its files' sha256, the test metrics of ``usfm-core evaluate`` (and of the from-scratch
+baseline) and a fixed check subset with the metrics the tests re-measure. ``card`` puts the
+evaluate table into ``docs/models/NAME.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from usfm_core.finetune.data import LabelledSet, make_splits
+
+SPLIT_SEED = 0  # usfm-core finetune's default
+N_SIM_FRAMES = 300
+
+
+def _link(target: Path, link: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+def prepare_hc18(src: Path, out: Path) -> Path:
+    """``out/`` with links to HC18's images/masks and a manifest with a per-subject group."""
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "masks"):
+        _link(src / sub, out / sub)
+    with open(src / "manifest.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["group"] = re.match(r"\D*(\d+)", Path(row["image"]).name).group(1)
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def train_val_images(folder: Path) -> list[Path]:
+    """Images of the train + val splits ``usfm-core finetune`` makes for ``folder``."""
+    data = LabelledSet.from_folder(folder, task="segmentation")
+    splits = make_splits(data.labels, data.groups, seed=SPLIT_SEED)
+    return [Path(data.items[i].image) for i in splits["train"] + splits["val"]]
+
+
+def write_sim_frames(out: Path, n: int, seed: int = 10_000) -> None:
+    """``n`` simulated frames (sector and linear, some with burned-in text) as PNG."""
+    import cv2
+
+    from usfm_core.sim import simulate_frame
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = out / f"sim_{i:04d}.png"
+        if path.exists():
+            continue
+        frame = simulate_frame(
+            seed=seed + i, geometry="sector" if i % 2 else "linear", text=i % 5 == 0
+        )
+        img = frame.image if frame.image.ndim == 2 else frame.image.mean(-1)
+        cv2.imwrite(str(path), np.clip(img, 0, 255).astype(np.uint8))
+
+
+def prepare(shared: Path, out: Path, n_sim: int = N_SIM_FRAMES) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _link(shared / "busi", out / "busi")
+    prepare_hc18(shared / "hc18", out / "hc18")
+    pre = out / "pretrain"
+    for name in ("busi", "hc18"):
+        folder = pre / name
+        folder.mkdir(parents=True, exist_ok=True)
+        images = train_val_images(out / name)
+        for image in images:
+            _link(image, folder / image.name)
+        print(f"pretrain/{name}: {len(images)} train+val images (test images left out)")
+    write_sim_frames(pre / "sim", n_sim)
+    print(f"pretrain/sim: {n_sim} simulated frames")
+
+
+# What each shipped model is, where its data come from, and how the recipe names its runs.
+MODELS: dict[str, dict[str, str]] = {
+    "breast-lesion": {
+        "data": "busi",
+        "task": "segmentation",
+        "description": "breast lesions in B-mode (BUSI); research use, not for clinical use",
+    },
+    "fetal-head": {
+        "data": "hc18",
+        "task": "segmentation",
+        "description": "fetal head + circumference in mm (HC18); research use, not clinical",
+    },
+    "breast-class": {
+        "data": "busi",
+        "task": "classification",
+        "description": "benign / malignant / normal breast B-mode (BUSI); research use only",
+    },
+}
+N_CHECK = 48  # test items the unit tests re-score (tests/test_shipped_models.py)
+RECIPE = "bash tools/train_shipped_models.sh prepare|pretrain|finetune ARM|evaluate|install"
+
+
+def check_subset(name: str, data_root: Path, keys: list[str] | None = None) -> dict:
+    """Score the shipped ``name`` on a fixed list of item keys of ``data_root/<data>``.
+
+    Returns ``{"data", "keys", "metrics"}``; the tests call it with the recorded keys and
+    compare the metrics with the recorded ones.
+    """
+    from usfm_core.evaluate.report import score_items
+    from usfm_core.finetune.models import load_finetuned
+
+    info = MODELS[name]
+    data = LabelledSet.from_folder(data_root / info["data"], info["task"])
+    index = {it.key: i for i, it in enumerate(data.items)}
+    model, _ = load_finetuned(name)
+    metrics = score_items(model, data, [index[k] for k in keys])
+    return {"data": info["data"], "keys": keys, "metrics": metrics}
+
+
+def install(name: str, runs: Path, shared: Path) -> None:
+    """Copy ``runs/<name>-pretrained/model`` into the package and record in ``index.json``:
+    sha256 of weights and config, the test metrics of ``usfm-core evaluate`` (model and
+    from-scratch baseline, from ``runs/report-<name>/metrics.json``) and the check subset."""
+    from usfm_core.models.zoo import BUILTIN_DIR, file_sha256
+
+    info = MODELS[name]
+    model_dir = runs / f"{name}-pretrained" / "model"
+    report = json.loads((runs / f"report-{name}" / "metrics.json").read_text())
+    dest = BUILTIN_DIR / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy2(model_dir / f, dest / f)
+    splits = json.loads((runs / f"{name}-pretrained" / "splits.json").read_text())["splits"]
+    index_path = BUILTIN_DIR / "index.json"
+    index = json.loads(index_path.read_text())
+    index[name] = {
+        "sha256": file_sha256(dest / "model.safetensors"),
+        "config_sha256": file_sha256(dest / "config.json"),
+        "task": info["task"],
+        "description": info["description"],
+        "recipe": RECIPE,
+        "n_test": report["n"],
+        "test_metrics": report["clean"],
+        "baseline_test_metrics": report.get("baseline", {}).get("clean"),
+    }
+    index_path.write_text(json.dumps(index, indent=1) + "\n")  # sha256 needed by load below
+    index[name]["check"] = check_subset(name, shared, sorted(splits["test"])[:N_CHECK])
+    index_path.write_text(json.dumps(index, indent=1) + "\n")
+    print(f"installed {name} -> {dest}: {index[name]['check']['metrics']}")
+
+
+def fill_card(name: str, runs: Path, docs: Path) -> None:
+    """Put ``usfm-core evaluate``'s table (``summary.md``) and overlay figure into the card."""
+    card = docs / "models" / f"{name}.md"
+    text = card.read_text()
+    begin, end = "<!-- evaluate:begin -->", "<!-- evaluate:end -->"
+    report = runs / f"report-{name}"
+    table = (report / "summary.md").read_text().split("\n", 1)[1].strip()
+    text = text[: text.index(begin) + len(begin)] + "\n" + table + "\n" + text[text.index(end) :]
+    card.write_text(text)
+    if (report / "overlays.png").is_file():
+        (docs / "images").mkdir(exist_ok=True)
+        shutil.copy2(report / "overlays.png", docs / "images" / f"model_{name}_overlays.png")
+    print(f"filled {card}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, default=Path("work/data"))
+    p.add_argument("--sim-frames", type=int, default=N_SIM_FRAMES)
+    for cmd in ("install", "card"):
+        i = sub.add_parser(cmd)
+        i.add_argument("names", nargs="+", choices=sorted(MODELS))
+        i.add_argument("--runs", type=Path, default=Path("work/runs"))
+        i.add_argument("--shared", type=Path, default=Path("../shared/data"))
+        i.add_argument("--docs", type=Path, default=Path("docs"))
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.shared, args.out, args.sim_frames)
+    for name in getattr(args, "names", []):
+        if args.cmd == "install":
+            install(name, args.runs, args.shared)
+        else:
+            fill_card(name, args.runs, args.docs)
+
+
+if __name__ == "__main__":
+    main()
