@@ -71,6 +71,23 @@ def test_preset_parameter_counts() -> None:
     assert abs(n_params("vmamba-b") / 89e6 - 1) < 0.10
     assert 0.3e6 <= n_params("tiny") <= 1e6
     assert 3e6 <= n_params("small-cpu") <= 5e6
+    assert 2e6 <= n_params("small-fast") <= 4e6
+
+
+def test_small_fast_spends_its_blocks_where_the_scan_is_short() -> None:
+    """The shipped backbone: one block at strides 4 and 8, ssm_ratio 1, and fewer FLOPs per
+    256² image than small-cpu for about the same parameter count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fast, cpu = VMambaConfig.preset("small-fast"), VMambaConfig.preset("small-cpu")
+    assert fast.depths[:2] == (1, 1) and fast.ssm_ratio == 1.0
+    flops = {}
+    for name, cfg in (("fast", fast), ("cpu", cpu)):
+        model = VMamba(cfg).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 3, 256, 256))
+        flops[name] = counter.get_total_flops()
+    assert flops["fast"] < 0.8 * flops["cpu"]
 
 
 def test_config_round_trip_and_errors() -> None:

@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
                         "source": e.source,
                         "path": str(e.path),
                         "sha256": e.sha256,
+                        "description": e.info.get("description"),
+                        "test_metrics": e.info.get("test_metrics"),
                     }
                     for e in entries
                 ],
@@ -57,5 +59,16 @@ def run(args: argparse.Namespace) -> int:
     if not entries:
         print("no models yet: fine-tune one (usfm-core finetune) or import a folder")
     for e in entries:
-        print(f"  {e.name:<24} {e.kind:<15} {e.source:<8} {e.path}")
+        print(f"  {e.name:<16} {e.kind:<15} {e.source:<8} {_headline(e.info):<22} {e.path}")
+        if e.info.get("description"):
+            print(f"  {'':<16} {e.info['description']}")
     return 0
+
+
+def _headline(info: dict) -> str:
+    """``test Dice 0.71`` / ``test macro-F1 0.66`` for a shipped model ('' for others)."""
+    metrics = info.get("test_metrics") or {}
+    for key, label in (("dice", "Dice"), ("macro_f1", "macro-F1")):
+        if key in metrics:
+            return f"test {label} {metrics[key]:.2f}"
+    return ""

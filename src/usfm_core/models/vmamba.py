@@ -46,7 +46,7 @@ _PRESETS: dict[str, dict] = {
         "ssm_ratio": 2.0,
         "drop_path_rate": 0.1,
     },
-    # The shipped models' backbone (≈ 3.3 M): one block at strides 4 and 8, where the scan is
+    # The shipped models' backbone (≈ 2.5 M): one block at strides 4 and 8, where the scan is
     # long and the work memory-bound; width and depth at strides 16/32, where parameters are
     # cheap to run; ssm_ratio 1 halves the scanned channels. ≈ 20-30 segmentation frames/s at
     # 256² on 2 CPU cores with the U-Net decoder (benchmarks/label_efficiency.py).

@@ -37,12 +37,14 @@ class ModelEntry:
     source: str
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     sha256: str | None = None
+    # A shipped model's index.json record (description, test metrics, recipe); else empty.
+    info: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def description(self) -> str:
         """One line for lists and dropdowns."""
         extra = self.config.get("extra", {}) or {}
-        what = extra.get("description") or extra.get("method") or ""
+        what = self.info.get("description") or extra.get("description") or extra.get("method") or ""
         return f"{self.name} ({self.kind}, {self.source}){': ' + what if what else ''}"
 
 
@@ -162,6 +164,7 @@ def list_models(*extra_dirs: str | Path, kind: str | None = None) -> list[ModelE
         except CheckpointError:
             continue
         entry.sha256 = info.get("sha256")
+        entry.info = info
         entries.append(entry)
     for root, source in [(user_model_dir(), "user"), *((Path(d), "path") for d in extra_dirs)]:
         if not Path(root).is_dir():

@@ -358,7 +358,7 @@ def _preset_small_cpu() -> dict[str, Any]:
 
 
 def _preset_small_fast() -> dict[str, Any]:
-    """The shipped models' backbone (VMamba ``small-fast``, ≈ 3.3 M) on 2 CPU cores in hours.
+    """The shipped models' backbone (VMamba ``small-fast``, ≈ 2.5 M) on 2 CPU cores in hours.
 
     Smaller iBOT heads than ``small-cpu`` (their last layers would otherwise outweigh the
     backbone) and 1-channel views, since B-mode is grey.
