@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -37,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
-DATA = Path("/work/shared/data")
+REPO = Path(__file__).resolve().parents[1]
+# The real data beside the checkout (as CI has it), or $USFM_SHARED_DATA.
+DATA = Path(os.environ.get("USFM_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
 @dataclass
@@ -58,6 +61,9 @@ class Setting:
     cine_side: int = 512
     # Wall-clock cap per inference measurement (s); 0 = stream the whole cine.
     infer_max_s: float = 0.0
+    # Backbone of both arms: "tiny" (pre-trained here with the settings above) or a preset
+    # whose pre-training preset of the same name runs unchanged (or is reused, --pretrained).
+    preset: str = "tiny"
 
 
 SETTINGS = {
@@ -83,6 +89,20 @@ SETTINGS = {
         ft_batch=16,
         lr=1e-3,
         seeds=[0, 1, 2],
+    ),
+    # The shipped models' backbone: VMamba small-fast pre-trained by `usfm-core pretrain
+    # --config small-fast` (2000 steps; reuse the shipped run with --pretrained).
+    "shipped": Setting(
+        name="shipped",
+        pretrain_steps=2000,
+        pretrain_batch=16,
+        pretrain_global=128,
+        ft_size=128,
+        ft_steps=200,
+        ft_batch=16,
+        lr=5e-4,
+        seeds=[0, 1],
+        preset="small-fast",
     ),
     # Seconds-long check that every code path runs (tests); its numbers mean nothing.
     "smoke": Setting(
@@ -134,6 +154,11 @@ def run_pretraining(setting: Setting, data_root: Path, out_dir: Path) -> tuple[P
     """
     from usfm_core.pretrain import load_config, pretrain
 
+    if setting.preset != "tiny":
+        cfg = load_config(setting.preset, ["device=cpu"])
+        t0 = time.perf_counter()
+        run = pretrain(cfg, data_root, out_dir)
+        return Path(run), time.perf_counter() - t0
     cfg = load_config(
         "tiny",
         [
@@ -178,7 +203,7 @@ def finetune_one(
         busi,
         out_dir,
         backbone_ckpt=ckpt,
-        backbone_preset="tiny",
+        backbone_preset=setting.preset,
         label_ratio=ratio,
         seed=seed,
         split_seed=0,
@@ -244,13 +269,15 @@ def label_part(
         print(f"reusing the pre-trained run {run_dir}", flush=True)
     else:
         data_root = pretrain_folder(busi, splits["train"] + splits["val"], DATA / "hc18", work)
-        print(f"pre-training tiny OpenUS for {setting.pretrain_steps} steps ...", flush=True)
+        print(f"pre-training {setting.preset} OpenUS ...", flush=True)
         run_dir, seconds = run_pretraining(setting, data_root, work / "pretrain")
+    local = "2x32²" if setting.preset == "tiny" else f"4x{setting.pretrain_global // 2}²"
     report["pretrain"] = {
         "run": str(run_dir),
         "steps": setting.pretrain_steps,
         "batch": setting.pretrain_batch,
-        "views": f"2x{setting.pretrain_global}² + 2x32²",
+        "views": f"2x{setting.pretrain_global}² + {local}",
+        "backbone": setting.preset,
         "images": f"BUSI train+val ({len(splits['train']) + len(splits['val'])}) + HC18",
         "seconds": round(seconds, 1) if seconds is not None else None,
     }

@@ -50,3 +50,17 @@ def test_info_bad_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["info", str(missing)]) == 1
     err = capsys.readouterr().err
     assert "missing.mp4: no such file" in err and "Traceback" not in err
+
+
+def test_global_threads_option_sets_torch_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "info"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "info"])
+    assert "--threads must be >= 1" in capsys.readouterr().err
