@@ -208,6 +208,19 @@ def test_evaluate_with_a_baseline_and_head_circumference(tmp_path, disc_folder):
     summary = (tmp_path / "rep" / "summary.md").read_text()
     assert "| a | clean |" in summary and "| b | clean |" in summary and "hc_error_mm" in summary
 
+    # An explicit split file (e.g. a shipped model's, whose folder has no splits.json).
+    (tmp_path / "splits.json").write_text(
+        json.dumps({"splits": {"test": ["images/3.png", "images/4.png"]}})
+    )
+    two = evaluate_model_dir(
+        tmp_path / "a", data, tmp_path / "r2", splits_file=tmp_path / "splits.json"
+    )
+    assert two["n"] == 2
+    with pytest.raises(ConfigError, match="splits file not found"):
+        evaluate_model_dir(
+            tmp_path / "a", data, tmp_path / "r2", splits_file=tmp_path / "nope.json"
+        )
+
     torch.manual_seed(0)
     clf = Classifier(VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)), 2)
     save_finetuned(clf, tmp_path / "clf")

@@ -153,3 +153,29 @@ def test_build_and_save_errors(tmp_path: Path) -> None:
     assert not (tmp_path / CONFIG_FILE).exists()
     with pytest.raises(ValueError, match="not registered"):
         save_model(nn.Linear(2, 2), tmp_path)
+
+
+def test_weights_stored_as_float16_load_back_as_float32(tmp_path):
+    """Shipped models are stored in float16: half the bytes, float32 model after loading."""
+    from usfm_core.finetune.models import Segmenter, load_finetuned, save_finetuned
+    from usfm_core.models.serialization import store_weights_as
+    from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+    torch.manual_seed(0)
+    model = Segmenter(VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)), 1, "conv")
+    model.eval()
+    save_finetuned(model, tmp_path / "m")
+    size32 = (tmp_path / "m" / "model.safetensors").stat().st_size
+    store_weights_as(tmp_path / "m", "float16")
+    size16 = (tmp_path / "m" / "model.safetensors").stat().st_size
+    assert size16 < 0.6 * size32
+    back, meta = load_finetuned(tmp_path / "m")
+    assert meta["storage_dtype"] == "float16" and meta["task"] == "segmentation"
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        ref, out = model(x), back(x)
+    assert not torch.equal(ref, out)  # really rounded
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    with pytest.raises(ConfigError, match="storage dtype"):
+        store_weights_as(tmp_path / "m", "int8")

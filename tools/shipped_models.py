@@ -3,8 +3,9 @@
 ``tools/train_shipped_models.sh`` and in each model card.
 
     python tools/shipped_models.py prepare --shared ../shared/data --out work/data
-    python tools/shipped_models.py install NAME... [--runs work/runs]
-    python tools/shipped_models.py card NAME... [--runs work/runs]
+    python tools/shipped_models.py install NAME... [--runs work/runs]   # copy, float16, sha256
+    python tools/shipped_models.py record NAME... [--runs work/runs]    # metrics into index.json
+    python tools/shipped_models.py card NAME... [--runs work/runs]      # evaluate table -> card
 
 ``prepare`` writes three labelled folders and one unlabelled pre-training folder:
 
@@ -16,10 +17,11 @@
   (the split ``usfm-core finetune`` makes with its default ``split_seed`` 0; pre-training
   never sees a test image) plus simulated B-mode frames from the product's simulator.
 
-``install`` copies a fine-tuned model into ``src/usfm_core/assets/models/NAME`` and records
-its files' sha256, the test metrics of ``usfm-core evaluate`` (and of the from-scratch
-baseline) and a fixed check subset with the metrics the tests re-measure. ``card`` puts the
-evaluate table into ``docs/models/NAME.md``.
+``install`` copies a fine-tuned model into ``src/usfm_core/assets/models/NAME`` (weights in
+float16) and records its files' sha256; ``usfm-core evaluate NAME`` then scores exactly the
+shipped weights; ``record`` stores those test metrics (and the from-scratch baseline's) and a
+fixed check subset whose metrics the tests re-measure; ``card`` puts the evaluate table into
+``docs/models/NAME.md``.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ MODELS: dict[str, dict[str, str]] = {
     },
 }
 N_CHECK = 48  # test items the unit tests re-score (tests/test_shipped_models.py)
-RECIPE = "bash tools/train_shipped_models.sh prepare|pretrain|finetune ARM|evaluate|install"
+RECIPE = "bash tools/train_shipped_models.sh prepare|pretrain|finetune|install|evaluate|record"
 
 
 def check_subset(name: str, data_root: Path, keys: list[str] | None = None) -> dict:
@@ -141,22 +143,21 @@ def check_subset(name: str, data_root: Path, keys: list[str] | None = None) -> d
     return {"data": info["data"], "keys": keys, "metrics": metrics}
 
 
-def install(name: str, runs: Path, shared: Path) -> None:
-    """Copy ``runs/<name>-pretrained/model`` into the package and record in ``index.json``:
-    sha256 of weights and config, the test metrics of ``usfm-core evaluate`` (model and
-    from-scratch baseline, from ``runs/report-<name>/metrics.json``) and the check subset."""
+def install(name: str, runs: Path) -> None:
+    """Copy ``runs/<name>-pretrained/model`` into the package, store its weights in float16
+    (half the size; the float32 model is rebuilt on load) and record both sha256s."""
+    from usfm_core.models.serialization import store_weights_as
     from usfm_core.models.zoo import BUILTIN_DIR, file_sha256
 
     info = MODELS[name]
     model_dir = runs / f"{name}-pretrained" / "model"
-    report = json.loads((runs / f"report-{name}" / "metrics.json").read_text())
     dest = BUILTIN_DIR / name
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for f in ("model.safetensors", "config.json"):
         shutil.copy2(model_dir / f, dest / f)
-    splits = json.loads((runs / f"{name}-pretrained" / "splits.json").read_text())["splits"]
+    store_weights_as(dest, "float16")
     index_path = BUILTIN_DIR / "index.json"
     index = json.loads(index_path.read_text())
     index[name] = {
@@ -164,15 +165,33 @@ def install(name: str, runs: Path, shared: Path) -> None:
         "config_sha256": file_sha256(dest / "config.json"),
         "task": info["task"],
         "description": info["description"],
+        "card": f"docs/models/{name}.md",
         "recipe": RECIPE,
-        "n_test": report["n"],
-        "test_metrics": report["clean"],
-        "baseline_test_metrics": report.get("baseline", {}).get("clean"),
     }
-    index_path.write_text(json.dumps(index, indent=1) + "\n")  # sha256 needed by load below
-    index[name]["check"] = check_subset(name, shared, sorted(splits["test"])[:N_CHECK])
     index_path.write_text(json.dumps(index, indent=1) + "\n")
-    print(f"installed {name} -> {dest}: {index[name]['check']['metrics']}")
+    size = (dest / "model.safetensors").stat().st_size / 2**20
+    print(f"installed {name} -> {dest} ({size:.1f} MiB)")
+
+
+def record(name: str, runs: Path, shared: Path) -> None:
+    """Store in ``index.json`` the test metrics of ``usfm-core evaluate`` on the shipped
+    weights (``runs/report-<name>/metrics.json``, with the from-scratch baseline) and the
+    metrics of the check subset the tests re-measure."""
+    from usfm_core.models.zoo import BUILTIN_DIR
+
+    report = json.loads((runs / f"report-{name}" / "metrics.json").read_text())
+    splits = json.loads((runs / f"{name}-pretrained" / "splits.json").read_text())["splits"]
+    index_path = BUILTIN_DIR / "index.json"
+    index = json.loads(index_path.read_text())
+    entry = index[name]
+    entry.update(
+        n_test=report["n"],
+        test_metrics=report["clean"],
+        baseline_test_metrics=report.get("baseline", {}).get("clean"),
+        check=check_subset(name, shared, sorted(splits["test"])[:N_CHECK]),
+    )
+    index_path.write_text(json.dumps(index, indent=1) + "\n")
+    print(f"recorded {name}: test {report['clean']}, check {entry['check']['metrics']}")
 
 
 def fill_card(name: str, runs: Path, docs: Path) -> None:
@@ -197,7 +216,7 @@ def main() -> None:
     p.add_argument("--shared", type=Path, default=Path("../shared/data"))
     p.add_argument("--out", type=Path, default=Path("work/data"))
     p.add_argument("--sim-frames", type=int, default=N_SIM_FRAMES)
-    for cmd in ("install", "card"):
+    for cmd in ("install", "record", "card"):
         i = sub.add_parser(cmd)
         i.add_argument("names", nargs="+", choices=sorted(MODELS))
         i.add_argument("--runs", type=Path, default=Path("work/runs"))
@@ -208,7 +227,9 @@ def main() -> None:
         prepare(args.shared, args.out, args.sim_frames)
     for name in getattr(args, "names", []):
         if args.cmd == "install":
-            install(name, args.runs, args.shared)
+            install(name, args.runs)
+        elif args.cmd == "record":
+            record(name, args.runs, args.shared)
         else:
             fill_card(name, args.runs, args.docs)
 

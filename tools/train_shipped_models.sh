@@ -5,8 +5,9 @@
 #   bash tools/train_shipped_models.sh prepare      # data folders (test images kept out)
 #   bash tools/train_shipped_models.sh pretrain     # OpenUS, VMamba small-fast, ~1 h on 1 core
 #   bash tools/train_shipped_models.sh finetune pretrained|scratch
-#   bash tools/train_shipped_models.sh evaluate     # usfm-core evaluate, pretrained vs scratch
-#   bash tools/train_shipped_models.sh install      # into the package + model cards' tables
+#   bash tools/train_shipped_models.sh install      # into the package (float16, sha256)
+#   bash tools/train_shipped_models.sh evaluate     # usfm-core evaluate: shipped vs scratch
+#   bash tools/train_shipped_models.sh record       # metrics into index.json, tables into cards
 #
 # Environment: WORK (default work/), SHARED (default ../shared/data), THREADS (default 1).
 set -euo pipefail
@@ -21,7 +22,7 @@ init_args() {  # the only difference between the two arms: where the backbone st
     if [ "$1" = pretrained ]; then echo "--backbone $PRETRAIN"; else echo "--preset small-fast"; fi
 }
 
-case "${1:?prepare|pretrain|finetune ARM|evaluate|install}" in
+case "${1:?prepare|pretrain|finetune ARM|install|evaluate|record}" in
 prepare)
     python tools/shipped_models.py prepare --shared "$SHARED" --out "$DATA"
     ;;
@@ -41,15 +42,20 @@ finetune)
     usfm-core finetune --task cls --data "$DATA/busi" --out "$RUNS/breast-class-$arm" \
         $(init_args "$arm") --input-size 192 --epochs 12 --batch-size 16 --lr 5e-4 --seeds 0
     ;;
-evaluate)  # the pretrained model and its from-scratch baseline on the same test items
+install)  # into src/usfm_core/assets/models (float16 weights, sha256 in index.json)
+    python tools/shipped_models.py install breast-lesion fetal-head breast-class --runs "$RUNS"
+    ;;
+evaluate)  # the shipped weights vs the from-scratch baseline, same test items
     for task in breast-lesion:busi fetal-head:hc18 breast-class:busi; do
         name=${task%%:*}; data=${task##*:}
-        usfm-core evaluate "$RUNS/$name-pretrained" --baseline "$RUNS/$name-scratch" \
-            --data "$DATA/$data" --split test --corruptions --out "$RUNS/report-$name"
+        usfm-core evaluate "$name" --splits "$RUNS/$name-pretrained/splits.json" \
+            --baseline "$RUNS/$name-scratch" --data "$DATA/$data" --corruptions \
+            --out "$RUNS/report-$name"
     done
     ;;
-install)  # copy into src/usfm_core/assets/models + index.json; fill the model cards' tables
-    python tools/shipped_models.py install breast-lesion fetal-head breast-class --runs "$RUNS"
+record)  # metrics + check subset into index.json, evaluate's table into the model cards
+    python tools/shipped_models.py record breast-lesion fetal-head breast-class --runs "$RUNS" \
+        --shared "$SHARED"
     python tools/shipped_models.py card breast-lesion fetal-head breast-class --runs "$RUNS"
     ;;
 *)

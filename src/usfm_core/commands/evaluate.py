@@ -44,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="a second model (e.g. the same recipe from scratch) scored on the same items",
     )
+    p.add_argument(
+        "--splits",
+        type=Path,
+        help="splits.json of a fine-tuning run (default: the model's run folder's, if any)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=run)
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_items=args.max_items,
         baseline=args.baseline,
+        splits_file=args.splits,
     )
     print((args.out / "summary.md").read_text(encoding="utf-8"))
     return 0 if res else 1

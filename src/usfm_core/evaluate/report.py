@@ -41,11 +41,13 @@ def evaluate_model_dir(
     batch_size: int = 8,
     max_items: int | None = None,
     baseline: str | Path | None = None,
+    splits_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score the model on ``split`` (clean and, optionally, corrupted) and write the report.
 
     ``baseline`` (e.g. the same recipe trained from scratch) is scored on exactly the same
-    items and shown beside the model in ``summary.md``.
+    items and shown beside the model in ``summary.md``. The split comes from ``splits_file``,
+    else from the ``splits.json`` of the model's run folder, else the whole data set is used.
 
     Returns the ``metrics.json`` content: ``{"task", "split", "n", "clean": {...},
     "corrupted": {kind: {severity: {...}}}}`` plus ``"baseline": {"model", "clean",
@@ -60,7 +62,13 @@ def evaluate_model_dir(
     model, meta = load_finetuned(model_dir, device=device)
     task = meta["task"]
     data = LabelledSet.from_folder(data_dir, task)
-    splits_path = find_splits(model_dir)
+    splits_path = Path(splits_file) if splits_file else find_splits(model_dir)
+    if splits_path is not None and not splits_path.is_file():
+        raise ConfigError(
+            "splits file not found",
+            path=splits_path,
+            hint="pass the splits.json written by `usfm-core finetune` into its run folder",
+        )
     if splits_path is not None:
         indices = load_splits(splits_path, data).get(split)
         if indices is None:

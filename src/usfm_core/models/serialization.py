@@ -114,6 +114,33 @@ def save_model(model: nn.Module, path_dir: str | Path, *, extra: dict | None = N
     return path_dir
 
 
+def store_weights_as(path_dir: str | Path, dtype: str = "float16") -> Path:
+    """Rewrite a saved model's floating-point weights in ``dtype`` (``float16``/``bfloat16``/
+    ``float32``) to halve the file of a shipped model; loading casts them back to the
+    model's own dtype (float32 on CPU). ``config.json`` records it as ``storage_dtype``.
+
+    Integer buffers are kept as they are. Both files are replaced atomically.
+    """
+    from safetensors.torch import save_file
+
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise ConfigError(f"storage dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    path_dir = Path(path_dir)
+    meta = _read_meta(path_dir)
+    state = _read_weights(path_dir / WEIGHTS_FILE)
+    state = {
+        k: v.to(dtypes[dtype]).contiguous() if v.is_floating_point() else v
+        for k, v in state.items()
+    }
+    with atomic_path(path_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"model_type": meta["model_type"]})
+    meta["storage_dtype"] = dtype
+    with atomic_path(path_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return path_dir
+
+
 def _read_meta(path_dir: Path) -> dict[str, Any]:
     cfg_path = path_dir / CONFIG_FILE
     if not cfg_path.is_file():
