@@ -13,13 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "train_sim_lesion", REPO / "tools" / "train_sim_lesion.py"
-    )
+def _load_tool(name: str):
+    """Import ``tools/<name>.py`` (recipes that train and check the shipped models)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _tool():
+    return _load_tool("train_sim_lesion")
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +83,7 @@ MAIN_METRIC = {"segmentation": "dice", "classification": "macro_f1"}
 
 
 def _shipped_tool():
-    spec = importlib.util.spec_from_file_location(
-        "shipped_models", REPO / "tools" / "shipped_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_tool("shipped_models")
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
