@@ -9,10 +9,10 @@ Reports test Dice / IoU as mean ± std over seeds.
 
 Part 2 (``inference``): write a 1000-frame 512×512 cine to a TIFF (a few distinct simulated
 frames repeated), then stream it lazily (``load_scan(...).iter_frames()``) through
-``segment_frames`` with ``tiny`` and ``small-cpu`` segmenters, at the fine-tuning input size and
-at 256×256. Each measurement runs in a fresh subprocess, so its peak RSS (``ru_maxrss``) is not
-polluted by the training above. Targets (issue 6): ≥ 20 frames/s at 256×256 and ≤ 2 GB peak
-memory for the 1000-frame cine.
+``segment_frames`` with ``tiny``, ``small-cpu`` and ``small-fast`` segmenters, at the
+fine-tuning size and at 256×256. Each measurement runs in a fresh subprocess, so its peak
+RSS is not polluted by the training above. Targets (issue 6): ≥ 20 frames/s at 256×256
+and ≤ 2 GB peak memory for the 1000-frame cine.
 
     python benchmarks/label_efficiency.py --quick     # minutes on a 2-core CPU
     python benchmarks/label_efficiency.py             # the full setting (~3-5 h on 2 cores)
