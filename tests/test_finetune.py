@@ -321,3 +321,25 @@ def test_splits_few_groups_never_empty_or_straddling():
     assert all(s[k] for k in ("train", "val", "test"))
     owner = {groups[i]: k for k, v in s.items() for i in v}
     assert all(owner[groups[i]] == k for k, v in s.items() for i in v)
+
+
+def test_balanced_class_weights_and_weighted_loss():
+    """Inverse-frequency weights n / (K n_k): 3:1 over 2 classes gives 2/3 and 2; absent 0;
+    the weighted loss upweights the minority class's errors."""
+    import torch.nn.functional as F
+
+    from usfm_core.finetune.train import _loss, balanced_class_weights
+
+    w = balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    torch.testing.assert_close(w, torch.tensor([4 / 9, 4 / 3, 0.0]))
+    w2 = balanced_class_weights(np.array([0, 0, 0, 1]), 2)
+    torch.testing.assert_close(w2, torch.tensor([2 / 3, 2.0]))
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]])  # predicts class 0 twice
+    target = torch.tensor([0, 1])
+    plain = _loss("classification", logits, target)
+    weighted = _loss("classification", logits, target, w2)
+    per_item = F.cross_entropy(logits, target, reduction="none")
+    assert plain == pytest.approx(per_item.mean().item())
+    expected = (2 / 3 * per_item[0] + 2 * per_item[1]) / (2 / 3 + 2)
+    assert weighted == pytest.approx(expected.item())
+    assert weighted > plain  # the missed minority item counts more

@@ -4,7 +4,7 @@
 #
 #   bash tools/train_shipped_models.sh prepare      # data folders (test images kept out)
 #   bash tools/train_shipped_models.sh pretrain     # OpenUS, VMamba small-fast, ~1 h on 1 core
-#   bash tools/train_shipped_models.sh finetune pretrained|scratch
+#   bash tools/train_shipped_models.sh finetune pretrained|scratch [MODEL...]
 #   bash tools/train_shipped_models.sh install      # into the package (float16, sha256)
 #   bash tools/train_shipped_models.sh evaluate     # usfm-core evaluate: shipped vs scratch
 #   bash tools/train_shipped_models.sh record       # metrics into index.json, tables into cards
@@ -30,17 +30,34 @@ pretrain)
     resume=""; [ -d "$PRETRAIN/checkpoints/last" ] && resume="--resume"
     usfm-core pretrain --config small-fast --data "$DATA/pretrain" --out "$PRETRAIN" $resume
     ;;
-finetune)
+finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order)
     arm=${2:?pretrained|scratch}
-    # shellcheck disable=SC2046
-    usfm-core finetune --task seg --data "$DATA/busi" --out "$RUNS/breast-lesion-$arm" \
-        $(init_args "$arm") --input-size 192 --epochs 16 --batch-size 16 --lr 5e-4 --seeds 0
-    # shellcheck disable=SC2046
-    usfm-core finetune --task seg --data "$DATA/hc18" --out "$RUNS/fetal-head-$arm" \
-        $(init_args "$arm") --input-size 160 --epochs 10 --batch-size 16 --lr 5e-4 --seeds 0
-    # shellcheck disable=SC2046
-    usfm-core finetune --task cls --data "$DATA/busi" --out "$RUNS/breast-class-$arm" \
-        $(init_args "$arm") --input-size 192 --epochs 12 --batch-size 16 --lr 5e-4 --seeds 0
+    shift 2
+    for model in "${@:-breast-lesion fetal-head breast-class}"; do
+      for m in $model; do
+        case $m in
+        breast-lesion)
+            # shellcheck disable=SC2046
+            usfm-core finetune --task seg --data "$DATA/busi" --out "$RUNS/breast-lesion-$arm" \
+                $(init_args "$arm") --input-size 192 --epochs 16 --batch-size 16 --lr 5e-4 --seeds 0
+            ;;
+        fetal-head)
+            # shellcheck disable=SC2046
+            usfm-core finetune --task seg --data "$DATA/hc18" --out "$RUNS/fetal-head-$arm" \
+                $(init_args "$arm") --input-size 160 --epochs 10 --batch-size 16 --lr 5e-4 --seeds 0
+            ;;
+        breast-class)
+            # Starts from the same arm's breast-lesion backbone (a lesion-aware encoder), with
+            # class-weighted cross-entropy: from the bare backbone neither arm left the
+            # majority-class solution within this budget.
+            usfm-core finetune --task cls --data "$DATA/busi" --out "$RUNS/breast-class-$arm" \
+                --backbone "$RUNS/breast-lesion-$arm/model" --balanced --input-size 192 \
+                --epochs 20 --batch-size 16 --lr 5e-4 --seeds 0
+            ;;
+        *) echo "unknown model $m" >&2; exit 2 ;;
+        esac
+      done
+    done
     ;;
 install)  # into src/usfm_core/assets/models (float16 weights, sha256 in index.json)
     python tools/shipped_models.py install breast-lesion fetal-head breast-class --runs "$RUNS"

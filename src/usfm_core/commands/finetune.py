@@ -60,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vss (OpenUS's channel-aware VSS blocks; slow on CPU)",
     )
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience (epochs)")
+    p.add_argument(
+        "--balanced",
+        action="store_true",
+        help="classification: class-weighted cross-entropy (inverse class frequency)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=run)
@@ -102,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             max_steps=args.max_steps,
             patience=args.patience,
+            balanced=args.balanced,
             decoder=args.decoder,
             progress=progress,
         )

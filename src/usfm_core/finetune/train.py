@@ -138,6 +138,7 @@ def finetune(
     max_steps: int | None = None,
     patience: int = 10,
     augment: bool = True,
+    balanced: bool = False,
     splits: dict[str, list[int]] | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     cancel: Callable[[], bool] | Any | None = None,
@@ -161,6 +162,9 @@ def finetune(
         input_size: square model input side, divisible by 32.
         max_steps: stop after this many optimiser steps in total (quick runs, tests).
         patience: epochs without validation improvement before stopping.
+        balanced: classification only: weight the cross-entropy by inverse class frequency
+            in the training subset (``n / (K · n_k)``), so the majority class cannot win the
+            macro-F1 model selection by default.
         splits: precomputed ``{"train", "val", "test"}`` item indices (else computed).
         progress: called with a dict (``epoch``, ``step``, ``loss``, ... ) during training.
         cancel: callable returning True, or an object with ``is_set()``, to stop early.
@@ -226,6 +230,10 @@ def finetune(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
     )
 
+    weight = None
+    if balanced and task == "classification":
+        weight = balanced_class_weights(dataset.labels[train_idx], model.n_classes).to(dev)
+
     key = "dice" if task == "segmentation" else "macro_f1"
     best, best_epoch, best_state, best_val = -math.inf, 0, None, {}
     history, step, stale, cancelled, epoch = [], 0, 0, False, 0
@@ -241,7 +249,7 @@ def finetune(
                 cancelled = _is_cancelled(cancel)
                 break
             x, y = x.to(dev), y.to(dev)
-            loss = _loss(task, model(x), y)
+            loss = _loss(task, model(x), y, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -400,10 +408,20 @@ def _build_model(
     return Classifier(backbone, k, head)
 
 
-def _loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _loss(
+    task: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     if task == "segmentation":
         return segmentation_loss(logits, target)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, weight=weight)
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``(K,)``: ``n / (K · n_k)`` (1 for every class when balanced;
+    a class absent from ``labels`` gets weight 0)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)[:n_classes]
+    weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _is_cancelled(cancel: Any) -> bool:
