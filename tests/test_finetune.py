@@ -343,3 +343,21 @@ def test_balanced_class_weights_and_weighted_loss():
     expected = (2 / 3 * per_item[0] + 2 * per_item[1]) / (2 / 3 + 2)
     assert weighted == pytest.approx(expected.item())
     assert weighted > plain  # the missed minority item counts more
+
+
+def test_load_backbone_from_a_pretrain_run_folder_with_its_config(tmp_path):
+    """`usfm-core pretrain --out RUN` writes RUN/config.json (the run's config) and
+    RUN/backbone/: `--backbone RUN` must pick the exported backbone, not the run config."""
+    from usfm_core.finetune.models import load_backbone
+    from usfm_core.models.serialization import save_model
+    from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    bb = VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8))
+    save_model(bb, run / "backbone")
+    (run / "config.json").write_text(json.dumps({"method": "openus", "epochs": 20}))
+    loaded = load_backbone(run)
+    for (k, v), (k2, v2) in zip(bb.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert isinstance(load_backbone(run / "backbone"), VMamba)

@@ -126,6 +126,13 @@ N_CHECK = 48  # test items the unit tests re-score (tests/test_shipped_models.py
 RECIPE = "bash tools/train_shipped_models.sh prepare|pretrain|finetune|install|evaluate|record"
 
 
+def spread(keys: list[str], n: int) -> list[str]:
+    """``n`` keys evenly spaced through ``keys`` (every class of a sorted BUSI list)."""
+    if len(keys) <= n:
+        return keys
+    return [keys[round(i * (len(keys) - 1) / (n - 1))] for i in range(n)]
+
+
 def check_subset(name: str, data_root: Path, keys: list[str] | None = None) -> dict:
     """Score the shipped ``name`` on a fixed list of item keys of ``data_root/<data>``.
 
@@ -188,7 +195,7 @@ def record(name: str, runs: Path, shared: Path) -> None:
         n_test=report["n"],
         test_metrics=report["clean"],
         baseline_test_metrics=report.get("baseline", {}).get("clean"),
-        check=check_subset(name, shared, sorted(splits["test"])[:N_CHECK]),
+        check=check_subset(name, shared, spread(sorted(splits["test"]), N_CHECK)),
     )
     index_path.write_text(json.dumps(index, indent=1) + "\n")
     print(f"recorded {name}: test {report['clean']}, check {entry['check']['metrics']}")

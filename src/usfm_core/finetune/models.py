@@ -329,7 +329,7 @@ def load_backbone(ckpt_dir: str | Path) -> nn.Module:
             "checkpoint loading is not available (models.serialization)", path=ckpt_dir
         ) from exc
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "config.json").is_file() and (ckpt_dir / "backbone").is_dir():
+    if (ckpt_dir / "backbone" / "config.json").is_file() and not _is_model_folder(ckpt_dir):
         ckpt_dir = ckpt_dir / "backbone"  # a pretrain run folder: its exported backbone
     model, _meta = load_model(ckpt_dir)
     for attr in ("teacher", "backbone", "encoder", "student"):
@@ -345,6 +345,17 @@ def load_backbone(ckpt_dir: str | Path) -> nn.Module:
         path=ckpt_dir,
         hint="pass a pretrain run folder or a backbone folder",
     )
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """True if ``folder/config.json`` is a saved model's (a run's config.json is not)."""
+    import json
+
+    try:
+        meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "model_type" in meta
 
 
 def _backbone_dims(backbone: nn.Module) -> list[int]:
