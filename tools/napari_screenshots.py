@@ -1,7 +1,7 @@
 """Screenshots of the main job for the docs: ``python -m napari_usfm [--sample busi]`` after one
 click on **Segment** with the preselected shipped model.
 
-    xvfb-run -a python tools/napari_screenshots.py [--out docs/images]
+    xvfb-run -a -s "-screen 0 1920x1080x24" python tools/napari_screenshots.py [--out docs/images]
 
 Writes ``napari_segment_hc18.png`` and ``napari_segment_busi.png`` (the whole window, widgets
 included) and prints the measurements of the first object.
@@ -22,7 +22,7 @@ def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dic
 
     viewer, widgets = build_viewer(sample, show=True)
     try:
-        viewer.window._qt_window.resize(1400, 860)
+        viewer.window._qt_window.resize(1800, 900)
         seg = widgets["Segment"]
         seg.run()
         start = time.perf_counter()
@@ -33,6 +33,7 @@ def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dic
                 raise TimeoutError(f"Segment on {sample} did not finish in {timeout_s} s")
         if seg.error is not None:
             raise seg.error
+        viewer.reset_view()
         for _ in range(20):  # let the canvas and table repaint
             QApplication.processEvents()
             time.sleep(0.02)

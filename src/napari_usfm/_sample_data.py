@@ -93,9 +93,9 @@ def _real_image(name: str, stem: str, px: float | None, source: str) -> LayerDat
 
 
 def hc18_image() -> LayerData:
-    """A real fetal-head ultrasound (HC18 ``003_HC``, CC BY 4.0, 0.19 mm pixels, HC 69.0 mm)
-    with its head annotation; a test image of the shipped ``fetal-head`` model."""
-    return _real_image("HC18 fetal head", "hc18_003_HC", 0.190190, "HC18 003_HC (CC BY 4.0)")
+    """A real fetal-head ultrasound (HC18 ``301_HC``, CC BY 4.0, 0.306 mm pixels, HC 169.7 mm)
+    with its head annotation; the median-Dice test image of the shipped ``fetal-head`` model."""
+    return _real_image("HC18 fetal head", "hc18_301_HC", 0.306337, "HC18 301_HC (CC BY 4.0)")
 
 
 def busi_image() -> LayerData:
