@@ -216,6 +216,44 @@ def fill_card(name: str, runs: Path, docs: Path) -> None:
     print(f"filled {card}")
 
 
+LABELS = {"dice": "Dice", "macro_f1": "macro-F1", "accuracy": "accuracy"}
+
+
+def fill_readme(readme: Path) -> None:
+    """The README's table of shipped models, from ``index.json`` (i.e. from evaluate)."""
+    from usfm_core.models.zoo import BUILTIN_DIR
+
+    index = json.loads((BUILTIN_DIR / "index.json").read_text())
+    rows = [
+        "| model | task | size | test split (n) | shipped | from scratch | card |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, info in index.items():
+        if "test_metrics" not in info:
+            continue
+        main, base = info["test_metrics"], info.get("baseline_test_metrics") or {}
+        keys = [k for k in ("dice", "hc_error_mm", "macro_f1", "accuracy") if k in main]
+
+        def fmt(m: dict, keys: list[str] = keys) -> str:
+            return ", ".join(
+                f"HC error {m[k]:.1f} mm" if k == "hc_error_mm" else f"{LABELS[k]} {m[k]:.3f}"
+                for k in keys
+                if k in m
+            )
+
+        size = (BUILTIN_DIR / name / "model.safetensors").stat().st_size / 2**20
+        card = info.get("card", f"docs/models/{name}.md")
+        rows.append(
+            f"| `{name}` | {info['task']} | {size:.1f} MiB | {info.get('n_test', '–')} | "
+            f"{fmt(main)} | {fmt(base) or '–'} | [{Path(card).name}]({card}) |"
+        )
+    text = readme.read_text()
+    begin, end = "<!-- shipped-models:begin -->", "<!-- shipped-models:end -->"
+    table = "\n".join(rows)
+    text = text[: text.index(begin) + len(begin)] + "\n" + table + "\n" + text[text.index(end) :]
+    readme.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -239,6 +277,8 @@ def main() -> None:
             record(name, args.runs, args.shared)
         else:
             fill_card(name, args.runs, args.docs)
+    if args.cmd == "card":
+        fill_readme(args.docs.resolve().parent / "README.md")
 
 
 if __name__ == "__main__":
