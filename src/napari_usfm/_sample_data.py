@@ -99,8 +99,9 @@ def hc18_image() -> LayerData:
 
 
 def busi_image() -> LayerData:
-    """A real breast ultrasound with a malignant lesion (BUSI ``malignant 102``, CC BY 4.0)
-    and its lesion mask; a test image of the shipped ``breast-lesion`` model (no pixel size)."""
+    """A real breast ultrasound with a malignant lesion (BUSI ``malignant 170``, CC BY 4.0)
+    and its lesion mask; the median-Dice lesion test image of the shipped ``breast-lesion``
+    model (no pixel size is known for BUSI)."""
     return _real_image(
-        "BUSI breast lesion", "busi_malignant_102", None, "BUSI malignant 102 (CC BY 4.0)"
+        "BUSI breast lesion", "busi_malignant_170", None, "BUSI malignant 170 (CC BY 4.0)"
     )
