@@ -144,9 +144,13 @@ def test_real_model_reproduces_its_metrics_on_the_check_subset(index, name, shar
     if "hc_error_mm" in check["metrics"]:
         assert measured["hc_error_mm"] == pytest.approx(check["metrics"]["hc_error_mm"], abs=0.5)
     # Useful models, not stubs: well above an all-background mask (≈ 0.15 Dice on this BUSI
-    # subset, the share of normal images) or chance macro-F1 over 3 classes (≈ 0.33).
-    floor = {"breast-lesion": 0.4, "fetal-head": 0.8, "breast-class": 0.4}[name]
-    assert measured[key] > floor
+    # subset, the share of normal images); the weak classifier above chance AUROC (0.5).
+    metric, floor = {
+        "breast-lesion": ("dice", 0.4),
+        "fetal-head": ("dice", 0.8),
+        "breast-class": ("auroc", 0.55),
+    }[name]
+    assert measured[metric] > floor
 
 
 def test_sample_images_are_test_images_of_the_shipped_models(shared_data, tmp_path):
