@@ -133,7 +133,7 @@ def spread(keys: list[str], n: int) -> list[str]:
     return [keys[round(i * (len(keys) - 1) / (n - 1))] for i in range(n)]
 
 
-def check_subset(name: str, data_root: Path, keys: list[str] | None = None) -> dict:
+def check_subset(name: str, data_root: Path, keys: list[str]) -> dict:
     """Score the shipped ``name`` on a fixed list of item keys of ``data_root/<data>``.
 
     Returns ``{"data", "keys", "metrics"}``; the tests call it with the recorded keys and

@@ -426,12 +426,9 @@ def load_finetuned(
     ``classification``; anything else raises :class:`CheckpointError`.
     """
     from usfm_core.models.serialization import CONFIG_FILE, load_model
+    from usfm_core.models.zoo import resolve_model_dir
 
-    model_dir = Path(model_dir)
-    if not model_dir.exists() and len(model_dir.parts) == 1:
-        from usfm_core.models.zoo import resolve_model_dir  # a shipped / user model's name
-
-        model_dir = resolve_model_dir(model_dir)
+    model_dir = resolve_model_dir(model_dir)  # a path, or a shipped / user model's name
     if not (model_dir / CONFIG_FILE).is_file() and (model_dir / "model" / CONFIG_FILE).is_file():
         model_dir = model_dir / "model"
     if not (model_dir / CONFIG_FILE).is_file():

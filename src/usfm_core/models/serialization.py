@@ -221,11 +221,9 @@ def load_model(
     ``expected_type`` (e.g. ``"vmamba"``) guards against loading the wrong kind of model.
     ``device`` is ``"cpu"``, ``"cuda"``, ``"auto"``, … (see :func:`usfm_core.utils.resolve_device`).
     """
-    path_dir = Path(path_dir)
-    if not path_dir.exists() and len(path_dir.parts) == 1:
-        from usfm_core.models.zoo import resolve_model_dir  # a shipped / user model's name
+    from usfm_core.models.zoo import resolve_model_dir
 
-        path_dir = resolve_model_dir(path_dir)
+    path_dir = resolve_model_dir(path_dir)  # a path, or a shipped / user model's name
     if path_dir.is_file() and path_dir.name in (WEIGHTS_FILE, CONFIG_FILE):
         path_dir = path_dir.parent
     if not path_dir.is_dir():

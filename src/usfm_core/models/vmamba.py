@@ -48,8 +48,8 @@ _PRESETS: dict[str, dict] = {
     },
     # The shipped models' backbone (≈ 2.5 M): one block at strides 4 and 8, where the scan is
     # long and the work memory-bound; width and depth at strides 16/32, where parameters are
-    # cheap to run; ssm_ratio 1 halves the scanned channels. ≈ 20-30 segmentation frames/s at
-    # 256² on 2 CPU cores with the U-Net decoder (benchmarks/label_efficiency.py).
+    # cheap to run; ssm_ratio 1 halves the scanned channels. With the U-Net decoder: 20.7
+    # frames/s at 256² end to end on one CPU core (benchmarks/label_efficiency.py).
     "small-fast": {
         "depths": (1, 1, 4, 2),
         "dims": (16, 48, 128, 256),

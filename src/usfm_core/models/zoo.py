@@ -130,24 +130,15 @@ def verify_builtin(entry: ModelEntry) -> None:
             )
 
 
-def builtin_info(name: str) -> dict[str, Any]:
-    """The ``index.json`` record of a shipped model (metrics, recipe, check subset)."""
-    info = _builtin_index().get(name)
-    if info is None:
-        raise CheckpointError(
-            f"no shipped model named {name!r}",
-            hint=f"shipped: {', '.join(sorted(_builtin_index())) or 'none'}",
-        )
-    return info
-
-
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A model folder from a folder path or a shipped / user model name (checksummed).
+    """``name_or_path`` as a path, unless it is a bare name (no folder part) that does not
+    exist here: then the shipped / user model of that name (checksummed).
 
-    Lets every loader take ``"breast-lesion"`` as well as a path.
+    Lets every loader take ``"breast-lesion"`` as well as a path; a missing path with a folder
+    part is returned as it is, for the loader's own "not found" error.
     """
     path = Path(name_or_path).expanduser()
-    if path.exists():
+    if path.exists() or len(path.parts) != 1:
         return path
     return find_model(name_or_path).path
 

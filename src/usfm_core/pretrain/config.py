@@ -361,7 +361,7 @@ def _preset_small_fast() -> dict[str, Any]:
     """The shipped models' backbone (VMamba ``small-fast``, ≈ 2.5 M) on 2 CPU cores in hours.
 
     Smaller iBOT heads than ``small-cpu`` (their last layers would otherwise outweigh the
-    backbone) and 1-channel views, since B-mode is grey.
+    backbone); 20 short epochs of 100 steps so the schedules fit a ~1 h run.
     """
     return {
         "backbone": {"preset": "small-fast"},
