@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from usfm_core.errors import USFMError
+from usfm_core.outputs import atomic_path
 
 # DICOM UIDs used by the writer.
 US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -39,21 +38,12 @@ VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", 
 def _atomic_target(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path with the same suffix(es) as ``path``; rename onto it on success.
 
-    Unlike :func:`usfm_core.utils.atomic_path` the temporary keeps the real extension, which
-    OpenCV, tifffile and nibabel use to pick the container / compression.
+    :func:`usfm_core.outputs.atomic_path` (toolkit-marked temporary that keeps the real
+    extension, which OpenCV, tifffile and nibabel use to pick the container / compression;
+    final mode from the umask).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with atomic_path(path, fsync=False) as tmp:
+        yield tmp
 
 
 def _as_frames(frames: np.ndarray, what: str = "frames") -> np.ndarray:
