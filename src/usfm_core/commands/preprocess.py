@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "included) as in USF-MAE/US-JEPA: 3 fps frame sampling, scan-region mask, removal of "
             "text/colour/marker annotations (inpainting), 2nd-98th percentile rescale inside the "
             "region, crop. Writes OUT_DIR/frames/*.png, OUT_DIR/region_masks/*.png, "
-            "OUT_DIR/manifest.csv. Re-running skips finished scans."
+            "OUT_DIR/manifest.csv. Re-running skips finished scans. A file that cannot be read "
+            "does not stop the run: every good scan is processed, failures are listed at the "
+            "end and the exit code is 1 when any scan failed."
         ),
     )
     p.add_argument("in_dir", metavar="IN_DIR", help="folder of scans")
@@ -93,4 +95,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"manifest: {summary.manifest}")
     for source, reason in summary.failures:
         print(f"  failed: {source}: {reason.splitlines()[0]}")
-    return 1 if summary.failures and summary.n_frames == 0 else 0
+    # Failure policy (same as segment): every good source is done, failures are listed, and
+    # the exit code is 1 when any source failed.
+    return 1 if summary.failures else 0

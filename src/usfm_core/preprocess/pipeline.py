@@ -13,7 +13,11 @@ crop to the region and optionally resize. Outputs::
 
 Every file is written atomically; a source counts as done only once its marker exists, and the
 manifest is rebuilt from the markers at the end, so an interrupted run leaves no half-written
-file and a re-run skips finished sources.
+file and a re-run skips finished sources. Output names follow :mod:`usfm_core.outputs` (unique
+ignoring case, from the relative source path); the only files ever deleted are the toolkit's own
+temporaries of killed runs (``.usfm-tmp-<pid>-…``) in the folders written here. The simulator's
+ground truth (``ground_truth/`` folders, and the older ``X_lesions.tif`` … beside ``X_meta.json``)
+is never taken for a scan. Worker processes end when the parent process dies.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import io
 import json
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -32,6 +38,8 @@ from typing import Any, Literal
 import numpy as np
 
 from usfm_core.errors import USFMError
+from usfm_core.outputs import GROUND_TRUTH_DIR, clean_stale_temporaries
+from usfm_core.outputs import output_stems as output_stems  # re-exported (was defined here)
 from usfm_core.preprocess.annotations import remove_annotations, text_mask
 from usfm_core.preprocess.frames import sample_frame_indices
 from usfm_core.preprocess.intensity import (
@@ -64,7 +72,11 @@ SKIP_SUFFIXES = frozenset({".csv", ".txt", ".json", ".md", ".yaml", ".yml", ".xm
 # Frames of one source used to estimate its region mask (temporal max/std).
 REGION_FRAMES = 16
 MARKER_DIR = ".done"
-MARKER_VERSION = 1
+MARKER_VERSION = 2  # 2: the output stem is part of the fingerprint
+# Folders of OUT this pipeline writes (inputs may not live there; stale temporaries are cleaned).
+OUTPUT_SUBDIRS = ("frames", "region_masks", MARKER_DIR)
+# Ground truth the simulator of older versions wrote beside X.ext when X_meta.json exists.
+LEGACY_SIM_SIDECARS = ("_lesions.tif", "_annotations.tif", "_region.tif", "_clean.tif")
 
 
 @dataclass(frozen=True)
@@ -92,16 +104,27 @@ class PreprocessSummary:
     seconds: float = 0.0
 
 
+def _is_simulator_ground_truth(path: Path, rel: Path) -> bool:
+    """True inside a ``ground_truth/`` folder, or for an older simulator side file."""
+    if any(part.casefold() == GROUND_TRUTH_DIR for part in rel.parts[:-1]):
+        return True
+    name = path.name
+    for tail in LEGACY_SIM_SIDECARS:
+        if name.endswith(tail) and path.with_name(name[: -len(tail)] + "_meta.json").is_file():
+            return True
+    return False
+
+
 def find_sources(in_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Candidate scan files under ``in_dir`` (recursive, sorted), skipping hidden files, notes
-    and tables, and anything inside ``out_dir``."""
+    and tables, the simulator's ground truth, and anything inside ``out_dir``."""
     out_resolved = out_dir.resolve() if out_dir is not None else None
     found = []
     for path in sorted(in_dir.rglob("*")):
         rel = path.relative_to(in_dir)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        if path.suffix.lower() in SKIP_SUFFIXES:
+        if path.suffix.lower() in SKIP_SUFFIXES or _is_simulator_ground_truth(path, rel):
             continue
         if out_resolved is not None and out_resolved in path.resolve().parents:
             continue
@@ -109,26 +132,13 @@ def find_sources(in_dir: Path, out_dir: Path | None = None) -> list[Path]:
     return found
 
 
-def output_stems(rel_paths: list[Path]) -> dict[Path, str]:
-    """Map each relative source path to its output stem, ``sub/scan`` for ``sub/scan.dcm``.
-
-    Sources that would share a stem (``a.png`` and ``a.dcm``) keep their suffix (``a_dcm``).
-    """
-    plain = {rel: rel.with_suffix("").as_posix() for rel in rel_paths}
-    counts: dict[str, int] = {}
-    for stem in plain.values():
-        counts[stem] = counts.get(stem, 0) + 1
-    return {
-        rel: stem if counts[stem] == 1 else f"{stem}_{rel.suffix.lstrip('.').lower()}"
-        for rel, stem in plain.items()
-    }
-
-
-def _fingerprint(source: Path, options: PreprocessOptions) -> dict[str, Any]:
-    """What a completion marker must match for its source to be skipped."""
+def _fingerprint(source: Path, options: PreprocessOptions, stem: str) -> dict[str, Any]:
+    """What a completion marker must match for its source to be skipped (``stem``: the output
+    name, which changes when a new source would clash with it)."""
     stat = source.stat()
     return {
         "version": MARKER_VERSION,
+        "stem": stem,
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "options": asdict(options),
@@ -191,7 +201,7 @@ def process_source(
     """
     from usfm_core.io import load_scan
 
-    fingerprint = _fingerprint(source, options)
+    fingerprint = _fingerprint(source, options, stem)
     with load_scan(source) as scan:
         indices = sample_frame_indices(
             scan.n_frames, scan.fps, options.target_fps, options.max_frames_per_clip
@@ -251,7 +261,7 @@ def _marker_path(out_dir: Path, rel: Path) -> Path:
 
 
 def _done_rows(
-    source: Path, rel: Path, out_dir: Path, options: PreprocessOptions
+    source: Path, rel: Path, out_dir: Path, options: PreprocessOptions, stem: str
 ) -> list[dict[str, Any]] | None:
     """The rows of a finished source whose marker still matches, else None (redo it)."""
     marker = _marker_path(out_dir, rel)
@@ -261,7 +271,7 @@ def _done_rows(
         data = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if data.get("fingerprint") != json.loads(json.dumps(_fingerprint(source, options))):
+    if data.get("fingerprint") != json.loads(json.dumps(_fingerprint(source, options, stem))):
         return None
     rows = data.get("rows", [])
     if not all((out_dir / row["png"]).exists() for row in rows):
@@ -282,17 +292,50 @@ def _run_one(
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _worker_init() -> None:
-    """Each worker process: one OpenCV thread (the pool provides the parallelism)."""
+def _worker_init(parent_pid: int | None = None) -> None:
+    """Each worker process: one OpenCV thread (the pool provides the parallelism), and no life
+    after the parent's death (SIGTERM/SIGKILL of the main process)."""
     import cv2
 
     cv2.setNumThreads(1)
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Make this (worker) process die as soon as ``parent_pid`` does.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; everywhere: a daemon thread that checks
+    ``os.getppid()`` every ``poll_s`` seconds and ends the process when it has changed.
+    """
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="usfm-parent-watch", daemon=True).start()
 
 
 def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete temporaries left by a killed run (``atomic_path`` names them ``.name.*.tmp``)."""
-    for tmp in out_dir.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete the toolkit's temporaries left by killed runs in the folders written here only
+    (``.usfm-tmp-<pid>-…`` of dead processes; nothing else, see :mod:`usfm_core.outputs`)."""
+    clean_stale_temporaries(out_dir)
+    for sub in OUTPUT_SUBDIRS:
+        clean_stale_temporaries(out_dir / sub, recursive=True)
 
 
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -314,6 +357,14 @@ def _check_dirs(in_dir: Path, out_dir: Path) -> None:
             path=out_dir,
             hint="choose a new or separate output folder",
         )
+    for sub in OUTPUT_SUBDIRS:
+        managed = (out_dir / sub).resolve()
+        if in_dir.resolve() == managed or managed in in_dir.resolve().parents:
+            raise USFMError(
+                f"the input folder lies inside the output's {sub}/ folder",
+                path=in_dir,
+                hint="choose an output folder that does not contain the input",
+            )
 
 
 def run_preprocessing(
@@ -352,7 +403,7 @@ def run_preprocessing(
     rows_by_source: dict[Path, list[dict[str, Any]]] = {}
     todo = []
     for src, rel in zip(sources, rels):
-        done = _done_rows(src, rel, out_dir, options)
+        done = _done_rows(src, rel, out_dir, options, stems[rel])
         if done is None:
             todo.append((src, rel))
         else:
@@ -376,7 +427,9 @@ def run_preprocessing(
         else:
             # "spawn": forking a process that already runs OpenMP/torch threads can deadlock.
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+            ) as pool:
                 futures = {
                     pool.submit(_run_one, src, rel, stems[rel], out_dir, options): rel
                     for src, rel in todo
