@@ -333,7 +333,7 @@ def test_export_cine_round_trip(tmp_path, fmt):
     else:
         assert np.array_equal(frames, cine.frames)
         assert scan.spacing_mm == pytest.approx(cine.spacing_mm, rel=1e-4)
-    assert paths["lesions"].name == "cine_lesions.tif"
+    assert paths["lesions"] == tmp_path / "ground_truth" / paths["scan"].name / "lesions.tif"
     assert np.array_equal(tifffile.imread(paths["lesions"]), cine.lesion_masks)
     assert np.array_equal(tifffile.imread(paths["annotations"]).astype(bool), cine.annotation_masks)
     assert np.array_equal(tifffile.imread(paths["clean"]), cine.clean_frames)
@@ -361,7 +361,7 @@ def test_cli_simulate(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "seed: 3" in printed and str(tmp_path / "sample.png") in printed
-    lesions = tifffile.imread(tmp_path / "sample_lesions.tif")
+    lesions = tifffile.imread(tmp_path / "ground_truth" / "sample.png" / "lesions.tif")
     expected = simulate_frame(seed=3, text=True, calipers=True, height=96, width=96)
     assert np.array_equal(lesions.reshape(96, 96), expected.lesion_mask)
 

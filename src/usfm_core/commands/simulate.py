@@ -14,9 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a simulated B-mode frame or cine with lesion/annotation masks",
         description=(
             "Simulate a B-mode ultrasound phantom (speckle, tissue layers, lesions, attenuation, "
-            "optional burned-in annotations) and write it to OUT, with the ground truth next to "
-            "it: OUT_lesions.tif, OUT_annotations.tif, OUT_region.tif, OUT_clean.tif and "
-            "OUT_meta.json. OUT without suffix gets the format's default."
+            "optional burned-in annotations) and write it to OUT, with its ground truth in "
+            "ground_truth/<OUT's file name>/ beside it (lesions.tif, annotations.tif, "
+            "region.tif, clean.tif, meta.json; one set per output file, never read as scans). "
+            "OUT without suffix gets the format's default."
         ),
     )
     p.add_argument("out", help="output file (e.g. sample.png, cine.dcm, cine.mp4)")

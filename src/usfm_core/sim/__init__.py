@@ -10,7 +10,7 @@ Example::
     frame.image            # (256, 256) uint8
     frame.lesion_mask > 0  # binary lesion ground truth
     cine = simulate_cine(16, seed=0, motion="breathing")
-    export_cine(cine, "out/cine.dcm")  # + out/cine_lesions.tif, ...
+    export_cine(cine, "out/cine.dcm")  # + out/ground_truth/cine.dcm/lesions.tif, ...
 """
 
 from usfm_core.sim.config import SimConfig

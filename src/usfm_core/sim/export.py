@@ -1,8 +1,10 @@
-"""Write simulated frames and cines to disk, with their ground truth beside them.
+"""Write simulated frames and cines to disk, with their ground truth in a folder of its own.
 
-For ``out/scan.dcm`` the ground truth goes to ``out/scan_lesions.tif`` (uint8 labels),
-``out/scan_annotations.tif`` (uint8 0/1), ``out/scan_region.tif`` (uint8 0/1),
-``out/scan_clean.tif`` (frames without annotations) and ``out/scan_meta.json``.
+For ``out/scan.dcm`` the ground truth goes to ``out/ground_truth/scan.dcm/``: ``lesions.tif``
+(uint8 labels), ``annotations.tif`` (uint8 0/1), ``region.tif`` (uint8 0/1), ``clean.tif``
+(frames without annotations) and ``meta.json``. The folder is named after the scan's full file
+name, so ``cine.mp4`` and ``cine.dcm`` each keep their own set, and lies where no scan reader
+looks (folder readers are not recursive; ``usfm-core preprocess`` skips ``ground_truth/``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from usfm_core.errors import USFMError
+from usfm_core.outputs import GROUND_TRUTH_DIR
 from usfm_core.sim.simulate import SimCine, SimFrame
 from usfm_core.utils import atomic_write_text
 
@@ -44,9 +47,15 @@ def _target(path: str | Path, format: str, allowed: tuple[str, ...]) -> Path:
     return path
 
 
+def ground_truth_dir(path: str | Path) -> Path:
+    """Where the ground truth of the scan ``dir/name.ext`` lives: ``dir/ground_truth/name.ext``."""
+    path = Path(path)
+    return path.parent / GROUND_TRUTH_DIR / path.name
+
+
 def _sidecar(path: Path, name: str) -> Path:
-    """``dir/stem.ext`` → ``dir/stem_<name>``."""
-    return path.with_name(f"{path.stem}_{name}")
+    """``dir/name.ext`` → ``dir/ground_truth/name.ext/<name>``."""
+    return ground_truth_dir(path) / name
 
 
 def _json_ready(value: Any) -> Any:
@@ -72,7 +81,8 @@ def _write_ground_truth(
     fps: float | None,
     meta: dict[str, Any],
 ) -> dict[str, Path]:
-    """Write the masks (T, H, W), region (H, W), clean frames and meta JSON next to ``path``."""
+    """Write the masks (T, H, W), region (H, W), clean frames and meta JSON of the scan
+    ``path`` into :func:`ground_truth_dir` ``(path)``."""
     from usfm_core.io.writers import write_tiff
 
     out = {
@@ -101,7 +111,8 @@ def export_cine(cine: SimCine, path: str | Path, format: str = "dicom") -> dict[
     """Write ``cine`` as ``format`` (``dicom`` | ``video`` | ``tiff``) plus its ground truth.
 
     Returns the written paths by role: ``scan``, ``lesions``, ``annotations``, ``region``,
-    ``clean``, ``meta``. A path without suffix gets the format's default (.dcm, .mp4, .tif).
+    ``clean``, ``meta`` (ground truth in ``ground_truth/<scan name>/``). A path without suffix
+    gets the format's default (.dcm, .mp4, .tif).
     """
     from usfm_core.io.writers import write_dicom, write_tiff, write_video
 
