@@ -3,7 +3,13 @@
 Segmentation metrics are implemented here rather than with MONAI or medpy to keep the
 dependency list short; they follow the usual definitions:
 
-* Dice ``2|A∩B| / (|A| + |B|)`` and IoU ``|A∩B| / |A∪B|`` (both 1.0 when both masks are empty);
+* Dice ``2|A∩B| / (|A| + |B|)`` and IoU ``|A∩B| / |A∪B|`` per image (:func:`dice` / :func:`iou`
+  give 1.0 when both masks are empty);
+* reported segmentation scores (:func:`segmentation_metrics`, :func:`per_class_scores`) follow
+  MONAI's ``DiceMetric(ignore_empty=True)``: per class, images whose ground truth lacks the
+  class are left out (NaN), each class is averaged over the images that hold it and the mean is
+  taken over classes, so a failing class cannot hide behind the others or behind empty images.
+  The earlier definition (empty/empty = 1, classes merged) stays available as ``dice_legacy``;
 * HD95: the larger of the two directed 95th percentiles of the boundary-to-boundary distances
   (MONAI's ``compute_hausdorff_distance(percentile=95)`` convention), in the units of
   ``spacing`` (pixels by default, mm when the pixel spacing is given).
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -103,19 +110,16 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None =
     return float(max(np.percentile(dist_to_t[bp], 95), np.percentile(dist_to_p[bt], 95)))
 
 
-def segmentation_metrics(
+def segmentation_metrics_legacy(
     pred: np.ndarray,
     target: np.ndarray,
     spacing: Sequence[float] | None = None,
     n_classes: int = 1,
 ) -> dict[str, float]:
-    """Dice, IoU and HD95 of one prediction; multi-class masks are averaged over foreground labels.
+    """The earlier per-image definition: an empty prediction on an empty mask scores 1 and
+    classes are averaged within the image (``n_classes <= 2`` merges all foreground).
 
-    Args:
-        pred, target: label maps ``(H, W)``: binary (``n_classes == 1``, any non-zero value is
-            foreground) or class indices ``0..n_classes-1`` (0 = background).
-        spacing: ``(dy, dx)`` for HD95; pixels when None.
-        n_classes: 1 for binary masks, else the number of classes including background.
+    Kept for comparison with numbers recorded before (``dice_legacy`` in reports).
     """
     pred, target = np.asarray(pred), np.asarray(target)
     labels = [None] if n_classes <= 2 else list(range(1, n_classes))
@@ -130,6 +134,91 @@ def segmentation_metrics(
         "iou": float(j.mean()),
         "hd95": float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
     }
+
+
+def class_scores(
+    pred: np.ndarray,
+    target: np.ndarray,
+    n_classes: int = 1,
+    spacing: Sequence[float] | None = None,
+    with_hd95: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per-class Dice / IoU / HD95 of one image, NaN where the class is absent from ``target``.
+
+    Args:
+        pred, target: label maps ``(H, W)``; binary (``n_classes <= 2``: any non-zero value is
+            the foreground) or class indices ``0..n_classes-1`` (0 = background, not scored).
+        n_classes: 1 (binary) or the number of classes including background.
+        spacing: ``(dy, dx)`` for HD95 (mm); pixels when None.
+
+    Returns:
+        ``{"dice", "iou", "hd95"}`` each ``(C,)`` float, C = ``max(n_classes - 1, 1)``. HD95 is
+        also NaN when the prediction lacks a class the ground truth has (MONAI's convention).
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    labels = [None] if n_classes <= 2 else list(range(1, n_classes))
+    out = {k: np.full(len(labels), np.nan) for k in ("dice", "iou", "hd95")}
+    for c, lab in enumerate(labels):
+        p = pred > 0 if lab is None else pred == lab
+        t = target > 0 if lab is None else target == lab
+        if not t.any():
+            continue  # class absent from the ground truth: ignored (MONAI ignore_empty)
+        out["dice"][c], out["iou"][c] = dice(p, t), iou(p, t)
+        if with_hd95:
+            out["hd95"][c] = hd95(p, t, spacing)
+    return out
+
+
+def per_class_scores(
+    rows: Sequence[Mapping[str, np.ndarray]], class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Aggregate :func:`class_scores` of many images: per class, then the mean over classes.
+
+    Returns ``{"dice", "iou", "hd95"}`` (means over the classes that occur at all) plus
+    ``"per_class": {name: {"dice", "iou", "hd95", "n"}}`` (``n`` = images holding the class);
+    a class never present in the ground truth has NaN scores and does not enter the mean.
+    """
+    n_cls = len(rows[0]["dice"]) if rows else 0
+    names = list(class_names or [])
+    if len(names) != n_cls:
+        names = ["foreground"] if n_cls == 1 else [f"class{c + 1}" for c in range(n_cls)]
+    out: dict[str, Any] = {"per_class": {}}
+    means: dict[str, list[float]] = {"dice": [], "iou": [], "hd95": []}
+    for c, name in enumerate(names):
+        entry: dict[str, float] = {}
+        for key in means:
+            vals = np.array([r[key][c] for r in rows], dtype=float)
+            vals = vals[np.isfinite(vals)]
+            entry[key] = float(vals.mean()) if vals.size else float("nan")
+            if vals.size:
+                means[key].append(entry[key])
+        entry["n"] = int(sum(np.isfinite(r["dice"][c]) for r in rows))
+        out["per_class"][name] = entry
+    for key, vals in means.items():
+        out[key] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def segmentation_metrics(
+    pred: np.ndarray,
+    target: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    n_classes: int = 1,
+) -> dict[str, float]:
+    """Dice, IoU and HD95 of one prediction: mean over the classes present in ``target``.
+
+    Classes absent from the ground truth are ignored (MONAI ``ignore_empty``): NaN when no
+    class is present. ``pred``/``target`` ``(H, W)`` label maps, ``n_classes`` as in
+    :func:`class_scores`. ``dice_legacy`` adds the earlier definition
+    (:func:`segmentation_metrics_legacy`).
+    """
+    rows = class_scores(pred, target, n_classes, spacing)
+    out = {}
+    for key, vals in rows.items():
+        finite = vals[np.isfinite(vals)]
+        out[key] = float(finite.mean()) if finite.size else float("nan")
+    out["dice_legacy"] = segmentation_metrics_legacy(pred, target, spacing, n_classes)["dice"]
+    return out
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

@@ -62,6 +62,8 @@ def evaluate_model_dir(
     model, meta = load_finetuned(model_dir, device=device)
     task = meta["task"]
     data = LabelledSet.from_folder(data_dir, task)
+    if task == "segmentation":
+        declare_mask_classes(data, meta)
     splits_path = Path(splits_file) if splits_file else find_splits(model_dir)
     if splits_path is not None and not splits_path.is_file():
         raise ConfigError(
@@ -129,6 +131,14 @@ def evaluate_model_dir(
     return result
 
 
+def declare_mask_classes(data, meta: dict[str, Any]) -> None:
+    """Read ``data``'s masks the way the model was trained: when the data folder declares no
+    classes, use the stored mask values the model recorded (``extra.mask_values``)."""
+    extra = meta.get("extra") or {}
+    if not data.mask_classes and extra.get("mask_values"):
+        data.set_mask_classes(extra["mask_values"], extra.get("mask_classes"), "model metadata")
+
+
 def score_items(
     model, data, indices: Sequence[int], *, device: str = "cpu", batch_size: int = 8
 ) -> dict[str, float]:
@@ -143,9 +153,18 @@ def score_items(
 
 def _seg_scorer(
     model, data, indices, transform: Callable | None, device: str, batch_size: int
-) -> dict[str, float]:
-    """Mean Dice / IoU / HD95 over items, at native resolution."""
-    from usfm_core.evaluate.metrics import segmentation_metrics
+) -> dict[str, Any]:
+    """Per-class and mean Dice / IoU / HD95 over items, at native resolution.
+
+    A class is scored on the images whose ground truth holds it (MONAI ``ignore_empty``); the
+    mean is over classes (:func:`usfm_core.evaluate.metrics.per_class_scores`).
+    ``dice_legacy`` is the earlier mean of per-image Dice (empty/empty = 1, classes merged).
+    """
+    from usfm_core.evaluate.metrics import (
+        class_scores,
+        per_class_scores,
+        segmentation_metrics_legacy,
+    )
     from usfm_core.finetune.data import read_image, read_mask
     from usfm_core.finetune.infer import segment_frames
 
@@ -154,22 +173,21 @@ def _seg_scorer(
             img = read_image(data.items[i])
             yield transform(img) if transform else img
 
-    rows, hc_errors = [], []
+    n_classes = max(model.n_classes, 1)
+    rows, legacy, hc_errors = [], [], []
     for i, pred in zip(
         indices, segment_frames(model, frames(), batch_size=batch_size, device=device)
     ):
         item = data.items[i]
         px = item.pixel_size_mm
-        rows.append(
-            segmentation_metrics(
-                pred, read_mask(item), (px, px) if px else None, n_classes=max(model.n_classes, 1)
-            )
-        )
+        spacing = (px, px) if px else None
+        target = read_mask(item)
+        rows.append(class_scores(pred, target, n_classes, spacing))
+        legacy.append(segmentation_metrics_legacy(pred, target, spacing, n_classes)["dice"])
         if item.circumference_mm is not None and px:
             hc_errors.append(circumference_error_mm(pred, px, item.circumference_mm))
-    out = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "iou")}
-    hd = [r["hd95"] for r in rows if np.isfinite(r["hd95"])]
-    out["hd95"] = float(np.mean(hd)) if hd else float("nan")
+    out = per_class_scores(rows, structure_names(model))
+    out["dice_legacy"] = float(np.mean(legacy)) if legacy else float("nan")
     if hc_errors:
         err = np.abs(hc_errors)
         out.update(
@@ -179,6 +197,16 @@ def _seg_scorer(
             hc_bias_mm=float(np.mean(hc_errors)),
         )
     return out
+
+
+def structure_names(model) -> list[str]:
+    """Names of the scored (foreground) classes of a segmenter: ``classes[1:]`` of a softmax
+    model whose ``classes`` name every output, else ``["foreground"]`` / ``class<k>``."""
+    k = int(getattr(model, "n_classes", 1))
+    names = list(getattr(model, "classes", []) or [])
+    if k > 1:
+        return names[1:] if len(names) == k else [f"class{c}" for c in range(1, k)]
+    return [names[1]] if len(names) == 2 and names[0] == "background" else ["foreground"]
 
 
 def circumference_error_mm(pred: np.ndarray, pixel_size_mm: float, reference_mm: float) -> float:
@@ -245,7 +273,33 @@ def _summary_md(result: dict[str, Any]) -> str:
                 m = arm["corrupted"][kind][sev]
             cells = " | ".join(_fmt(m.get(k), k not in _ABSOLUTE) for k in keys)
             lines.append((f"| {name} " if len(arms) > 1 else "") + f"| {cond} | {cells} |")
+    if result["task"] == "segmentation":
+        lines += _per_class_md(arms)
     return "\n".join(lines) + "\n"
+
+
+def _per_class_md(arms: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Clean per-class Dice / IoU / HD95 table (classes absent from an image's ground truth
+    are ignored there), plus a note on the earlier merged Dice."""
+    lines = [
+        "",
+        "Per class (clean; each class over the images whose ground truth holds it, n = images; "
+        "the mean above is over classes):",
+        "",
+        "| model | class | n | dice | iou | hd95 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, arm in arms:
+        for cls, m in arm["clean"].get("per_class", {}).items():
+            cells = " | ".join(_fmt(m.get(k), k not in _ABSOLUTE) for k in ("dice", "iou", "hd95"))
+            lines.append(f"| {name} | {cls} | {m.get('n', 0)} | {cells} |")
+    legacy = [f"{n} {_fmt(a['clean'].get('dice_legacy'), True)}" for n, a in arms]
+    lines += [
+        "",
+        "Earlier definition (per-image Dice, empty prediction on empty mask = 100, classes "
+        "merged), `dice_legacy`: " + ", ".join(legacy) + ".",
+    ]
+    return lines
 
 
 def _plot_robustness(result: dict[str, Any], path: Path) -> None:

@@ -6,9 +6,20 @@ A labelled data set is a folder holding ``manifest.csv`` with the columns
   ``class`` (classification);
 * optional ``group`` or ``dup_group``: items of a group (a patient, a video, near-duplicates)
   always land in the same split, so nothing leaks from train to test;
+* optional ``split`` (``train`` / ``val`` / ``test``): a fixed split, honoured as it is (an
+  official test set stays the test set); without ``val`` rows the validation items are drawn
+  from the training rows (grouped, stratified);
+* optional ``classes`` (segmentation): the mask classes as ``value=name`` pairs separated by
+  ``;`` (e.g. ``1=cyst;2=solid``; any row may hold them, they are merged);
 * optional ``pixel_size_mm``, and ``head_circumference_mm`` (or ``circumference_mm``): a
   reference circumference that ``usfm-core evaluate`` compares with the predicted mask's
   ellipse-fit circumference (HC18's measure).
+
+Masks are read as stored (:func:`read_mask`): palette PNG indices, 8/16-bit class values,
+0/255 binary. The segmentation classes come from ``classes.json`` beside the manifest
+(``{"1": "cyst", "2": "solid"}`` or a list of names, index = mask value, 0 = background), else
+the manifest's ``classes`` column, else the values found in the masks
+(:meth:`LabelledSet.resolve_mask_classes`).
 
 The shared BUSI / HC18 folders follow this layout as they are. In-memory arrays (a few annotated
 frames from the napari plugin) are wrapped with :meth:`LabelledSet.from_arrays`.
@@ -42,15 +53,30 @@ class Item:
     group: str = ""
     pixel_size_mm: float | None = None
     circumference_mm: float | None = None
+    split: str = ""  # fixed split from the manifest ("train" / "val" / "test"), else ""
+    # Stored mask value of each class index (0 = background), e.g. (0, 1, 2) or (0, 128, 255);
+    # None: legacy reading (0/255 → 0/1, other values as they are).
+    mask_values: tuple[int, ...] | None = None
+
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 @dataclass
 class LabelledSet:
-    """A list of :class:`Item` plus the class names (classification) and the source folder."""
+    """A list of :class:`Item` plus the class names (classification) and the source folder.
+
+    ``mask_classes`` (segmentation) names the mask classes, index = class index, 0 =
+    background; ``mask_values`` holds the stored mask value of each (see :func:`read_mask`).
+    Both are empty until declared (``classes.json``, the manifest) or found in the masks.
+    """
 
     items: list[Item]
     classes: list[str] = field(default_factory=list)
     root: Path | None = None
+    mask_classes: list[str] = field(default_factory=list)
+    mask_values: list[int] = field(default_factory=list)
+    classes_source: str = ""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -64,6 +90,57 @@ class LabelledSet:
     def groups(self) -> list[str]:
         """Group id per item (the key when the manifest has no group column)."""
         return [it.group or it.key for it in self.items]
+
+    def fixed_splits(self) -> dict[str, list[int]] | None:
+        """Item indices per split from the manifest's ``split`` column, or None without one."""
+        if not any(it.split for it in self.items):
+            return None
+        out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+        for i, it in enumerate(self.items):
+            out[it.split].append(i)
+        return out
+
+    def set_mask_classes(
+        self, values: Sequence[int], names: Sequence[str] | None = None, source: str = ""
+    ) -> None:
+        """Declare the stored mask value of each class (0 first) and their names."""
+        values = [int(v) for v in values]
+        if not values or values[0] != 0:
+            values = [0, *[v for v in values if v != 0]]
+        names = list(names) if names else ["background", *[f"class{v}" for v in values[1:]]]
+        if len(names) != len(values):
+            raise ConfigError(f"{len(names)} class names for {len(values)} mask values")
+        self.mask_values, self.mask_classes = values, names
+        self.classes_source = source or self.classes_source
+        for it in self.items:
+            it.mask_values = tuple(values)
+
+    def resolve_mask_classes(self) -> list[str]:
+        """Mask class names (0 = background), from the declaration or else the mask values.
+
+        Without a declaration every mask is read once: a set whose masks only hold 0 and one
+        other value (1 or 255) is binary (``["background", "foreground"]``); several values
+        become classes in increasing value order. Also labels each item by mask presence
+        (for stratified splits) on the way.
+        """
+        if self.mask_classes:
+            for it in self.items:
+                if it.label is None:
+                    it.label = int(read_mask(it).any())
+            return self.mask_classes
+        found: set[int] = set()
+        for it in self.items:
+            m = read_mask(it, raw=True)
+            vals = set(np.unique(m).tolist())
+            found |= vals
+            if it.label is None:
+                it.label = int(bool(vals - {0}))
+        fg = sorted(found - {0})
+        if len(fg) <= 1:  # binary: 0/1 or 0/255 (read_mask maps 255 to 1)
+            self.set_mask_classes([0, 1], ["background", "foreground"], "mask values (binary)")
+        else:
+            self.set_mask_classes([0, *fg], None, f"mask values {[0, *fg]}")
+        return self.mask_classes
 
     @classmethod
     def from_folder(cls, root: str | Path, task: str = "segmentation") -> LabelledSet:
@@ -96,7 +173,7 @@ class LabelledSet:
             )
         classes = sorted({r[label_col] for r in rows}) if label_col else []
         items = []
-        for row in rows:
+        for n_row, row in enumerate(rows, start=2):
             image = root / row["image"]
             if not image.is_file():
                 raise ScanReadError("image listed in manifest.csv not found", path=image)
@@ -114,9 +191,21 @@ class LabelledSet:
                     group=(row.get(group_col) or "") if group_col else "",
                     pixel_size_mm=float(px) if px else None,
                     circumference_mm=float(hc) if hc else None,
+                    split=_split_name(row, manifest, n_row),
                 )
             )
-        return cls(items=items, classes=classes, root=root)
+        if any(it.split for it in items) and not all(it.split for it in items):
+            raise ConfigError(
+                "the 'split' column is empty for some rows",
+                path=manifest,
+                hint="give every row train, val or test (or drop the column)",
+            )
+        out = cls(items=items, classes=classes, root=root)
+        if task == "segmentation":
+            declared = _declared_mask_classes(root, rows)
+            if declared is not None:
+                out.set_mask_classes(*declared)
+        return out
 
     @classmethod
     def from_arrays(
@@ -176,22 +265,154 @@ def read_image(item: Item) -> np.ndarray:
     return to_uint8(img)
 
 
-def read_mask(item: Item) -> np.ndarray:
-    """The item's mask as ``(H, W)`` integer labels (binary 0/255 masks become 0/1)."""
-    import cv2
+def read_mask(item: Item, raw: bool = False) -> np.ndarray:
+    """The item's mask as ``(H, W)`` int64 class indices, read as it is stored.
 
+    Palette PNGs (mode ``P``) give their palette indices, 8/16-bit gray PNG/TIFF their values,
+    RGB masks with equal channels their gray value (colour masks are refused). With
+    ``item.mask_values`` declared, stored value ``mask_values[k]`` becomes class ``k`` (a 0/255
+    mask counts as 0/1 for a binary declaration) and any other value raises a
+    :class:`USFMError` naming the file, the values found and the declared classes. Without a
+    declaration a 0/255 mask becomes 0/1 and other values are kept. ``raw`` skips the mapping.
+    """
     if item.mask is None:
         raise USFMError(f"item {item.key} has no mask")
     if isinstance(item.mask, np.ndarray):
-        mask = item.mask
+        mask = np.asarray(item.mask)
+        if mask.dtype == bool:
+            mask = mask.astype(np.uint8)
     else:
-        mask = cv2.imread(str(item.mask), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise ScanReadError("cannot decode mask", path=item.mask)
+        mask = _decode_mask_file(Path(item.mask))
+    if raw:
+        return mask.astype(np.int64)
+    return map_mask_values(mask, item.mask_values, item.mask if item.mask is not None else "")
+
+
+def map_mask_values(
+    mask: np.ndarray, values: Sequence[int] | None, source: object = ""
+) -> np.ndarray:
+    """Stored mask values ``(H, W)`` → class indices (see :func:`read_mask`); int64."""
     mask = np.asarray(mask)
-    if mask.dtype == bool or mask.max(initial=0) == 255:
-        return (mask > 127).astype(np.int64)  # 0/255 binary mask (PNG convention)
-    return mask.astype(np.int64)
+    if values is None:
+        if mask.max(initial=0) == 255:
+            return (mask > 127).astype(np.int64)  # 0/255 binary mask (PNG convention)
+        return mask.astype(np.int64)
+    values = list(values)
+    found = np.unique(mask)
+    if len(values) == 2 and set(found.tolist()) <= {0, 255} and 255 not in values:
+        values = [values[0], 255]  # a 0/255 mask under a 0/1 declaration
+    lut = {int(v): k for k, v in enumerate(values)}
+    unknown = [int(v) for v in found if int(v) not in lut]
+    if unknown:
+        raise USFMError(
+            f"mask values {found.tolist()} do not match the declared classes "
+            f"(values {values}); unexpected {unknown[:10]}",
+            path=source if isinstance(source, (str, Path)) and str(source) else None,
+            hint="fix classes.json / the manifest's classes column, or the mask (a palette or "
+            "greyscale PNG holding one class value per pixel)",
+        )
+    if values == list(range(len(values))):
+        return mask.astype(np.int64)
+    table = np.zeros(int(found.max(initial=0)) + 1, np.int64)
+    for v, k in lut.items():
+        if v < len(table):
+            table[v] = k
+    return table[mask.astype(np.int64)]
+
+
+def _decode_mask_file(path: Path) -> np.ndarray:
+    """Stored values of a mask file ``(H, W)``: palette indices, gray values (8/16 bit)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                return np.asarray(im)  # palette indices, not the colours
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError):
+        arr = _decode_with_cv2(path)
+    if arr.ndim == 3:
+        chans = arr[..., :3]
+        if not (np.array_equal(chans[..., 0], chans[..., 1]) and np.array_equal(
+            chans[..., 0], chans[..., 2]
+        )):
+            raise ScanReadError(
+                "colour mask: cannot tell classes from RGB colours",
+                path=path,
+                hint="store class indices as a palette (mode P) or greyscale PNG",
+            )
+        arr = chans[..., 0]
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ScanReadError(
+            f"mask must be a 2-D integer image, got {arr.dtype} {arr.shape}", path=path
+        )
+    return arr
+
+
+def _decode_with_cv2(path: Path) -> np.ndarray:
+    """Fallback decoder (formats PIL does not read), keeping the stored bit depth."""
+    import cv2
+
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ScanReadError("cannot decode mask", path=path)
+    return arr[..., ::-1] if arr.ndim == 3 else arr
+
+
+def _split_name(row: dict[str, str], manifest: Path, n_row: int) -> str:
+    """Normalised ``split`` cell of a manifest row (``""`` when absent)."""
+    raw = (row.get("split") or "").strip().lower()
+    if not raw:
+        return ""
+    if raw not in SPLIT_NAMES:
+        raise ConfigError(
+            f"row {n_row}: split {row.get('split')!r} is not train, val or test",
+            path=manifest,
+            hint="use train, val (or validation) or test in the split column",
+        )
+    return SPLIT_NAMES[raw]
+
+
+def _declared_mask_classes(
+    root: Path, rows: list[dict[str, str]]
+) -> tuple[list[int], list[str], str] | None:
+    """``(values, names, source)`` from ``classes.json`` or the manifest's ``classes`` column."""
+    path = root / "classes.json"
+    pairs: dict[int, str] = {}
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(doc, list):
+                pairs = {i: str(n) for i, n in enumerate(doc)}
+            else:
+                pairs = {int(k): str(v) for k, v in dict(doc).items()}
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"unreadable classes.json: {exc}",
+                path=path,
+                hint='write {"1": "name", "2": "name"} (mask value: class name) or a list',
+            ) from None
+        source = "classes.json"
+    elif rows and "classes" in rows[0]:
+        for row in rows:
+            for part in filter(None, (p.strip() for p in (row.get("classes") or "").split(";"))):
+                value, sep, name = part.partition("=")
+                try:
+                    pairs[int(value)] = name.strip() if sep else f"class{int(value)}"
+                except ValueError:
+                    raise ConfigError(
+                        f"classes cell {part!r} is not value=name",
+                        path=root / "manifest.csv",
+                        hint="e.g. 1=cyst;2=solid",
+                    ) from None
+        source = "manifest classes column"
+    if not pairs:
+        return None
+    pairs.setdefault(0, "background")
+    values = sorted(pairs)
+    return values, [pairs[v] for v in values], source
 
 
 def to_uint8(frame: np.ndarray) -> np.ndarray:
@@ -309,17 +530,90 @@ def save_splits(
 
 
 def load_splits(path: str | Path, data: LabelledSet) -> dict[str, list[int]]:
-    """Read ``splits.json`` back as item indices of ``data`` (keys must all be present)."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read ``splits.json`` back as item indices of ``data`` (keys must all be present).
+
+    Accepts a run's file (``{"splits": {"train": [keys], ...}, ...}``) or a bare
+    ``{"train": [keys], "val": [...], "test": [...]}``; keys are the manifest's ``image`` paths.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read the splits file: {exc}",
+            path=path,
+            hint='a JSON file {"train": [image paths], "val": [...], "test": [...]}',
+        ) from None
+    doc = doc.get("splits", doc) if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not set(doc) & {"train", "val", "test"}:
+        raise ConfigError(
+            "splits file has no train / val / test lists",
+            path=path,
+            hint='write {"train": [image paths], "val": [...], "test": [...]}',
+        )
     index = {it.key: i for i, it in enumerate(data.items)}
     try:
-        return {k: [index[key] for key in keys] for k, keys in doc["splits"].items()}
+        return {
+            SPLIT_NAMES.get(k, k): [index[key] for key in keys]
+            for k, keys in doc.items()
+            if isinstance(keys, list)
+        }
     except KeyError as exc:
         raise ConfigError(
             f"splits.json names an item not in the data set: {exc}",
             path=path,
             hint="evaluate with the same --data folder the model was trained on",
         ) from None
+
+
+def resolve_splits(
+    data: LabelledSet,
+    splits: dict[str, list[int]] | None = None,
+    splits_file: str | Path | None = None,
+    split_seed: int = 0,
+) -> tuple[dict[str, list[int]], str]:
+    """The train / val / test item indices of a run and the rule that made them.
+
+    Precedence: ``splits`` (given), ``splits_file``, the manifest's ``split`` column, else a
+    grouped, class-stratified 70/15/15 split (:func:`make_splits`). A fixed split without
+    validation items gets them from its training items (grouped, stratified, ~15 %); test
+    items are never touched. Items listed in no split are left out. Raises
+    :class:`ConfigError` when splits overlap or no training item remains.
+    """
+    if splits is not None:
+        rule = "given splits"
+    elif splits_file is not None:
+        splits, rule = load_splits(splits_file, data), f"splits file {splits_file}"
+    elif (fixed := data.fixed_splits()) is not None:
+        splits, rule = fixed, "manifest split column"
+    else:
+        s = make_splits(data.labels, data.groups, seed=split_seed)
+        return s, f"random grouped stratified 70/15/15 (split_seed {split_seed})"
+    out = {k: sorted(splits.get(k, [])) for k in ("train", "val", "test")}
+    where = Path(splits_file) if splits_file is not None else data.root
+    if not out["train"]:
+        raise ConfigError(
+            "the fixed split has no training items", path=where, hint="mark some rows train"
+        )
+    if set(out["train"]) & set(out["test"]) or set(out["val"]) & set(out["test"]):
+        raise ConfigError(
+            "an item is in the test split and in train/val",
+            path=where,
+            hint="each item belongs to one split",
+        )
+    if not out["val"]:
+        train = out["train"]
+        sub = make_splits(
+            data.labels[train], [data.groups[i] for i in train], (0.85, 0.15, 0.0), split_seed
+        )
+        val = sorted(train[j] for j in sub["val"] + sub["test"])
+        if val and len(val) < len(train):
+            out["val"] = val
+            out["train"] = sorted(set(train) - set(val))
+        else:  # too few items to hold any back: validate on the training items
+            out["val"] = list(train)
+        rule += f" (val drawn from train, split_seed {split_seed})"
+    return out, rule
 
 
 def _group_members(groups: Sequence[str]) -> dict[str, list[int]]:

@@ -278,7 +278,89 @@ class TaskModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskModelConfig:
-        return cls(**data)
+        """Inverse of :meth:`to_dict`, validated before anything is built: types and ranges
+        from :data:`usfm_core.models.limits.TASK_FIELDS`, a registered *backbone* type (a task
+        model cannot nest another) and a valid backbone config; :class:`ConfigError` names the
+        field."""
+        from usfm_core.models.limits import TASK_FIELDS, check_fields
+
+        check_fields(
+            data, TASK_FIELDS, "task config", required=("backbone_type", "backbone_config")
+        )
+        config = cls(**data)
+        config.backbone_config_object()  # validates the nested backbone config
+        return config
+
+    def backbone_config_object(self):
+        """The backbone's own config object (e.g. a ``VMambaConfig``), validated."""
+        from usfm_core.errors import ConfigError
+        from usfm_core.models import serialization
+
+        registered = serialization._REGISTRY.get(self.backbone_type)
+        if registered is None or self.backbone_type in MODEL_TYPES:
+            backbones = [t for t in serialization.model_types() if t not in MODEL_TYPES]
+            raise ConfigError(
+                f"task config.backbone_type must be one of {backbones}, "
+                f"got {self.backbone_type!r}"
+            )
+        try:
+            return registered[1].from_dict(dict(self.backbone_config))
+        except ConfigError as exc:
+            raise ConfigError(
+                f"task config.backbone_config: {_message(exc)}", hint=exc.hint
+            ) from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"task config.backbone_config: {exc}") from None
+
+    def estimate_params(self) -> int:
+        """Parameters of the task model (backbone + head) from the config alone; the head is
+        a classifier head for ``linear`` / ``mlp``, else a segmentation decoder."""
+        from usfm_core.errors import ConfigError
+
+        backbone = self.backbone_config_object()
+        dims = list(getattr(backbone, "stage_dims", None) or [backbone.dim])
+        n = int(backbone.estimate_params())
+        k = self.n_classes
+        if self.head in ("linear", "mlp"):
+            d = dims[-1]
+            return n + (d * d + d if self.head == "mlp" else 0) + d * k + k
+        if len(dims) != 4:
+            raise ConfigError(
+                f"task config: a {self.head!r} decoder needs a backbone with 4 stages, "
+                f"{self.backbone_type!r} has {len(dims)}"
+            )
+        return n + _decoder_params(self.head, dims, k)
+
+
+def _conv_attention_params(c: int) -> int:
+    """Parameters of :class:`ConvAttentionBlock` (two 3×3 convs, GroupNorms, gate)."""
+    hidden = max(c // 8, 4)
+    return 2 * (c * c * 9 + c) + 4 * c + (c * hidden + hidden + hidden * c + c)
+
+
+def _decoder_params(head: str, dims: list[int], n_out: int) -> int:
+    """Parameters of the decoder ``head`` over stage widths ``dims`` (mirrors DECODERS)."""
+    if head == "conv":
+        width = 64
+        return sum(d * width + width for d in dims) + width * width * 9 + 3 * width + (
+            width * n_out + n_out
+        )
+
+    def block(c: int) -> int:
+        if head != "vss":
+            return _conv_attention_params(c)
+        from usfm_core.models.vmamba import VMambaConfig, _vss_block_params
+
+        return _vss_block_params(c, VMambaConfig(d_state=4)) + _conv_attention_params(c)
+
+    n = block(dims[3]) + sum(block(dims[i]) for i in (2, 1, 0))
+    n += sum(dims[i + 1] * dims[i] + dims[i] for i in (2, 1, 0))
+    return n + dims[0] * n_out + n_out
+
+
+def _message(exc: BaseException) -> str:
+    """An error's message without the ``fix:`` line."""
+    return str(exc).split("\n  fix:", 1)[0]
 
 
 def _backbone_from(config: TaskModelConfig) -> nn.Module:
@@ -313,10 +395,23 @@ def build_backbone(preset: str = "tiny", kind: str = "vmamba") -> nn.Module:
     raise ValueError(f"unknown backbone kind {kind!r}")
 
 
+def build_like(backbone: nn.Module, seed: int | None = None) -> nn.Module:
+    """A backbone of exactly ``backbone``'s type and config (depths, widths, drop-path, ...)
+    with fresh random weights (seeded when ``seed`` is given): the from-scratch baseline that
+    compares one architecture with its pretrained self."""
+    from usfm_core.models.serialization import build_model
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(_backbone_type(backbone), backbone.config.to_dict())
+
+
 def load_backbone(ckpt_dir: str | Path) -> nn.Module:
     """The backbone inside a pretrained checkpoint folder (a bare backbone or a wrapper of one).
 
-    A ``usfm-core pretrain`` run folder is accepted too (its ``backbone/`` sub-folder is used).
+    ``ckpt_dir`` may be a model name (``usfm-core models``): a shipped or imported model of
+    kind ``backbone``, or a fine-tuned model whose encoder is reused. A ``usfm-core pretrain``
+    run folder is accepted too (its ``backbone/`` sub-folder is used).
 
     Wrappers are unwrapped through ``.backbone``, ``.student`` / ``.encoder`` or
     ``.teacher`` attributes (a teacher-student pretrain model yields its teacher if present,
@@ -328,7 +423,9 @@ def load_backbone(ckpt_dir: str | Path) -> nn.Module:
         raise CheckpointError(
             "checkpoint loading is not available (models.serialization)", path=ckpt_dir
         ) from exc
-    ckpt_dir = Path(ckpt_dir)
+    from usfm_core.models.zoo import resolve_model_dir
+
+    ckpt_dir = resolve_model_dir(ckpt_dir)  # a path, or a shipped / user model's name
     if (ckpt_dir / "backbone" / "config.json").is_file() and not _is_model_folder(ckpt_dir):
         ckpt_dir = ckpt_dir / "backbone"  # a pretrain run folder: its exported backbone
     model, _meta = load_model(ckpt_dir)

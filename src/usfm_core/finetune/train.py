@@ -2,10 +2,12 @@
 
 :func:`finetune` trains a :class:`~usfm_core.finetune.models.Classifier` or
 :class:`~usfm_core.finetune.models.Segmenter` on a labelled folder or on in-memory frames,
-selects the best epoch on the validation split (macro-F1 / Dice), stops early, and writes::
+selects the best model on the validation split (macro-F1 / mean per-class Dice), validating
+every epoch or every ``val_every`` steps, stops early (patience, ``max_steps``,
+``time_budget_s``), and writes::
 
     out_dir/model/{config.json, model.safetensors}   best model (atomic writes)
-    out_dir/history.csv                              one row per epoch
+    out_dir/history.csv                              one row per validation
     out_dir/splits.json                              item keys of train (subset) / val / test
     out_dir/result.json                              settings, best epoch, val + test metrics
 
@@ -33,18 +35,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from usfm_core.errors import ConfigError
-from usfm_core.evaluate.metrics import classification_metrics, dice, iou
+from usfm_core.evaluate.metrics import classification_metrics, dice
 from usfm_core.finetune.data import (
     LabelledSet,
     SupervisedDataset,
     label_subset,
-    make_splits,
+    resolve_splits,
     save_splits,
 )
 from usfm_core.finetune.models import (
     Classifier,
     Segmenter,
     build_backbone,
+    build_like,
     load_backbone,
     save_finetuned,
 )
@@ -76,6 +79,9 @@ class FinetuneResult:
     seed: int = 0
     n_train: int = 0
     cancelled: bool = False
+    split_rule: str = ""
+    steps: int = 0
+    classes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (paths as strings)."""
@@ -121,6 +127,7 @@ def finetune(
     backbone_ckpt: str | Path | None = None,
     backbone_preset: str = "tiny",
     backbone: nn.Module | None = None,
+    from_scratch_like: str | Path | None = None,
     n_classes: int | None = None,
     head: str = "linear",
     decoder: str = "unet",
@@ -136,10 +143,13 @@ def finetune(
     input_size: int = 224,
     device: str = "auto",
     max_steps: int | None = None,
+    val_every: int | None = None,
+    time_budget_s: float | None = None,
     patience: int = 10,
     augment: bool = True,
     balanced: bool = False,
     splits: dict[str, list[int]] | None = None,
+    splits_file: str | Path | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     cancel: Callable[[], bool] | Any | None = None,
 ) -> FinetuneResult:
@@ -149,10 +159,14 @@ def finetune(
         task: ``"segmentation"`` / ``"seg"`` or ``"classification"`` / ``"cls"``.
         data: a folder with ``manifest.csv``, a :class:`LabelledSet`, or a tuple
             ``(images (N, H, W), masks (N, H, W))`` (segmentation) / ``(images, labels (N,))``.
-        backbone_ckpt: pretrained checkpoint folder; None trains from scratch (the baseline).
+        backbone_ckpt: pretrained checkpoint folder or model name; None trains from scratch.
         backbone: an already built backbone module (overrides the two options above).
-        n_classes: segmentation output channels (1 = binary, default) or number of classes
-            (classification, default: from the data).
+        from_scratch_like: a backbone folder or name whose exact architecture and config are
+            rebuilt with random weights (the scratch baseline of that backbone).
+        n_classes: segmentation output channels; default from the mask classes (declared or
+            found in the masks): one sigmoid for one structure, a softmax over background +
+            structures for several; 1 forces a union (binary) model. Classification: number
+            of classes (default: from the data).
         label_ratio: share of the training split used, stratified and grouped (0 < r ≤ 1).
         seed: seed of the label subset, augmentations and initialisation.
         split_seed: seed of the train/val/test split (kept fixed across ``seed``s).
@@ -161,13 +175,22 @@ def finetune(
         freeze_backbone: linear probe: only the head trains, the backbone stays in eval mode.
         input_size: square model input side, divisible by 32.
         max_steps: stop after this many optimiser steps in total (quick runs, tests).
-        patience: epochs without validation improvement before stopping.
+        val_every: validate (and select, count patience) every N optimiser steps instead of
+            at the end of every epoch.
+        time_budget_s: stop training after this many seconds (training + validation).
+        patience: validations without improvement before stopping.
         balanced: classification only: weight the cross-entropy by inverse class frequency
             in the training subset (``n / (K · n_k)``), so the majority class cannot win the
             macro-F1 model selection by default.
-        splits: precomputed ``{"train", "val", "test"}`` item indices (else computed).
+        splits: precomputed ``{"train", "val", "test"}`` item indices; else ``splits_file``
+            (a ``splits.json``), else the manifest's ``split`` column, else a grouped,
+            stratified 70/15/15 split (:func:`usfm_core.finetune.data.resolve_splits`). The
+            rule used is recorded in ``splits.json``, ``result.json`` and the model's metadata.
         progress: called with a dict (``epoch``, ``step``, ``loss``, ... ) during training.
         cancel: callable returning True, or an object with ``is_set()``, to stop early.
+
+    Segmentation selects on the validation mean per-class Dice (classes absent from an image's
+    ground truth ignored, as MONAI does), so a failing class cannot hide behind the others.
     """
     from usfm_core.utils import resolve_device
 
@@ -176,16 +199,19 @@ def finetune(
         raise ConfigError(f"input size must be divisible by 32, got {input_size}")
     if optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if val_every is not None and val_every < 1:
+        raise ConfigError(f"val_every must be >= 1 step, got {val_every}")
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise ConfigError(f"time budget must be > 0 s, got {time_budget_s}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(resolve_device(device))
     torch.manual_seed(seed)
 
     dataset = _as_labelled(data, task)
-    if task == "segmentation" and all(it.label is None for it in dataset.items):
-        dataset.annotate_foreground()
-    if splits is None:
-        splits = make_splits(dataset.labels, dataset.groups, seed=split_seed)
+    if task == "segmentation":
+        dataset.resolve_mask_classes()  # also labels items by mask presence (stratification)
+    splits, split_rule = resolve_splits(dataset, splits, splits_file, split_seed)
     train_idx = label_subset(splits["train"], dataset.labels, dataset.groups, label_ratio, seed)
     run_splits = {"train": train_idx, "val": splits["val"], "test": splits["test"]}
     splits_path = out_dir / "splits.json"
@@ -195,15 +221,25 @@ def finetune(
         run_splits,
         seed=seed,
         split_seed=split_seed,
+        split_rule=split_rule,
         label_ratio=label_ratio,
         task=task,
     )
 
-    model = _build_model(
-        task, dataset, backbone, backbone_ckpt, backbone_preset, n_classes, head, decoder
+    model, backbone_source = _build_model(
+        task,
+        dataset,
+        backbone,
+        backbone_ckpt,
+        backbone_preset,
+        n_classes,
+        head,
+        decoder,
+        from_scratch_like,
+        seed,
     )
     model.input_size = input_size
-    model.classes = list(dataset.classes)
+    model.classes = _model_classes(task, dataset, model.n_classes)
     model.to(dev)
     model.set_backbone_trainable(not freeze_backbone)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -234,35 +270,30 @@ def finetune(
     if balanced and task == "classification":
         weight = balanced_class_weights(dataset.labels[train_idx], model.n_classes).to(dev)
 
-    key = "dice" if task == "segmentation" else "macro_f1"
-    best, best_epoch, best_state, best_val = -math.inf, 0, None, {}
-    history, step, stale, cancelled, epoch = [], 0, 0, False, 0
+    extra = {
+        "split_rule": split_rule,
+        "test_items": [dataset.items[i].key for i in splits["test"]],
+        "backbone_source": backbone_source,
+    }
+    if task == "segmentation":
+        extra.update(mask_classes=dataset.mask_classes, mask_values=dataset.mask_values)
+    best: tuple[float, float] = (-math.inf, -math.inf)
+    best_epoch, best_state, best_val = 0, None, {}
+    history: list[dict[str, Any]] = []
+    step, stale, cancelled, epoch, last_val_step = 0, 0, False, 0, 0
     last_save, saved_epoch = time.monotonic(), 0
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        if freeze_backbone:
-            model.backbone.eval()  # linear probe: no dropout / drop-path in the frozen encoder
-        losses = []
-        for x, y in loader:
-            if _is_cancelled(cancel) or (max_steps is not None and step >= max_steps):
-                cancelled = _is_cancelled(cancel)
-                break
-            x, y = x.to(dev), y.to(dev)
-            loss = _loss(task, model(x), y, weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            _report(progress, epoch=epoch, epochs=epochs, step=step, steps=total, loss=losses[-1])
-        if not losses:
-            epoch -= 1
-            break
+    t_start = time.monotonic()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+
+    def validate(epoch: int) -> None:
+        """Score the validation split, log a history row, keep the best model."""
+        nonlocal best, best_epoch, best_state, best_val, stale, last_val_step, losses, t0
+        nonlocal last_save, saved_epoch
         val = evaluate_split(model, val_ds, task, batch_size, dev)
         row = {
             "epoch": epoch,
+            "step": step,
             "train_loss": float(np.mean(losses)),
             **{f"val_{k}": v for k, v in val.items()},
             "lr": sched.get_last_lr()[0],
@@ -279,17 +310,57 @@ def finetune(
             loss=row["train_loss"],
             val=val,
         )
-        if val[key] > best:
-            best, best_epoch, best_val, stale = val[key], epoch, val, 0
+        score = selection_score(task, val)
+        if score > best:
+            best, best_epoch, best_val, stale = score, epoch, val, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             # Checkpoint the best model at most once a minute (disk syncs are slow); the
             # final best is always written below.
             if time.monotonic() - last_save > SAVE_INTERVAL_S:
-                save_finetuned(model, out_dir / "model", _extra(task, label_ratio, seed, epoch))
+                save_finetuned(
+                    model, out_dir / "model", _extra(task, label_ratio, seed, epoch, extra)
+                )
                 last_save, saved_epoch = time.monotonic(), epoch
         else:
             stale += 1
-        if stale >= patience or cancelled or (max_steps is not None and step >= max_steps):
+        last_val_step, losses, t0 = step, [], time.perf_counter()
+        model.train()
+        if freeze_backbone:
+            model.backbone.eval()
+
+    stop = False
+    for epoch in range(1, epochs + 1):
+        epoch_start_step = step
+        model.train()
+        if freeze_backbone:
+            model.backbone.eval()  # linear probe: no dropout / drop-path in the frozen encoder
+        for x, y in loader:
+            over_time = (
+                time_budget_s is not None and time.monotonic() - t_start >= time_budget_s
+            )
+            if _is_cancelled(cancel) or over_time or (max_steps is not None and step >= max_steps):
+                cancelled, stop = _is_cancelled(cancel), True
+                break
+            x, y = x.to(dev), y.to(dev)
+            loss = _loss(task, model(x), y, weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            _report(progress, epoch=epoch, epochs=epochs, step=step, steps=total, loss=losses[-1])
+            if val_every is not None and step % val_every == 0:
+                validate(epoch)
+                if stale >= patience:
+                    stop = True
+                    break
+        done = stop or epoch == epochs or (max_steps is not None and step >= max_steps)
+        if step > last_val_step and (val_every is None or done):
+            validate(epoch)
+        if step == epoch_start_step:
+            epoch -= 1  # nothing trained in this epoch
+        if done or stale >= patience:
             break
 
     if best_state is None:
@@ -299,7 +370,7 @@ def finetune(
         )
     model.load_state_dict(best_state)
     if saved_epoch != best_epoch:
-        save_finetuned(model, out_dir / "model", _extra(task, label_ratio, seed, best_epoch))
+        save_finetuned(model, out_dir / "model", _extra(task, label_ratio, seed, best_epoch, extra))
     test_ds = SupervisedDataset(dataset, splits["test"], task, input_size)
     test = evaluate_split(model, test_ds, task, batch_size, dev) if len(test_ds) else {}
     result = FinetuneResult(
@@ -316,11 +387,23 @@ def finetune(
         seed=seed,
         n_train=len(train_idx),
         cancelled=cancelled,
+        split_rule=split_rule,
+        steps=step,
+        classes=list(model.classes),
     )
     from usfm_core.utils import atomic_write_text
 
     atomic_write_text(out_dir / "result.json", json.dumps(result.to_json(), indent=1))
     return result
+
+
+def selection_score(task: str, val: dict[str, float]) -> tuple[float, float]:
+    """Model-selection key (higher is better): validation mean per-class Dice (segmentation)
+    or macro-F1 (classification), ties and undefined scores (no structure in the validation
+    ground truth: NaN) broken by the lower validation loss."""
+    main = val.get("dice" if task == "segmentation" else "macro_f1", float("nan"))
+    main = float(main) if main is not None and np.isfinite(main) else -1.0
+    return main, -float(val.get("loss", 0.0))
 
 
 @torch.no_grad()
@@ -333,9 +416,14 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Loss and metrics of ``model`` on a data set at model resolution.
 
-    Segmentation: mean per-image Dice / IoU (foreground) and loss; classification: accuracy,
-    macro precision / recall / F1, AUROC and CE loss.
+    Segmentation: ``dice`` / ``iou`` = mean over structures of each structure's mean over the
+    images whose ground truth holds it (MONAI ``ignore_empty``), ``dice_<name>`` per structure
+    when there are several, ``dice_legacy`` (per-image, empty/empty = 1, classes merged) and
+    loss; classification: accuracy, macro precision / recall / F1, AUROC and CE loss.
     """
+    from usfm_core.evaluate.metrics import class_scores, per_class_scores
+    from usfm_core.evaluate.report import structure_names
+
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
     losses, preds, targets, scores = [], [], [], []
@@ -352,10 +440,17 @@ def evaluate_split(
             targets.extend(y.cpu().numpy().tolist())
     n = max(len(ds), 1)
     if task == "segmentation":
-        out = {
-            "dice": float(np.mean([dice(p, t) for p, t in zip(preds, targets)])),
-            "iou": float(np.mean([iou(p, t) for p, t in zip(preds, targets)])),
-        }
+        k = model.n_classes
+        rows = [class_scores(p, t, k, with_hd95=False) for p, t in zip(preds, targets)]
+        agg = per_class_scores(rows, structure_names(model))
+        out = {"dice": agg["dice"], "iou": agg["iou"]}
+        if len(agg["per_class"]) > 1:
+            out.update({f"dice_{c}": m["dice"] for c, m in agg["per_class"].items()})
+        legacy = [
+            np.mean([dice(p == c, t == c) for c in range(1, k)]) if k > 2 else dice(p, t)
+            for p, t in zip(preds, targets)
+        ]
+        out["dice_legacy"] = float(np.mean(legacy)) if legacy else float("nan")
     else:
         sc = np.concatenate(scores) if scores else np.zeros((0, model.n_classes))
         out = classification_metrics(targets, sc.argmax(1), sc, n_classes=model.n_classes)
@@ -397,15 +492,41 @@ def _build_model(
     n_classes: int | None,
     head: str,
     decoder: str,
-) -> Classifier | Segmenter:
-    if backbone is None:
-        backbone = load_backbone(ckpt) if ckpt is not None else build_backbone(preset)
+    like: str | Path | None = None,
+    seed: int = 0,
+) -> tuple[Classifier | Segmenter, str]:
+    """The task model and a note of where its backbone came from (saved with the model)."""
+    if backbone is not None:
+        source = f"given module {type(backbone).__name__}"
+    elif ckpt is not None:
+        backbone, source = load_backbone(ckpt), f"pretrained {ckpt}"
+    elif like is not None:
+        backbone = build_like(load_backbone(like), seed)
+        source = f"random init, architecture of {like}"
+    else:
+        backbone, source = build_backbone(preset), f"random init, preset {preset}"
     if task == "segmentation":
-        return Segmenter(backbone, n_classes or 1, decoder)
+        if n_classes is None:
+            k = len(dataset.mask_classes)
+            n_classes = k if k > 2 else 1
+        return Segmenter(backbone, n_classes, decoder), source
     k = n_classes or len(dataset.classes) or int(dataset.labels.max()) + 1
     if k < 2:
         raise ConfigError("classification needs at least two classes in the data")
-    return Classifier(backbone, k, head)
+    return Classifier(backbone, k, head), source
+
+
+def _model_classes(task: str, dataset: LabelledSet, n_out: int) -> list[str]:
+    """Class names saved with the model: every output's name for a softmax segmenter,
+    ``[background, structure]`` for a one-structure segmenter, the image classes otherwise."""
+    names = list(dataset.mask_classes)
+    if task != "segmentation" or not names:
+        return list(dataset.classes)
+    if n_out == 1:
+        return names if len(names) == 2 else ["background", "+".join(names[1:])]
+    if len(names) == n_out:
+        return names
+    return ["background", *[f"class{c}" for c in range(1, n_out)]]
 
 
 def _loss(
@@ -437,14 +558,18 @@ def _report(progress: Callable[[dict[str, Any]], None] | None, **info: Any) -> N
         progress(info)
 
 
-def _extra(task: str, ratio: float, seed: int, epoch: int) -> dict[str, Any]:
-    # Record the input convention so other tools feed the model the same way.
+def _extra(
+    task: str, ratio: float, seed: int, epoch: int, more: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    # Record the input convention so other tools feed the model the same way, and how the
+    # run was made (split rule, test items, mask classes, backbone source).
     return {
         "task": task,
         "label_ratio": ratio,
         "seed": seed,
         "epoch": epoch,
         "normalization": "gray uint8 / 127.5 - 1",
+        **(more or {}),
     }
 
 
