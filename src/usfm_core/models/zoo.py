@@ -186,21 +186,52 @@ def find_model(name_or_path: str | Path) -> ModelEntry:
 
 
 def import_model(src: str | Path, name: str | None = None, *, overwrite: bool = False) -> Path:
-    """Copy a model folder into :func:`user_model_dir` (atomically) so every tool finds it."""
+    """Copy a model folder into :func:`user_model_dir` as ``name`` so every tool finds it.
+
+    ``name`` (default: the folder's name) must be one plain name (no ``/``, ``..``, ``.``,
+    leading dot; :func:`usfm_core.outputs.check_name`), so nothing is written or deleted outside
+    ``user_model_dir()/name``. The copy is made in a marked temporary folder beside it and then
+    renamed into place; ``overwrite=True`` replaces only an existing *model folder* of that name
+    (swapped out, then deleted), never a file, a link or another folder.
+    """
+    from usfm_core.outputs import check_name, clean_stale_temporaries, replace_folder, tmp_name
+
     entry = read_entry(src)
-    dest = user_model_dir() / (name or entry.name)
-    if dest.exists() and not overwrite:
-        raise CheckpointError(
-            "a model of that name exists",
-            path=dest,
-            hint="choose another --name or pass --overwrite",
-        )
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for fname in (CONFIG, WEIGHTS):
-        shutil.copy2(entry.path / fname, tmp / fname)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    if name is None:
+        name = entry.name or Path(src).resolve().name
+    check_name(name, what="model name")
+    root = user_model_dir()
+    dest = root / name
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise CheckpointError(
+                "a model of that name exists",
+                path=dest,
+                hint="choose another --name or pass --overwrite",
+            )
+        if dest.is_symlink() or not dest.is_dir():
+            raise CheckpointError(
+                "exists and is not a model folder (a file or a link): not replaced",
+                path=dest,
+                hint="choose another --name, or move it away yourself",
+            )
+        try:
+            read_entry(dest)
+        except CheckpointError:
+            raise CheckpointError(
+                "exists and is not a model folder: not replaced by --overwrite",
+                path=dest,
+                hint="choose another --name, or move that folder away yourself",
+            ) from None
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(root)
+    tmp = root / tmp_name(name)
+    tmp.mkdir()
+    try:
+        for fname in (CONFIG, WEIGHTS):
+            shutil.copyfile(entry.path / fname, tmp / fname)
+        replace_folder(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return dest
