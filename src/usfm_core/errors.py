@@ -16,7 +16,10 @@ class USFMError(Exception):
     def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
         self.path = Path(path) if path is not None else None
         self.hint = hint
-        text = f"{path}: {message}" if path is not None else message
+        shown = str(path)
+        if not shown.isprintable():  # newlines / control characters in a file name
+            shown = repr(shown)[1:-1]
+        text = f"{shown}: {message}" if path is not None else message
         if hint:
             text = f"{text}\n  fix: {hint}"
         super().__init__(text)
@@ -24,6 +27,16 @@ class USFMError(Exception):
 
 class ScanReadError(USFMError):
     """A scan (DICOM, video, TIFF, image, NIfTI, folder) could not be read."""
+
+
+class DecodedSizeError(ScanReadError):
+    """A scan would decode to more memory than the configured limit (checked from its header,
+    before any pixel is allocated); see :mod:`usfm_core.io.checks`."""
+
+
+class ScanWarning(UserWarning):
+    """A scan was read, but something in it was ignored or repaired (bad calibration dropped,
+    NaN/inf pixels replaced); the message names the file and what was done."""
 
 
 class ConfigError(USFMError):

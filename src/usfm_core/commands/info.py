@@ -45,12 +45,54 @@ def compute_report() -> dict[str, Any]:
     return report
 
 
+# Metadata keys `info` may print: technical facts only. Free text that can carry patient
+# identifiers (DICOM descriptions and dates, ImageJ "Info"/"Labels", file names) is never shown.
+_TECHNICAL_KEYS = frozenset(
+    {
+        "transfer_syntax",
+        "transfer_syntax_uid",
+        "Modality",
+        "Manufacturer",
+        "ManufacturerModelName",
+        "SOPClassUID",
+        "PhotometricInterpretation",
+        "BitsStored",
+        "TransducerType",
+        "TransducerFrequency",
+        "ultrasound_regions",
+        "codec",
+        "container",
+        "axes",
+        "pages",
+        "ome",
+        "file_format",
+        "axcodes",
+        "space_unit",
+        "affine",
+    }
+)
+_IMAGEJ_KEYS = frozenset(
+    {"ImageJ", "images", "frames", "slices", "channels", "unit", "spacing", "finterval", "fps"}
+)
+
+
+def technical_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The subset of a scan's metadata that holds no patient identifiers (allow-list)."""
+    out = {k: v for k, v in metadata.items() if k in _TECHNICAL_KEYS}
+    imagej = metadata.get("imagej")
+    if isinstance(imagej, dict):
+        out["imagej"] = {k: v for k, v in imagej.items() if k in _IMAGEJ_KEYS}
+    if isinstance(metadata.get("files"), list):
+        out["n_files"] = len(metadata["files"])
+    return out
+
+
 def scan_report(path: str) -> dict[str, Any]:
-    """Summary and metadata of the scan at ``path`` (frames are not decoded)."""
+    """Summary and technical metadata of the scan at ``path`` (frames are not decoded)."""
     from usfm_core.io import load_scan
 
     with load_scan(path) as scan:
-        return {**scan.summary(), "metadata": scan.metadata}
+        return {**scan.summary(), "metadata": technical_metadata(scan.metadata)}
 
 
 def _short(value: Any) -> str:

@@ -14,12 +14,14 @@ pixel and slice spacing of their shared functional groups.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from usfm_core.errors import ScanReadError
+from usfm_core.errors import ScanReadError, ScanWarning
+from usfm_core.io.checks import check_decoded_size
 from usfm_core.io.scan import Scan
 
 _JPEG_FIX = "pip install pylibjpeg pylibjpeg-libjpeg (or Pillow), or convert with gdcmconv --raw"
@@ -47,6 +49,18 @@ SUPPORTED_TRANSFER_SYNTAXES: dict[str, tuple[str, str]] = {
 ENHANCED_US_VOLUME = "1.2.840.10008.5.1.4.1.1.6.2"
 _COLOR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
+# Header fields reported in Scan.metadata (and by `usfm-core info`): technical only, never
+# patient, study or operator identifiers, dates or free-text descriptions.
+TECHNICAL_FIELDS = (
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SOPClassUID",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "TransducerType",
+    "TransducerFrequency",
+)
 # RegionSpatialFormat 1 = 2-D image; RegionDataType 1 = tissue; PhysicalUnits 3 = cm.
 _SPATIAL_2D, _TISSUE, _CM = 1, 1, 3
 
@@ -59,6 +73,76 @@ def is_dicom(path: Path) -> bool:
             return fh.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def _field(ds: Any, name: str, path: Path, *, required: bool = False) -> Any:
+    """Value of DICOM attribute ``name`` (None if absent or empty).
+
+    A value pydicom cannot convert (e.g. NumberOfFrames "abc") raises
+    :class:`ScanReadError` naming the field when ``required``, else is ignored with a warning.
+    """
+    try:
+        value = getattr(ds, name, None)
+    except Exception as exc:  # pydicom converts lazily: ValueError, TypeError, ...
+        _bad_field(name, repr(exc), path, required)
+        return None
+    return None if value in (None, "") else value
+
+
+def _bad_field(name: str, value: str, path: Path, required: bool) -> None:
+    """Raise (required field) or warn (optional field) about a malformed value."""
+    if required:
+        raise ScanReadError(
+            f"DICOM field {name} is malformed ({value})",
+            path=path,
+            hint="the header is corrupt; re-export the file from the scanner or PACS",
+        )
+    warnings.warn(
+        f"{path}: ignoring malformed DICOM field {name} ({value})", ScanWarning, stacklevel=4
+    )
+
+
+def _int_field(ds: Any, name: str, path: Path, default: int | None, required: bool = False) -> Any:
+    """Integer value of ``name`` (``default`` when absent); malformed -> error or warning."""
+    value = _field(ds, name, path, required=required)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError("not an integer")
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        _bad_field(name, repr(value)[:60], path, required)
+        return default
+
+
+def _float_field(ds: Any, name: str, path: Path) -> float | None:
+    """Float value of optional field ``name``, or None (absent / malformed, with a warning)."""
+    value = _field(ds, name, path)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        _bad_field(name, repr(value)[:60], path, False)
+        return None
+
+
+def _float_list(ds: Any, name: str, path: Path, length: int | None = None) -> list[float] | None:
+    """Multi-valued float field (e.g. PixelSpacing), or None (absent / malformed, warned)."""
+    value = _field(ds, name, path)
+    if value is None:
+        return None
+    try:
+        many = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        items = [float(v) for v in (value if many else [value])]
+        if not items or (length is not None and len(items) != length):
+            raise ValueError(f"expected {length} values")
+    except (TypeError, ValueError) as exc:
+        _bad_field(name, f"{str(value)[:60]!r}: {exc}", path, False)
+        return None
+    return items
 
 
 class DicomFrames:
@@ -74,14 +158,15 @@ class DicomFrames:
 
         try:
             arr = pixel_array(str(self.path), index=index)
+            if self.invert_max is not None:
+                flipped = self.invert_max - np.clip(arr.astype(np.int64), 0, self.invert_max)
+                arr = flipped.astype(arr.dtype)
         except Exception as exc:  # decoder errors come in many types
             raise ScanReadError(
                 f"cannot decode DICOM frame {index}: {exc}",
                 path=self.path,
                 hint="the file may be truncated or corrupt; re-export it from the scanner",
             ) from exc
-        if self.invert_max is not None:
-            arr = self.invert_max - arr
         return arr
 
     def close(self) -> None:
@@ -93,7 +178,7 @@ def _transfer_syntax(ds: Any, path: Path) -> str:
     from pydicom.pixels import get_decoder
 
     meta = getattr(ds, "file_meta", None)
-    uid = str(getattr(meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+    uid = str(_field(meta, "TransferSyntaxUID", path) or "1.2.840.10008.1.2").strip()
     entry = SUPPORTED_TRANSFER_SYNTAXES.get(uid)
     if entry is None:
         try:
@@ -143,6 +228,29 @@ def _check_pixel_data(ds: Any, path: Path, expected: int) -> None:
         )
 
 
+def _region(item: Any) -> dict[str, Any]:
+    """One SequenceOfUltrasoundRegions item as a dict (raises on malformed values)."""
+    bbox = (
+        "RegionLocationMinX0",
+        "RegionLocationMinY0",
+        "RegionLocationMaxX1",
+        "RegionLocationMaxY1",
+    )
+    return {
+        "spatial_format": int(getattr(item, "RegionSpatialFormat", 0)),
+        "data_type": int(getattr(item, "RegionDataType", 0)),
+        "units_yx": [
+            int(getattr(item, "PhysicalUnitsYDirection", 0)),
+            int(getattr(item, "PhysicalUnitsXDirection", 0)),
+        ],
+        "delta_yx_cm": [
+            float(getattr(item, "PhysicalDeltaY", 0.0)),
+            float(getattr(item, "PhysicalDeltaX", 0.0)),
+        ],
+        "bbox_x0y0x1y1": [int(getattr(item, name, 0)) for name in bbox],
+    }
+
+
 def _region_area(region: dict[str, Any]) -> int:
     """Pixel area of a region's bounding box."""
     x0, y0, x1, y1 = region["bbox_x0y0x1y1"]
@@ -156,30 +264,11 @@ def _region_spacing(ds: Any, path: Path) -> tuple[tuple[float, float] | None, li
     largest one (the main B-mode image, not an inset).
     """
     regions = []
-    for item in getattr(ds, "SequenceOfUltrasoundRegions", None) or []:
-        regions.append(
-            {
-                "spatial_format": int(getattr(item, "RegionSpatialFormat", 0)),
-                "data_type": int(getattr(item, "RegionDataType", 0)),
-                "units_yx": [
-                    int(getattr(item, "PhysicalUnitsYDirection", 0)),
-                    int(getattr(item, "PhysicalUnitsXDirection", 0)),
-                ],
-                "delta_yx_cm": [
-                    float(getattr(item, "PhysicalDeltaY", 0.0)),
-                    float(getattr(item, "PhysicalDeltaX", 0.0)),
-                ],
-                "bbox_x0y0x1y1": [
-                    int(getattr(item, name, 0))
-                    for name in (
-                        "RegionLocationMinX0",
-                        "RegionLocationMinY0",
-                        "RegionLocationMaxX1",
-                        "RegionLocationMaxY1",
-                    )
-                ],
-            }
-        )
+    for item in _field(ds, "SequenceOfUltrasoundRegions", path) or []:
+        try:
+            regions.append(_region(item))
+        except Exception as exc:  # one malformed region must not sink the scan
+            _bad_field("SequenceOfUltrasoundRegions", repr(exc)[:80], path, False)
     usable = [
         r
         for r in regions
@@ -202,82 +291,140 @@ def _region_spacing(ds: Any, path: Path) -> tuple[tuple[float, float] | None, li
     return spacing, regions
 
 
-def _pixel_measures(ds: Any) -> Any:
+def _pixel_measures(ds: Any, path: Path) -> Any:
     """The shared PixelMeasuresSequence item of an enhanced multi-frame file, or None."""
-    shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
-    measures = getattr(shared[0], "PixelMeasuresSequence", None) if shared else None
-    return measures[0] if measures else None
+    try:
+        shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+        measures = getattr(shared[0], "PixelMeasuresSequence", None) if shared else None
+        return measures[0] if measures else None
+    except Exception as exc:
+        _bad_field("SharedFunctionalGroupsSequence", repr(exc)[:80], path, False)
+        return None
 
 
 def _spacing(ds: Any, path: Path) -> tuple[tuple[float, float] | None, list[dict[str, Any]]]:
     """``(dy, dx)`` mm from the ultrasound regions, else PixelSpacing / ImagerPixelSpacing
-    (top level or in the shared functional groups of enhanced multi-frame files)."""
+    (top level or in the shared functional groups of enhanced multi-frame files).
+
+    Malformed values are skipped with a warning; plausibility is checked by :class:`Scan`.
+    """
     spacing, regions = _region_spacing(ds, path)
     if spacing is None:
-        for holder in (ds, _pixel_measures(ds)):
+        for holder in (ds, _pixel_measures(ds, path)):
+            if holder is None:
+                continue
             for name in ("PixelSpacing", "ImagerPixelSpacing"):
-                value = getattr(holder, name, None)
-                if value is not None and len(value) == 2 and min(float(v) for v in value) > 0:
-                    return (float(value[0]), float(value[1])), regions
+                value = _float_list(holder, name, path, length=2)
+                if value is not None and min(value) > 0:
+                    return (value[0], value[1]), regions
     return spacing, regions
 
 
-def _slice_spacing(ds: Any) -> float | None:
+def _slice_spacing(ds: Any, path: Path) -> float | None:
     """Distance between slices (mm) of an enhanced US volume, or None."""
-    for holder in (_pixel_measures(ds), ds):
+    for holder in (_pixel_measures(ds, path), ds):
+        if holder is None:
+            continue
         for name in ("SpacingBetweenSlices", "SliceThickness"):
-            value = getattr(holder, name, None)
-            if value not in (None, "") and float(value) > 0:
-                return float(value)
+            value = _float_field(holder, name, path)
+            if value is not None and value > 0:
+                return value
     return None
 
 
-def _fps(ds: Any) -> float | None:
+def _fps(ds: Any, path: Path) -> float | None:
     """Frames per second from FrameTime (ms), FrameTimeVector, CineRate or display rate."""
-    frame_time = getattr(ds, "FrameTime", None)
-    if frame_time and float(frame_time) > 0:
-        return 1000.0 / float(frame_time)
-    vector = getattr(ds, "FrameTimeVector", None)
+    frame_time = _float_field(ds, "FrameTime", path)
+    if frame_time is not None and frame_time > 0:
+        return 1000.0 / frame_time
+    vector = _float_list(ds, "FrameTimeVector", path)
     if vector is not None and len(vector) > 1:
         # The first entry is the time of frame 1 (usually 0); the rest are increments.
-        steps = [float(v) for v in list(vector)[1:] if float(v) > 0]
+        steps = [v for v in vector[1:] if v > 0]
         if steps:
             return 1000.0 / float(np.mean(steps))
     for name in ("CineRate", "RecommendedDisplayFrameRate"):
-        value = getattr(ds, name, None)
-        if value and float(value) > 0:
-            return float(value)
+        value = _float_field(ds, name, path)
+        if value is not None and value > 0:
+            return value
     return None
 
 
-def _metadata(ds: Any, uid: str, regions: list[dict[str, Any]]) -> dict[str, Any]:
-    """A small JSON-friendly subset of the header (no patient identifiers)."""
+def _metadata(ds: Any, uid: str, regions: list[dict[str, Any]], path: Path) -> dict[str, Any]:
+    """A small JSON-friendly subset of the header: technical fields only.
+
+    No patient identifiers, dates, descriptions or institution names: ``usfm-core info``
+    prints this dictionary.
+    """
     out: dict[str, Any] = {
         "transfer_syntax": SUPPORTED_TRANSFER_SYNTAXES[uid][0],
         "transfer_syntax_uid": uid,
     }
-    for name in (
-        "Modality",
-        "Manufacturer",
-        "ManufacturerModelName",
-        "SOPClassUID",
-        "SeriesDescription",
-        "StudyDate",
-        "PhotometricInterpretation",
-        "BitsStored",
-        "TransducerType",
-        "TransducerFrequency",
-    ):
-        value = getattr(ds, name, None)
-        if value not in (None, ""):
-            out[name] = value if isinstance(value, (int, float)) else str(value)
+    for name in TECHNICAL_FIELDS:
+        value = _field(ds, name, path)
+        if value is not None:
+            out[name] = value if isinstance(value, (int, float)) else str(value)[:64]
     if regions:
         out["ultrasound_regions"] = regions
     return out
 
 
+def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
+    """``(n_frames, rows, cols, samples, photometric)`` from the header, validated."""
+    rows = _int_field(ds, "Rows", path, None, required=True)
+    cols = _int_field(ds, "Columns", path, None, required=True)
+    if rows is None or cols is None:
+        raise ScanReadError(
+            "DICOM file holds no image (no Rows/Columns)",
+            path=path,
+            hint="it may be a structured report or a non-image object; open the image series",
+        )
+    n = _int_field(ds, "NumberOfFrames", path, 1, required=True)
+    if n < 1 or rows < 1 or cols < 1:
+        raise ScanReadError(
+            f"DICOM image has zero frames or size ({n} x {rows} x {cols})",
+            path=path,
+            hint="the header is corrupt or the file holds no image; re-export it",
+        )
+    samples = _int_field(ds, "SamplesPerPixel", path, 1, required=True)
+    photometric = str(_field(ds, "PhotometricInterpretation", path) or "MONOCHROME2").strip()
+    if not ((samples == 1 and photometric in _GRAY) or (samples == 3 and photometric in _COLOR)):
+        raise ScanReadError(
+            f"unsupported photometric interpretation {photometric[:32]!r} with {samples} samples",
+            path=path,
+            hint="convert the file to MONOCHROME2 or RGB (e.g. gdcmconv --raw)",
+        )
+    return n, rows, cols, samples, photometric
+
+
+def _pixel_dtype(ds: Any, path: Path) -> tuple[np.dtype, int]:
+    """Decoded dtype from BitsAllocated / PixelRepresentation, and BitsStored."""
+    bits = _int_field(ds, "BitsAllocated", path, 8, required=True)
+    if bits not in (8, 16, 32):
+        raise ScanReadError(
+            f"unsupported BitsAllocated {bits} (supported: 8, 16, 32)",
+            path=path,
+            hint="the header is corrupt, or convert the file (e.g. gdcmconv --raw)",
+        )
+    stored = _int_field(ds, "BitsStored", path, bits, required=True)
+    if not 1 <= stored <= bits:
+        raise ScanReadError(
+            f"BitsStored {stored} does not fit BitsAllocated {bits}",
+            path=path,
+            hint="the header is corrupt; re-export the file",
+        )
+    signed = _int_field(ds, "PixelRepresentation", path, 0, required=True) == 1
+    return np.dtype(f"{'i' if signed else 'u'}{bits // 8}"), stored
+
+
 def read_dicom(path: Path) -> Scan:
-    """Open a (multi-frame) DICOM file as a lazy :class:`Scan`."""
+    """Open a (multi-frame) DICOM file as a lazy :class:`Scan`.
+
+    Malformed required fields (Rows, NumberOfFrames, BitsAllocated ...) raise
+    :class:`ScanReadError` naming the field; malformed optional ones (spacing, frame time,
+    regions) are ignored with a :class:`~usfm_core.errors.ScanWarning`. The decoded size is
+    checked against :func:`usfm_core.io.checks.check_decoded_size` before any frame is read.
+    """
     import pydicom
 
     with warnings.catch_warnings(record=True) as caught:
@@ -297,35 +444,16 @@ def read_dicom(path: Path) -> Scan:
             hint="copy the file again from the source; the transfer was interrupted",
         )
     uid = _transfer_syntax(ds, path)
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except AttributeError as exc:
-        raise ScanReadError("DICOM file holds no image (no Rows/Columns)", path=path) from exc
-    n_value = getattr(ds, "NumberOfFrames", None)
-    n = 1 if n_value in (None, "") else int(n_value)
-    if n < 1 or rows < 1 or cols < 1:
-        raise ScanReadError(
-            f"DICOM image has zero frames or size ({n} x {rows} x {cols})", path=path
-        )
-    samples = int(getattr(ds, "SamplesPerPixel", 1))
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
-    if not ((samples == 1 and photometric in _GRAY) or (samples == 3 and photometric in _COLOR)):
-        raise ScanReadError(
-            f"unsupported photometric interpretation {photometric} with {samples} samples",
-            path=path,
-            hint="convert the file to MONOCHROME2 or RGB (e.g. gdcmconv --raw)",
-        )
-    bits = int(getattr(ds, "BitsAllocated", 8))
-    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
-    dtype = np.dtype(f"{'i' if signed else 'u'}{max(1, bits // 8)}")
+    n, rows, cols, samples, photometric = _geometry(ds, path)
+    dtype, stored = _pixel_dtype(ds, path)
+    frame_shape = (rows, cols, samples) if samples == 3 else (rows, cols)
     _check_pixel_data(ds, path, rows * cols * samples * n * dtype.itemsize)
+    check_decoded_size(path, n, frame_shape, dtype.itemsize)
 
-    invert = None
-    if photometric == "MONOCHROME1":
-        invert = (1 << int(getattr(ds, "BitsStored", bits))) - 1
+    invert = (1 << stored) - 1 if photometric == "MONOCHROME1" else None
     spacing, regions = _spacing(ds, path)
     rgb = samples == 3
-    is_volume = str(getattr(ds, "SOPClassUID", "")) == ENHANCED_US_VOLUME and n > 1
+    is_volume = str(_field(ds, "SOPClassUID", path) or "") == ENHANCED_US_VOLUME and n > 1
     kind = "volume" if is_volume else "cine" if n > 1 else "image"
     return Scan(
         path=path,
@@ -336,7 +464,7 @@ def read_dicom(path: Path) -> Scan:
         is_rgb=rgb,
         source=DicomFrames(path, invert),
         spacing_mm=spacing,
-        slice_spacing_mm=_slice_spacing(ds) if is_volume else None,
-        fps=_fps(ds) if kind == "cine" else None,
-        metadata=_metadata(ds, uid, regions),
+        slice_spacing_mm=_slice_spacing(ds, path) if is_volume else None,
+        fps=_fps(ds, path) if kind == "cine" else None,
+        metadata=_metadata(ds, uid, regions, path),
     )

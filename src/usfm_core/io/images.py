@@ -8,11 +8,13 @@ count as gray (many exported ultrasound PNGs are gray saved as RGB).
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from usfm_core.errors import ScanReadError
+from usfm_core.io.checks import check_decoded_size
 from usfm_core.io.scan import Scan
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -24,9 +26,70 @@ def natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
 
 
+# PNG colour type -> channels OpenCV decodes (palette expands to BGR).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}
+# Pillow mode -> (channels, bytes per sample) of the decoded image.
+_PIL_MODES = {"1": (1, 1), "L": (1, 1), "P": (3, 1), "RGB": (3, 1), "RGBA": (4, 1), "LA": (4, 1)}
+
+
+def _png_header(head: bytes) -> tuple[int, int, int, int] | None:
+    """``(H, W, channels, itemsize)`` from a PNG's IHDR chunk, or None if it has none."""
+    if len(head) < 26 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    return height, width, _PNG_CHANNELS.get(colour, 4), 2 if depth == 16 else 1
+
+
+def declared_image_size(path: Path) -> tuple[int, int, int, int] | None:
+    """``(H, W, channels, itemsize)`` an image file declares, read without decoding pixels.
+
+    PNG headers are parsed directly (so the project's own size limit applies, not Pillow's);
+    other formats go through Pillow's lazy ``Image.open``. None when the header is unreadable.
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError:
+        return None
+    png = _png_header(head)
+    if png is not None:
+        return png
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            mode = im.mode
+    except Image.DecompressionBombError as exc:
+        raise ScanReadError(
+            f"image declares an implausibly large size ({exc})",
+            path=path,
+            hint="the header is corrupt or the image is a decompression bomb; re-export it",
+        ) from exc
+    except Exception:
+        return None
+    channels, itemsize = _PIL_MODES.get(mode, (4, 2))
+    return height, width, channels, itemsize
+
+
+def check_image_size(path: Path, n_frames: int = 1) -> tuple[int, int] | None:
+    """Refuse an image whose declared size is over the decoded-size limit; ``(H, W)`` or None."""
+    declared = declared_image_size(path)
+    if declared is None:
+        return None
+    height, width, channels, itemsize = declared
+    check_decoded_size(path, n_frames, (height, width, channels), itemsize)
+    return height, width
+
+
 def decode_image(path: Path) -> np.ndarray:
-    """Decode an image file to (H, W) or (H, W, 3) RGB, keeping its bit depth; alpha dropped."""
+    """Decode an image file to (H, W) or (H, W, 3) RGB, keeping its bit depth; alpha dropped.
+
+    The declared size is checked against the decoded-size limit before decoding.
+    """
     import cv2
+
+    check_image_size(path)
 
     data = np.fromfile(str(path), dtype=np.uint8)  # np.fromfile + imdecode handles any path
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -121,18 +184,6 @@ def read_image(path: Path) -> Scan:
     )
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
-    """``(H, W)`` from the image header without decoding pixels, or None if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Exception:
-        return None
-    return height, width
-
-
 def list_folder_images(folder: Path) -> list[Path]:
     """Image files of ``folder`` (not recursive, hidden files skipped), naturally sorted."""
     files = [
@@ -152,12 +203,13 @@ def read_folder(folder: Path) -> Scan:
             path=folder,
             hint=f"put {', '.join(FOLDER_EXTENSIONS)} frames in it, or open a single file",
         )
+    check_image_size(files[0], n_frames=len(files))  # all frames have the first one's size
     first = decode_image(files[0])
     rgb = first.ndim == 3 and not _channels_equal(first)
     first = _conform(first, rgb)
     size = first.shape[:2]
     for f in files[1:]:
-        other = _header_size(f)
+        other = check_image_size(f)
         if other is None:
             raise ScanReadError("cannot read image header (corrupt or not an image)", path=f)
         if other != size:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from usfm_core.errors import ScanReadError
+from usfm_core.io.checks import check_decoded_size
 from usfm_core.io.scan import Scan
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
@@ -42,6 +43,28 @@ class NiftiFrames:
         """nibabel opens the file per access."""
 
 
+def _decoded_itemsize(img: object) -> int:
+    """Bytes per voxel after nibabel applies ``scl_slope`` / ``scl_inter`` (float64 if so)."""
+    proxy = img.dataobj  # type: ignore[attr-defined]
+    itemsize = np.dtype(img.get_data_dtype()).itemsize  # type: ignore[attr-defined]
+    slope = getattr(proxy, "slope", 1.0)
+    inter = getattr(proxy, "inter", 0.0)
+    return max(itemsize, 8) if (slope, inter) != (1.0, 0.0) else itemsize
+
+
+def _orientation(img: object) -> tuple[str, list[list[float]] | None]:
+    """Axis codes (e.g. ``"RAS"``) and the affine as lists; ``("unknown", None)`` if broken."""
+    import nibabel as nib
+
+    try:
+        affine = np.asarray(img.affine, dtype=float)  # type: ignore[attr-defined]
+        if not np.isfinite(affine).all():
+            return "unknown", None
+        return "".join(nib.aff2axcodes(affine)), affine.tolist()
+    except Exception:  # a degenerate affine only loses the orientation report
+        return "unknown", None
+
+
 def read_nifti(path: Path) -> Scan:
     """Open a NIfTI volume as a lazy ``kind="volume"`` :class:`Scan`."""
     import nibabel as nib
@@ -51,11 +74,15 @@ def read_nifti(path: Path) -> Scan:
         shape = tuple(int(s) for s in img.shape)
         zooms = tuple(float(z) for z in img.header.get_zooms())
         space_unit = img.header.get_xyzt_units()[0]
-        axcodes = "".join(nib.aff2axcodes(img.affine))
+        itemsize = _decoded_itemsize(img)
     except Exception as exc:
         raise ScanReadError(
             f"cannot read NIfTI header: {exc}", path=path, hint="the file is corrupt; re-export it"
         ) from exc
+    axcodes, affine = _orientation(img)
+    if len(shape) >= 2:
+        n_slices = int(np.prod(shape[2:], dtype=object)) if len(shape) > 2 else 1
+        check_decoded_size(path, n_slices, (shape[1], shape[0]), itemsize)
     dataobj = img.dataobj
     if len(shape) == 4 and shape[3] == 1:
         dataobj, shape = dataobj[..., 0], shape[:3]
@@ -72,6 +99,12 @@ def read_nifti(path: Path) -> Scan:
         raise ScanReadError("NIfTI volume has zero slices", path=path)
     source = NiftiFrames(path, dataobj)
     first = source.read(0)  # also tells the dtype after nibabel's scaling (scl_slope)
+    if first.dtype.kind not in "biuf":
+        raise ScanReadError(
+            f"NIfTI voxels are {first.dtype} (RGB or complex); only scalar volumes are supported",
+            path=path,
+            hint="convert it to a gray-scale (integer or float) volume",
+        )
     scale = _UNIT_TO_MM.get(space_unit, 1.0)
     dx, dy, dz = (z * scale for z in zooms[:3])
     return Scan(
@@ -82,7 +115,7 @@ def read_nifti(path: Path) -> Scan:
         dtype=first.dtype,
         is_rgb=False,
         source=source,
-        spacing_mm=(dy, dx) if dx > 0 and dy > 0 else None,
-        slice_spacing_mm=dz if dz > 0 else None,
-        metadata={"axcodes": axcodes, "space_unit": space_unit, "affine": img.affine.tolist()},
+        spacing_mm=(dy, dx),  # implausible voxel sizes are dropped (with a warning) by Scan
+        slice_spacing_mm=dz,
+        metadata={"axcodes": axcodes, "space_unit": space_unit, "affine": affine},
     )

@@ -115,12 +115,40 @@ def load_scan(path: str | Path) -> Scan:
     truncated, corrupt or unsupported input.
     """
     path = Path(path).expanduser()
-    if not path.exists():
+    try:
+        exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
+    except (OSError, ValueError) as exc:  # e.g. a name too long, or with a NUL byte
+        raise ScanReadError(f"cannot access the path: {exc}", path=path) from exc
+    if not exists:
+        if path.is_symlink():
+            raise ScanReadError(
+                "broken symbolic link (its target is missing, or the link points to itself)",
+                path=path,
+                hint="fix the link or open its target directly",
+            )
         raise ScanReadError(
             "no such file or folder", path=path, hint="check the path and its spelling"
         )
-    if path.is_dir():
+    try:
+        return _open(path, is_dir, is_file)
+    except OSError as exc:  # permissions, I/O errors, vanished files
+        raise ScanReadError(
+            f"cannot read: {exc.strerror or exc}",
+            path=path,
+            hint="check that the file is readable (permissions, disk, network share)",
+        ) from exc
+
+
+def _open(path: Path, is_dir: bool, is_file: bool) -> Scan:
+    """Dispatch an existing path to the folder or file reader (see :func:`load_scan`)."""
+    if is_dir:
         return read_folder(path)
+    if not is_file:
+        raise ScanReadError(
+            "not a regular file (a device, pipe or socket)",
+            path=path,
+            hint="copy the scan to a regular file first",
+        )
     if path.stat().st_size == 0:
         raise ScanReadError("file is empty (0 bytes)", path=path, hint="copy or export it again")
     fmt = detect_format(path)

@@ -16,6 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from usfm_core.errors import ScanReadError
+from usfm_core.io.checks import sanitize_frame, valid_fps, valid_length_mm, valid_spacing
+
 KINDS = ("image", "cine", "volume")
 
 
@@ -38,10 +41,17 @@ class LazyFrames:
     ``np.asarray(frames)`` reads everything.
     """
 
-    def __init__(self, source: FrameSource, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(
+        self,
+        source: FrameSource,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        path: str | Path | None = None,
+    ):
         self._source = source
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
+        self.path = Path(path) if path is not None else None
 
     @property
     def ndim(self) -> int:
@@ -66,7 +76,24 @@ class LazyFrames:
         n = self.shape[0]
         if not -n <= index < n:
             raise IndexError(f"frame index {index} out of range for {n} frames")
-        return np.asarray(self._source.read(index % n), dtype=self.dtype)
+        index %= n
+        frame = np.asarray(self._source.read(index))
+        where = self.path if self.path is not None else "scan"
+        if frame.shape != self.shape[1:]:
+            raise ScanReadError(
+                f"frame {index} decodes to shape {frame.shape}, the header says {self.shape[1:]}",
+                path=where,
+                hint="the file's header contradicts its pixel data (corrupt); re-export it",
+            )
+        if frame.dtype != self.dtype:
+            if not np.can_cast(frame.dtype, self.dtype, casting="safe"):
+                raise ScanReadError(
+                    f"frame {index} decodes to {frame.dtype}, the header says {self.dtype}",
+                    path=where,
+                    hint="the file's header contradicts its pixel data (corrupt); re-export it",
+                )
+            frame = frame.astype(self.dtype)
+        return sanitize_frame(where, index, frame)
 
     def _expand(self, key: Any) -> tuple[Any, ...]:
         """Normalise an index to a tuple without Ellipsis (missing axes become ``:``)."""
@@ -126,9 +153,10 @@ class Scan:
         shape: ``(T, H, W)`` or ``(T, H, W, 3)`` (T = 1 for a single image).
         dtype: pixel dtype of the decoded frames (uint8, uint16, float32 ...).
         is_rgb: True when frames are ``(H, W, 3)`` RGB.
-        spacing_mm: ``(dy, dx)`` pixel size in mm, or None when the source is uncalibrated.
-        slice_spacing_mm: distance between slices in mm (volumes), else None.
-        fps: frames per second (cines), else None.
+        spacing_mm: ``(dy, dx)`` pixel size in mm, or None when the source is uncalibrated
+            (values outside ``[1e-4, 100]`` mm, NaN or inf are dropped with a warning).
+        slice_spacing_mm: distance between slices in mm (volumes), else None (same bounds).
+        fps: frames per second (cines), else None (must be in ``(0, 10000]``).
         metadata: source metadata (tags, codec, ...), JSON-friendly values.
     """
 
@@ -150,7 +178,11 @@ class Scan:
         self.dtype = np.dtype(self.dtype)
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        self._frames = LazyFrames(self.source, self.shape, self.dtype)
+        # Every reader's calibration passes the same plausibility checks (warn + drop).
+        self.spacing_mm = valid_spacing(self.path, self.spacing_mm)
+        self.slice_spacing_mm = valid_length_mm(self.path, self.slice_spacing_mm, "slice spacing")
+        self.fps = valid_fps(self.path, self.fps)
+        self._frames = LazyFrames(self.source, self.shape, self.dtype, path=self.path)
 
     @property
     def n_frames(self) -> int:

@@ -9,13 +9,15 @@ DPI, not a physical pixel size, so they are ignored).
 from __future__ import annotations
 
 import threading
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from usfm_core.errors import ScanReadError
+from usfm_core.errors import ScanReadError, ScanWarning
+from usfm_core.io.checks import check_decoded_size
 from usfm_core.io.scan import Scan
 
 TIFF_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
@@ -163,6 +165,22 @@ def _calibration(
     return spacing, slice_spacing, fps, meta
 
 
+def _safe_calibration(
+    tif: Any, path: Path
+) -> tuple[tuple[float, float] | None, float | None, float | None, dict[str, Any]]:
+    """:func:`_calibration`, but malformed calibration metadata only warns (uncalibrated)."""
+    try:
+        return _calibration(tif)
+    except Exception as exc:  # bad ImageJ / OME / resolution values: many error types
+        warnings.warn(
+            f"{path}: ignoring malformed TIFF calibration metadata ({exc!r:.80}); "
+            "the scan is uncalibrated",
+            ScanWarning,
+            stacklevel=3,
+        )
+        return None, None, None, {}
+
+
 def read_tiff(path: Path) -> Scan:
     """Open a TIFF stack as a lazy :class:`Scan` (one page per frame)."""
     import tifffile
@@ -171,7 +189,7 @@ def read_tiff(path: Path) -> Scan:
         with tifffile.TiffFile(str(path)) as tif:
             series = tif.series[0]
             axes, shape, dtype = series.axes, tuple(series.shape), series.dtype
-            spacing, slice_spacing, fps, meta = _calibration(tif)
+            spacing, slice_spacing, fps, meta = _safe_calibration(tif, path)
             n_pages = len(series.pages)
     except ScanReadError:
         raise
@@ -181,14 +199,21 @@ def read_tiff(path: Path) -> Scan:
             path=path,
             hint="the file is corrupt or truncated; re-save it",
         ) from exc
+    if "Y" not in axes or "X" not in axes or not axes.endswith(("YX", "YXS", "SYX")):
+        raise ScanReadError(
+            f"TIFF series has axes {axes!r} {shape}; expected frames of (Y, X[, S]) pixels",
+            path=path,
+            hint="re-save it as a plain or ImageJ stack of 2-D images (e.g. with Fiji)",
+        )
     rgb = "S" in axes and shape[axes.index("S")] in (3, 4)
     spatial = sum(1 for a in axes if a in "YXS")
-    n = int(np.prod(shape[: len(shape) - spatial])) if len(shape) > spatial else 1
+    n = int(np.prod(shape[: len(shape) - spatial], dtype=object)) if len(shape) > spatial else 1
     if n < 1 or 0 in shape:
-        raise ScanReadError("TIFF holds zero frames", path=path)
+        raise ScanReadError("TIFF holds zero frames", path=path, hint="re-save it")
     height, width = shape[axes.index("Y")], shape[axes.index("X")]
     meta.update(axes=axes, pages=n_pages)
     frame_shape = (height, width, shape[axes.index("S")]) if rgb else (height, width)
+    check_decoded_size(path, n, frame_shape, np.dtype(dtype).itemsize)
     is_volume = "Z" in axes or (slice_spacing is not None and fps is None and n > 1)
     kind = "image" if n == 1 else "volume" if is_volume else "cine"
     return Scan(

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from usfm_core.errors import ScanReadError
+from usfm_core.io.checks import check_decoded_size
 from usfm_core.io.scan import Scan
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,12 @@ class VideoFrames:
         return self._cap
 
     def read_bgr(self, index: int) -> np.ndarray | None:
-        """Decode frame ``index`` as (H, W, 3) BGR, or None when the decoder has no such frame."""
+        """Decode frame ``index`` as (H, W, 3) BGR, or None when the decoder has no such frame.
+
+        The next frame is a plain decode; any other index seeks. When the seek fails (FFmpeg
+        cannot seek in very short videos, e.g. a one-frame AVI/MP4) the video is reopened and
+        decoded forward to ``index``.
+        """
         import cv2
 
         with self._lock:
@@ -56,8 +62,19 @@ class VideoFrames:
             if index != self._next:
                 cap.set(cv2.CAP_PROP_POS_FRAMES, index)
             ok, bgr = cap.read()
+            if not ok and index != self._next:
+                ok, bgr = self._decode_forward(index)
             self._next = index + 1 if ok else -1
         return bgr if ok else None
+
+    def _decode_forward(self, index: int) -> tuple[bool, np.ndarray | None]:
+        """Reopen the capture and decode frames 0..index (lock held); ``(ok, bgr)``."""
+        self.close_unlocked()
+        cap = self._capture()
+        for _ in range(index):
+            if not cap.grab():
+                return False, None
+        return cap.read()
 
     def read(self, index: int) -> np.ndarray:
         """Frame ``index`` as (H, W) uint8 gray or (H, W, 3) uint8 RGB."""
@@ -86,11 +103,24 @@ class VideoFrames:
             cap.release()
         return n
 
+    def close_unlocked(self) -> None:
+        """Release the capture (caller holds the lock)."""
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
     def close(self) -> None:
         with self._lock:
-            if self._cap is not None:
-                self._cap.release()
-                self._cap = None
+            self.close_unlocked()
+
+
+def _finite_int(value: float | None) -> int:
+    """An OpenCV property as int (0 for missing, NaN, inf or negative values)."""
+    try:
+        number = float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if np.isfinite(number) and number > 0 else 0
 
 
 def read_video(path: Path) -> Scan:
@@ -106,10 +136,15 @@ def read_video(path: Path) -> Scan:
                 hint="convert it with ffmpeg -i IN -c:v libx264 OUT.mp4, or export frames as PNG",
             )
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        codec = int(cap.get(cv2.CAP_PROP_FOURCC) or 0)
+        n = _finite_int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        codec = _finite_int(cap.get(cv2.CAP_PROP_FOURCC))
+        declared_hw = (
+            _finite_int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            _finite_int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+        )
     finally:
         cap.release()
+    check_decoded_size(path, 1, (*declared_hw, 3), 1)  # before decoding the first frame
     source = VideoFrames(path, gray=False)
     first = source.read_bgr(0)
     if first is None:
@@ -128,6 +163,7 @@ def read_video(path: Path) -> Scan:
         n = counted
     source.gray = _is_gray(first)
     height, width = first.shape[:2]
+    check_decoded_size(path, n, (height, width) if source.gray else (height, width, 3), 1)
     fourcc = "".join(chr((codec >> (8 * i)) & 0xFF) for i in range(4)).strip("\x00")
     return Scan(
         path=path,
@@ -137,6 +173,6 @@ def read_video(path: Path) -> Scan:
         dtype=np.uint8,
         is_rgb=not source.gray,
         source=source,
-        fps=fps if fps > 0 else None,
+        fps=fps if fps != 0 else None,  # implausible rates are dropped (warned) by Scan
         metadata={"codec": fourcc, "container": path.suffix.lower().lstrip(".")},
     )
