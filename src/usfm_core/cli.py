@@ -21,6 +21,7 @@ from usfm_core.errors import USFMError
 COMMAND_MODULES: tuple[str, ...] = (
     "usfm_core.commands.info",
     "usfm_core.commands.preprocess",
+    "usfm_core.commands.deidentify",
     "usfm_core.commands.simulate",
     "usfm_core.commands.pretrain",
     "usfm_core.commands.finetune",
