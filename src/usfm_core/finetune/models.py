@@ -295,6 +295,7 @@ class TaskModelConfig:
         """The backbone's own config object (e.g. a ``VMambaConfig``), validated."""
         from usfm_core.errors import ConfigError
         from usfm_core.models import serialization
+        from usfm_core.models.limits import plain_message
 
         registered = serialization._REGISTRY.get(self.backbone_type)
         if registered is None or self.backbone_type in MODEL_TYPES:
@@ -307,7 +308,7 @@ class TaskModelConfig:
             return registered[1].from_dict(dict(self.backbone_config))
         except ConfigError as exc:
             raise ConfigError(
-                f"task config.backbone_config: {_message(exc)}", hint=exc.hint
+                f"task config.backbone_config: {plain_message(exc)}", hint=exc.hint
             ) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"task config.backbone_config: {exc}") from None
@@ -316,10 +317,14 @@ class TaskModelConfig:
         """Parameters of the task model (backbone + head) from the config alone; the head is
         a classifier head for ``linear`` / ``mlp``, else a segmentation decoder."""
         from usfm_core.errors import ConfigError
+        from usfm_core.models.serialization import _REGISTRY, estimate_params
 
         backbone = self.backbone_config_object()
-        dims = list(getattr(backbone, "stage_dims", None) or [backbone.dim])
-        n = int(backbone.estimate_params())
+        n = estimate_params(self.backbone_type, backbone)
+        dims = getattr(backbone, "stage_dims", None) or [getattr(backbone, "dim", 0)]
+        if not hasattr(backbone, "estimate_params"):  # a third-party backbone: ask it
+            with torch.device("meta"):
+                dims = list(getattr(_REGISTRY[self.backbone_type][0](backbone), "out_dims", []))
         k = self.n_classes
         if self.head in ("linear", "mlp"):
             d = dims[-1]
@@ -356,11 +361,6 @@ def _decoder_params(head: str, dims: list[int], n_out: int) -> int:
     n = block(dims[3]) + sum(block(dims[i]) for i in (2, 1, 0))
     n += sum(dims[i + 1] * dims[i] + dims[i] for i in (2, 1, 0))
     return n + dims[0] * n_out + n_out
-
-
-def _message(exc: BaseException) -> str:
-    """An error's message without the ``fix:`` line."""
-    return str(exc).split("\n  fix:", 1)[0]
 
 
 def _backbone_from(config: TaskModelConfig) -> nn.Module:

@@ -9,6 +9,8 @@ and the fix.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +18,32 @@ import torch
 from torch import nn
 
 from usfm_core.errors import CheckpointError, ConfigError
+from usfm_core.models.limits import (
+    check_json_tree,
+    check_param_budget,
+    plain_message,
+    read_json_file,
+)
 from usfm_core.utils import atomic_path, resolve_device
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "build_model",
+    "estimate_params",
     "load_model",
     "model_types",
     "register_model",
     "save_model",
+    "validate_config",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# config.json records the sha256 of model.safetensors (written last, checked on load).
+WEIGHTS_SHA_KEY = "weights_sha256"
 
 # model_type → (model class, config class with from_dict/to_dict)
 _REGISTRY: dict[str, tuple[type[nn.Module], type]] = {}
@@ -60,18 +74,56 @@ def _type_of(model: nn.Module) -> str:
     )
 
 
-def build_model(model_type: str, config_dict: dict) -> nn.Module:
-    """A freshly initialised model of a registered type from its config dict."""
+def validate_config(model_type: str, config_dict: Any) -> Any:
+    """Parse and bound a config dict *before* anything is allocated; returns the config object.
+
+    The one gate every model built from a file goes through (:func:`build_model`): the JSON
+    tree is bounded (:func:`~usfm_core.models.limits.check_json_tree`), the config class's
+    ``from_dict`` checks each field's type and range, and the parameter count estimated from
+    the config must stay under :func:`~usfm_core.models.limits.max_params`. Raises
+    :class:`ConfigError` naming the field.
+    """
     if model_type not in _REGISTRY:
         raise ConfigError(f"unknown model_type {model_type!r}", hint=f"use one of {model_types()}")
-    cls, config_cls = _REGISTRY[model_type]
+    _, config_cls = _REGISTRY[model_type]
+    if not isinstance(config_dict, Mapping):
+        raise ConfigError(f"config must be an object, got {type(config_dict).__name__}")
+    check_json_tree(config_dict, "config")
     try:
         config = config_cls.from_dict(dict(config_dict))
     except ConfigError:
         raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"invalid {model_type} config: {exc}") from None
+    check_param_budget(estimate_params(model_type, config), f"this {model_type} config")
+    return config
+
+
+def estimate_params(model_type: str, config: Any) -> int:
+    """Parameter count of a registered model type for ``config``, without allocating.
+
+    Uses the config's own ``estimate_params()`` (all built-in types have one); otherwise the
+    model is built on PyTorch's ``meta`` device (shapes only, no memory).
+    """
+    if hasattr(config, "estimate_params"):
+        return int(config.estimate_params())
+    cls, _ = _REGISTRY[model_type]
+    with torch.device("meta"):
+        model = cls(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(model_type: str, config_dict: dict) -> nn.Module:
+    """A freshly initialised model of a registered type from its config dict (validated and
+    bounded first by :func:`validate_config`)."""
+    config = validate_config(model_type, config_dict)
+    cls, _ = _REGISTRY[model_type]
+    try:
+        return cls(config)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid {model_type} config: {exc}") from exc
-    return cls(config)
+        raise ConfigError(f"cannot build a {model_type} from this config: {exc}") from None
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -103,15 +155,22 @@ def save_model(model: nn.Module, path_dir: str | Path, *, extra: dict | None = N
         "extra": extra or {},
     }
     try:
-        text = json.dumps(meta, indent=2)
-    except TypeError as exc:
-        raise ConfigError(f"extra must be JSON-serialisable: {exc}") from exc
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"extra must be JSON-serialisable (finite numbers): {exc}") from exc
     path_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(path_dir / WEIGHTS_FILE) as tmp:
         save_file(_plain_state_dict(model), str(tmp), metadata={"model_type": model_type})
+        meta[WEIGHTS_SHA_KEY] = _sha256(tmp)
     with atomic_path(path_dir / CONFIG_FILE) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return path_dir
+
+
+def _sha256(path: Path) -> str:
+    from usfm_core.models.zoo import file_sha256
+
+    return file_sha256(path)
 
 
 def store_weights_as(path_dir: str | Path, dtype: str = "float16") -> Path:
@@ -133,8 +192,10 @@ def store_weights_as(path_dir: str | Path, dtype: str = "float16") -> Path:
         k: v.to(dtypes[dtype]).contiguous() if v.is_floating_point() else v
         for k, v in state.items()
     }
+    _check_finite(state, path_dir / WEIGHTS_FILE, f"after conversion to {dtype}")
     with atomic_path(path_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"model_type": meta["model_type"]})
+        meta[WEIGHTS_SHA_KEY] = _sha256(tmp)
     meta["storage_dtype"] = dtype
     with atomic_path(path_dir / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -142,6 +203,7 @@ def store_weights_as(path_dir: str | Path, dtype: str = "float16") -> Path:
 
 
 def _read_meta(path_dir: Path) -> dict[str, Any]:
+    """``config.json`` parsed with bounds (size, depth; see :func:`limits.read_json_file`)."""
     cfg_path = path_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise CheckpointError(
@@ -150,26 +212,33 @@ def _read_meta(path_dir: Path) -> dict[str, Any]:
             hint="point to a folder written by save_model (it holds config.json and "
             "model.safetensors)",
         )
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"config.json is not valid JSON ({exc})",
-            path=cfg_path,
-            hint="the file is damaged; copy the checkpoint folder again",
-        ) from exc
+    meta = read_json_file(cfg_path)
     if not isinstance(meta, dict) or "model_type" not in meta or "config" not in meta:
         raise CheckpointError(
             "config.json lacks 'model_type' / 'config'",
             path=cfg_path,
             hint="this is not a usfm-core checkpoint; write it with save_model",
         )
+    if not isinstance(meta["model_type"], str):
+        raise CheckpointError(
+            f"model_type must be a string, got {type(meta['model_type']).__name__}",
+            path=cfg_path,
+            hint="this is not a usfm-core checkpoint; write it with save_model",
+        )
     return meta
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read the weights ({exc})",
+        path=path,
+        hint="the file is corrupt or truncated; copy the checkpoint folder again",
+    )
+
+
+def _weights_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from the safetensors header, without reading any tensor data."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CheckpointError(
@@ -178,27 +247,70 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             hint="the checkpoint folder is incomplete; copy it again or re-save the model",
         )
     try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _weights_header(path)  # missing / unreadable file: a clear error before any allocation
+    try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _verify_checksum(meta: dict[str, Any], path: Path) -> None:
+    """Compare the weights with the sha256 recorded by :func:`save_model` (if any)."""
+    expected = meta.get(WEIGHTS_SHA_KEY)
+    if expected is None:
+        return  # written before checksums, or a shipped model (checked against index.json)
+    actual = _sha256(path)
+    if actual != expected:
         raise CheckpointError(
-            f"cannot read the weights ({exc})",
+            f"checksum mismatch: sha256 {actual[:12]}… ≠ {expected[:12]}… recorded in "
+            f"{CONFIG_FILE}",
             path=path,
-            hint="the file is corrupt or truncated; copy the checkpoint folder again",
-        ) from exc
+            hint="the weights were damaged or replaced after saving; copy the model folder "
+            "again or re-save the model",
+        )
 
 
-def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Raise a :class:`CheckpointError` listing a few missing / unexpected / mis-shaped keys."""
+def _check_finite(state: dict[str, torch.Tensor], path: Path, when: str = "") -> None:
+    """Raise :class:`CheckpointError` naming the first tensor holding NaN or ±inf."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise CheckpointError(
+                f"tensor {name!r} holds {bad} NaN/inf value(s) of {tensor.numel()}"
+                + (f" {when}" if when else ""),
+                path=path,
+                hint="the model diverged or the file is damaged; use an earlier checkpoint "
+                "or retrain",
+            )
+
+
+def _check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Raise a :class:`CheckpointError` listing a few missing / unexpected / mis-shaped keys.
+
+    ``shapes`` is the file's tensor name → shape (from its header, before loading)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(shapes[k])} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        if k in shapes and tuple(shapes[k]) != tuple(v.shape)
     ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched)):
         if items:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             problems.append(f"{label}: {', '.join(items[:3])}{more}")
@@ -247,15 +359,20 @@ def load_model(
             path=cfg_path,
             hint=f"choose a {expected_type} checkpoint",
         )
+    weights_path = path_dir / WEIGHTS_FILE
+    shapes = _weights_header(weights_path)  # missing / unreadable: fail before building
     try:
         model = build_model(model_type, meta["config"])
     except ConfigError as exc:
         raise CheckpointError(
-            f"invalid model config: {exc}", path=cfg_path, hint="re-save the model"
-        ) from exc
-    weights_path = path_dir / WEIGHTS_FILE
+            f"invalid model config: {plain_message(exc)}",
+            path=cfg_path,
+            hint=exc.hint or "re-save the model with save_model",
+        ) from None
+    _check_keys(model, shapes, weights_path)  # before reading any tensor data
+    _verify_checksum(meta, weights_path)
     state = _read_weights(weights_path)
-    _check_keys(model, state, weights_path)
+    _check_finite(state, weights_path)
     model.load_state_dict(state, strict=True)
     return model.to(resolve_device(device)).eval(), meta
 

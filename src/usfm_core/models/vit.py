@@ -12,7 +12,7 @@ Global token: the mean of the final patch tokens by default (USF-MAE / US-JEPA s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from usfm_core.errors import ConfigError
 from usfm_core.models.common import adapt_input
+from usfm_core.models.limits import VIT_FIELDS, check_fields
 from usfm_core.models.vmamba import BackboneOutput, DropPath
 
 __all__ = ["ViT", "ViTConfig", "patchify", "sincos_pos_embed_2d", "unpatchify"]
@@ -48,6 +49,8 @@ class ViTConfig:
     cls_token: bool = False
 
     def __post_init__(self) -> None:
+        # Types and ranges (usfm_core.models.limits.VIT_FIELDS), then consistency.
+        check_fields(asdict(self), VIT_FIELDS, "vit config", from_json=False)
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
         if self.dim % self.heads or self.dim % 4:
@@ -75,11 +78,21 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ViTConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown ViT config keys {sorted(unknown)}")
+        """Inverse of :meth:`to_dict`. Unknown keys, wrong types and out-of-range values (see
+        :data:`usfm_core.models.limits.VIT_FIELDS`) raise :class:`ConfigError` naming the
+        field, before anything is allocated."""
+        check_fields(data, VIT_FIELDS, "vit config")
         return cls(**data)
+
+    def estimate_params(self) -> int:
+        """Number of parameters :class:`ViT` would have, from the config alone."""
+        d, hidden = self.dim, int(self.dim * self.mlp_ratio)
+        n = self.in_chans * d * self.patch_size**2 + d + d  # patch embed, mask token
+        n += d if self.cls_token else 0
+        block = 4 * d  # two LayerNorms
+        block += d * 3 * d + (3 * d if self.qkv_bias else 0) + d * d + d  # qkv, proj
+        block += d * hidden + hidden + hidden * d + d  # MLP
+        return n + self.depth * block + 2 * d  # blocks, final norm
 
 
 def patchify(imgs: Tensor, p: int) -> Tensor:

@@ -13,9 +13,10 @@ outputs back to row-major order by summation.  The scan itself is
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from usfm_core.errors import ConfigError
 from usfm_core.models.common import adapt_input
+from usfm_core.models.limits import VMAMBA_FIELDS, check_fields
 
 __all__ = [
     "SS2D",
@@ -103,9 +105,12 @@ class VMambaConfig:
     attention_block: int = -1
 
     def __post_init__(self) -> None:
-        self.depths = tuple(int(d) for d in self.depths)
-        if not isinstance(self.dims, int):
-            self.dims = tuple(int(d) for d in self.dims)
+        try:
+            self.depths = tuple(int(d) for d in self.depths)
+            if not isinstance(self.dims, int):
+                self.dims = tuple(int(d) for d in self.dims)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(f"depths / dims must be integers or lists of them: {exc}") from None
         self.validate()
 
     @property
@@ -116,7 +121,9 @@ class VMambaConfig:
         return list(self.dims)
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for values the model cannot be built with."""
+        """Raise :class:`ConfigError` for values the model cannot be built with (types and
+        ranges from :data:`usfm_core.models.limits.VMAMBA_FIELDS`, then consistency)."""
+        check_fields(asdict(self), VMAMBA_FIELDS, "vmamba config", from_json=False)
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
         if len(self.depths) != 4 or min(self.depths) < 1:
@@ -155,12 +162,39 @@ class VMambaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VMambaConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown VMamba config keys {sorted(unknown)}")
+        """Inverse of :meth:`to_dict`. Unknown keys, wrong types and out-of-range values (see
+        :data:`usfm_core.models.limits.VMAMBA_FIELDS`) raise :class:`ConfigError` naming the
+        field, before anything is converted or allocated."""
+        check_fields(data, VMAMBA_FIELDS, "vmamba config")
         return cls(**data)
+
+    def estimate_params(self) -> int:
+        """Number of parameters :class:`VMamba` would have, computed from the config alone
+        (no allocation); used to refuse absurd configs before building."""
+        dims = self.stage_dims
+        c0, half = dims[0], dims[0] // 2
+        n = self.in_chans * half * 9 + half + 2 * half  # stem conv1 + norm1
+        n += half * c0 * 9 + c0 + 2 * c0 + c0  # stem conv2 + norm2, mask token
+        n += sum(a * b * 9 + b + 2 * b for a, b in itertools.pairwise(dims))  # downsamples
+        n += sum(depth * _vss_block_params(dim, self) for depth, dim in zip(self.depths, dims))
+        return n + 2 * dims[-1]  # final norm
+
+
+def _vss_block_params(dim: int, cfg: VMambaConfig) -> int:
+    """Parameters of one :class:`VSSBlock` of width ``dim`` (mirrors its ``__init__``)."""
+    d_inner = int(cfg.ssm_ratio * dim)
+    rank = math.ceil(dim / 16) if cfg.dt_rank == "auto" else int(cfg.dt_rank)
+    k = SS2D.n_dirs
+    n = 2 * dim  # norm1
+    n += dim * d_inner * (2 if cfg.use_z_gate else 1)  # in_proj
+    n += d_inner * cfg.conv_kernel**2 + d_inner  # depth-wise conv
+    n += k * (rank + 2 * cfg.d_state) * d_inner + k * d_inner * rank + k * d_inner  # x/dt proj
+    n += k * d_inner * cfg.d_state + k * d_inner  # A_log, Ds
+    n += 2 * d_inner + d_inner * dim  # out_norm, out_proj
+    if cfg.mlp_ratio > 0:
+        hidden = int(dim * cfg.mlp_ratio)
+        n += 2 * dim + dim * hidden + hidden + hidden * dim + dim  # norm2 + MLP
+    return n
 
 
 @dataclass
