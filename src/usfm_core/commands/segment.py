@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "model", type=Path, help="model name (usfm-core models), model folder or run folder"
+        "model", type=str, help="model name (usfm-core models), model folder or run folder"
     )
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="scans to segment")
     p.add_argument("--out", type=Path, required=True, help="output folder")

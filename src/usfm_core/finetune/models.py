@@ -446,11 +446,13 @@ def load_backbone(ckpt_dir: str | Path) -> nn.Module:
 
 def _is_model_folder(folder: Path) -> bool:
     """True if ``folder/config.json`` is a saved model's (a run's config.json is not)."""
-    import json
+    from usfm_core.models.limits import read_json_file
 
+    if not (folder / "config.json").is_file():
+        return False
     try:
-        meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = read_json_file(folder / "config.json")  # bounded: no RecursionError
+    except CheckpointError:
         return False
     return isinstance(meta, dict) and "model_type" in meta
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ BUILTIN_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 RUN_SUBFOLDERS = ("model", "backbone")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,10 +96,14 @@ def read_entry(path: str | Path, *, name: str | None = None, source: str = "path
             path=path,
             hint="pass a folder written by `usfm-core finetune` or `usfm-core pretrain`",
         )
+    from usfm_core.models.limits import read_json_file
+
+    config = read_json_file(cfg_path)  # size- and depth-bounded; CheckpointError names it
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("config.json is not a JSON object")
         kind = model_kind(config)
-    except (json.JSONDecodeError, ValueError) as exc:
+    except ValueError as exc:
         raise CheckpointError(f"unreadable {CONFIG}: {exc}", path=cfg_path) from None
     return ModelEntry(name, path, kind, source, config)
 
@@ -130,17 +137,90 @@ def verify_builtin(entry: ModelEntry) -> None:
             )
 
 
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """``name_or_path`` as a path, unless it is a bare name (no folder part) that does not
-    exist here: then the shipped / user model of that name (checksummed).
+def is_explicit_path(name_or_path: str | Path) -> bool:
+    """True if ``name_or_path`` can only mean a path: absolute, several parts, or a string
+    with a separator or starting with ``.`` / ``~`` (``./sim-lesion``, ``runs/a/model``).
 
-    Lets every loader take ``"breast-lesion"`` as well as a path; a missing path with a folder
-    part is returned as it is, for the loader's own "not found" error.
+    A bare name (``"sim-lesion"``, ``Path("sim-lesion")``) may be a model name.
     """
-    path = Path(name_or_path).expanduser()
-    if path.exists() or len(path.parts) != 1:
+    if isinstance(name_or_path, Path):
+        return name_or_path.is_absolute() or len(name_or_path.parts) != 1
+    text = str(name_or_path)
+    seps = [s for s in (os.sep, os.altsep, "/") if s]
+    return any(s in text for s in seps) or text.startswith((".", "~")) or not text
+
+
+def _builtin_name_of(path: Path) -> str | None:
+    """The shipped model a path points into (``…/assets/models/NAME[/…]``), else None."""
+    try:
+        rel = path.resolve().relative_to(BUILTIN_DIR.resolve())
+    except (ValueError, OSError):
+        return None
+    return rel.parts[0] if rel.parts and rel.parts[0] in _builtin_index() else None
+
+
+def _named_model(name: str) -> ModelEntry | None:
+    """The shipped or user model called ``name`` (shipped first), or None."""
+    for entry in list_models():
+        if entry.name == name:
+            return entry
+    return None
+
+
+def _checked(entry: ModelEntry, name: str) -> ModelEntry:
+    """``entry`` after its checksum check (shipped), warning if a local folder of the same
+    name is being ignored."""
+    local = Path(name)
+    try:
+        shadowed = local.exists() and local.resolve() != entry.path.resolve()
+    except OSError:
+        shadowed = False
+    if shadowed:
+        log.warning(
+            "%r is the name of a %s model, which is used; the folder %s here is ignored "
+            "(pass ./%s or its full path to use the folder)",
+            name,
+            "shipped" if entry.source == "builtin" else entry.source,
+            local,
+            name,
+        )
+    if entry.source == "builtin":
+        verify_builtin(entry)
+    return entry
+
+
+def _not_found(name: str) -> CheckpointError:
+    known = ", ".join(e.name for e in list_models()) or "none yet"
+    return CheckpointError(
+        f"no model named {name!r} and no such folder",
+        hint=f"known models: {known}; or import one with `usfm-core models import DIR`",
+    )
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """The folder ``name_or_path`` means; every model loader goes through this.
+
+    * A path given explicitly (:func:`is_explicit_path`: ``./sim-lesion``, ``runs/x/model``,
+      an absolute path) is used as it is; inside the shipped models it is sha256-checked.
+    * A bare name is a shipped model's (sha256-checked) or a user model's when one has that
+      name: a folder of the same name in the working directory never replaces it (a warning
+      says how to choose the folder).
+    * Any other bare name is a folder in the working directory, if it exists; else
+      :class:`CheckpointError` lists the known models.
+    """
+    if is_explicit_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        builtin = _builtin_name_of(path)
+        if builtin is not None:
+            verify_builtin(read_entry(BUILTIN_DIR / builtin, name=builtin, source="builtin"))
         return path
-    return find_model(name_or_path).path
+    name = str(name_or_path)
+    entry = _named_model(name)
+    if entry is not None:
+        return _checked(entry, name).path
+    if Path(name).exists():
+        return Path(name)
+    raise _not_found(name)
 
 
 def list_models(*extra_dirs: str | Path, kind: str | None = None) -> list[ModelEntry]:
@@ -169,20 +249,23 @@ def list_models(*extra_dirs: str | Path, kind: str | None = None) -> list[ModelE
 
 
 def find_model(name_or_path: str | Path) -> ModelEntry:
-    """A model by shipped/user name or by folder path; shipped weights are sha256-checked."""
-    candidate = Path(name_or_path).expanduser()
-    if candidate.exists():
-        return read_entry(candidate)
-    for entry in list_models():
-        if entry.name == str(name_or_path):
-            if entry.source == "builtin":
-                verify_builtin(entry)
-            return entry
-    known = ", ".join(e.name for e in list_models()) or "none yet"
-    raise CheckpointError(
-        f"no model named {str(name_or_path)!r} and no such folder",
-        hint=f"known models: {known}; or import one with `usfm-core models import DIR`",
-    )
+    """A model by shipped/user name or by folder path (the rules of
+    :func:`resolve_model_dir`: a bare shipped name is never shadowed by a local folder);
+    shipped weights are sha256-checked."""
+    if is_explicit_path(name_or_path):
+        entry = read_entry(Path(name_or_path).expanduser())
+        builtin = _builtin_name_of(entry.path)
+        if builtin is not None:
+            entry = read_entry(BUILTIN_DIR / builtin, name=builtin, source="builtin")
+            verify_builtin(entry)
+        return entry
+    name = str(name_or_path)
+    entry = _named_model(name)
+    if entry is not None:
+        return _checked(entry, name)
+    if Path(name).exists():
+        return read_entry(Path(name))
+    raise _not_found(name)
 
 
 def import_model(src: str | Path, name: str | None = None, *, overwrite: bool = False) -> Path:
