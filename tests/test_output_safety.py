@@ -230,9 +230,9 @@ def test_preprocess_workers_die_with_the_parent(tmp_path):
     cmd = [sys.executable, "-m", "usfm_core.cli", "preprocess", str(src), str(out)]
     cmd += ["--workers", "2", "--no-ocr", "--fps", "40", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
-        workers: list[int] = []
         while time.monotonic() < deadline and proc.poll() is None:
             workers = _children(proc.pid)
             if len(workers) == 2 and any((out / "frames").glob("*.png")):
@@ -253,8 +253,9 @@ def test_preprocess_workers_die_with_the_parent(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for w in _children(proc.pid):
-            os.kill(w, signal.SIGKILL)
+        for w in workers:  # never leave a process behind, even when the test fails
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
     # The next run cleans what the killed one left half-written and completes.
     summary = run_preprocessing(src, out, FAST, progress=False)
     assert not summary.failures and summary.n_sources == 24
