@@ -15,8 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("action", nargs="?", choices=["list", "import"], default="list")
     p.add_argument("path", nargs="?", help="model folder to import (with `import`)")
-    p.add_argument("--name", help="name to import under (default: the folder's name)")
-    p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+    p.add_argument(
+        "--name",
+        help="plain name to import under, no '/' or '..' (default: the folder's name)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model folder of the same name (swapped in atomically; never a file, "
+        "link or non-model folder)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
