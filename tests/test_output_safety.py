@@ -23,6 +23,7 @@ from usfm_core.errors import USFMError
 from usfm_core.io import write_image, write_video
 from usfm_core.outputs import (
     TMP_PREFIX,
+    atomic_path,
     atomic_write_bytes,
     check_name,
     check_outputs,
@@ -95,11 +96,15 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask):
     try:
         atomic_write_bytes(tmp_path / "a.bin", b"x")
         write_image(tmp_path / "b.png", _image(0))
+        with atomic_path(tmp_path / "private.csv", mode=0o600) as tmp:
+            tmp.write_text("name,pseudonym")
     finally:
         os.umask(old)
     for name in ("a.bin", "b.png"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.png"]  # no temporaries
+    assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600
+    # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.png", "private.csv"]
 
 
 def test_cleanup_removes_only_dead_toolkit_temporaries(tmp_path):

@@ -292,14 +292,16 @@ def _suffix_of(name: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, fsync: bool = True, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path`` atomically.
 
     The temporary is ``.usfm-tmp-<pid>-<random>-<stem>.tmp<suffix>`` (it keeps the real suffix,
     which OpenCV, tifffile and nibabel use to pick the format). A crash or exception inside the
     block leaves ``path`` untouched and removes the temporary (a killed process's temporary is
     removed by :func:`clean_stale_temporaries` on the next run). The final file's mode follows
-    the umask. ``path`` must not be an existing folder.
+    the umask, or is ``mode`` when given (e.g. ``0o600`` for a private file: set before the
+    rename, so the file is never visible with wider permissions). ``path`` must not be an
+    existing folder.
     """
     import tempfile
 
@@ -320,7 +322,10 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             with open(tmp_path, "rb") as fh:
                 os.fsync(fh.fileno())
-        apply_umask(tmp_path)
+        if mode is None:
+            apply_umask(tmp_path)
+        else:
+            os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
