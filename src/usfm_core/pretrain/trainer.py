@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 import zlib
@@ -176,6 +177,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_META = "checkpoint.json"
+CHECKPOINT_FORMAT = "usfm-pretrain-checkpoint/1"
+_CHECKSUMMED = ("model.safetensors", "state.pt", "config.json")
+# The only folders the toolkit creates beside last/: a save in progress (tmp) and the copy
+# moved aside while last/ is swapped (old), each suffixed with the writing process's id.
+_TEMP_NAME = re.compile(r"\.last\.(tmp|old)-(\d+)")
+
+
 def save_checkpoint(
     ckpt_root: Path,
     model: torch.nn.Module,
@@ -183,10 +192,19 @@ def save_checkpoint(
     progress: dict[str, Any],
     config: PretrainConfig,
 ) -> Path:
-    """Write ``ckpt_root/last/`` atomically (temp folder, then ``os.replace``)."""
+    """Write ``ckpt_root/last/`` atomically (temp folder, then ``os.replace``).
+
+    ``checkpoint.json`` is written last into the temp folder: the sha256 of every other file
+    (weights, optimiser/RNG state, config), checked by :func:`find_checkpoint` and
+    :func:`load_checkpoint`. Half-written folders of killed runs are removed first
+    (:func:`clean_checkpoint_temps`).
+    """
     from safetensors.torch import save_file
 
+    from usfm_core.models.zoo import file_sha256
+
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    clean_checkpoint_temps(ckpt_root)
     tmp = ckpt_root / f".last.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -198,6 +216,12 @@ def save_checkpoint(
         tmp / "state.pt",
     )
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": int(progress["step"]),
+        "sha256": {name: file_sha256(tmp / name) for name in _CHECKSUMMED},
+    }
+    (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
     last = ckpt_root / "last"
     if last.exists():
         # A directory cannot be replaced onto a non-empty one: move the old one aside first.
@@ -208,24 +232,120 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, last)
+    clean_checkpoint_temps(ckpt_root)  # an .old copy kept by a crash is obsolete now
     return last
 
 
+def _pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists (POSIX); elsewhere, or for our own id, False."""
+    if pid == os.getpid() or os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_checkpoint_temps(ckpt_root: Path) -> list[Path]:
+    """Remove half-written checkpoint folders left by killed runs; return what was removed.
+
+    Only the toolkit's own folders are touched (``.last.tmp-PID`` / ``.last.old-PID``
+    directories, not links) and only when process PID is gone: a ``.tmp`` is always
+    incomplete; an ``.old`` copy only once a complete ``last/`` replaces it (until then it
+    is the checkpoint :func:`find_checkpoint` resumes from).
+    """
+    if not ckpt_root.is_dir():
+        return []
+    last_ok = (ckpt_root / "last" / "state.pt").is_file()
+    removed = []
+    for path in sorted(ckpt_root.iterdir()):
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        kind, pid = match.group(1), int(match.group(2))
+        if _pid_alive(pid) or (kind == "old" and not last_ok):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        log.info("removed the half-written checkpoint folder %s", path)
+    return removed
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of a checkpoint folder against the sha256s in its checkpoint.json.
+
+    Raises :class:`CheckpointError` (``cannot read checkpoint: …``) naming the damaged file.
+    A folder written before checksums existed (no checkpoint.json) passes with a warning.
+    """
+    from usfm_core.models.limits import read_json_file
+    from usfm_core.models.zoo import file_sha256
+
+    meta_path = path / CHECKPOINT_META
+    if not meta_path.is_file():
+        log.warning(
+            "%s has no %s (older version): its files cannot be verified", path, CHECKPOINT_META
+        )
+        return
+    hint = (
+        "the checkpoint is damaged and no earlier one is kept: delete the checkpoints "
+        "folder to start afresh, or restore it from a backup"
+    )
+    meta = read_json_file(meta_path)
+    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    if not isinstance(sums, dict) or not all(isinstance(sums.get(n), str) for n in _CHECKSUMMED):
+        raise CheckpointError(
+            f"cannot read checkpoint: {CHECKPOINT_META} lacks the sha256 of "
+            f"{', '.join(_CHECKSUMMED)}",
+            path=meta_path,
+            hint=hint,
+        )
+    for name in _CHECKSUMMED:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(
+                f"cannot read checkpoint: {name} is missing", path=file, hint=hint
+            )
+        actual = file_sha256(file)
+        if actual != sums[name]:
+            raise CheckpointError(
+                f"cannot read checkpoint: {name} fails its checksum (sha256 {actual[:12]}… ≠ "
+                f"{sums[name][:12]}… recorded in {CHECKPOINT_META})",
+                path=file,
+                hint=hint,
+            )
+
+
 def find_checkpoint(ckpt_root: Path) -> Path | None:
-    """``last/`` or, after a crash between the two renames of a save, the old copy."""
+    """``last/`` or, after a crash between the two renames of a save, the old copy; None if
+    there is none. The folder found is verified (:func:`verify_checkpoint`): a damaged one
+    raises :class:`CheckpointError` rather than resuming from corrupt state."""
     last = ckpt_root / "last"
+    found = None
     if (last / "state.pt").exists():
-        return last
-    olds = sorted(ckpt_root.glob(".last.old-*"))
-    return olds[-1] if olds and (olds[-1] / "state.pt").exists() else None
+        found = last
+    else:
+        olds = sorted(ckpt_root.glob(".last.old-*"))
+        if olds and (olds[-1] / "state.pt").exists():
+            found = olds[-1]
+    if found is not None:
+        verify_checkpoint(found)
+    return found
 
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore model, optimiser and RNG states from ``path``; return the progress dict."""
+    """Restore model, optimiser and RNG states from ``path``; return the progress dict.
+
+    The files are checked against their sha256s first (:func:`verify_checkpoint`); state is
+    read with ``torch.load(weights_only=True)`` (tensors and primitives, never pickled code).
+    """
     from safetensors.torch import load_file
 
+    verify_checkpoint(path)
     try:
         tensors = load_file(str(path / "model.safetensors"))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
