@@ -261,11 +261,16 @@ def clip_ocr_mask(gray: np.ndarray) -> np.ndarray:
 
     Burned-in text does not move, so the temporal median keeps it sharp while speckle fades.
     """
-    mask = np.zeros(gray.shape[1:], bool)
-    for t in _sample(gray.shape[0], OCR_SAMPLE_FRAMES):
-        mask |= _ocr_boxes(gray[t])
+    views = [gray[t] for t in _sample(gray.shape[0], OCR_SAMPLE_FRAMES)]
     if gray.shape[0] > 2:
-        mask |= _ocr_boxes(np.median(gray, axis=0).astype(np.uint8))
+        views.append(np.median(gray, axis=0).astype(np.uint8))
+    mask = np.zeros(gray.shape[1:], bool)
+    seen: set[bytes] = set()
+    for view in views:
+        digest = hashlib.sha1(view.tobytes()).digest()
+        if digest not in seen:  # repeated (frozen) frames are read once
+            seen.add(digest)
+            mask |= _ocr_boxes(view)
     return mask
 
 
