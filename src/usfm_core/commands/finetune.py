@@ -2,6 +2,12 @@
 
 One run per (label ratio, seed); with several, each goes to ``RUN/r<ratio>_s<seed>/`` and
 ``RUN/summary.json`` holds the mean ± std of the validation / test metrics per ratio.
+
+Splits: ``--splits FILE`` (a ``splits.json``), else the manifest's ``split`` column
+(train / val / test), else a grouped, stratified 70/15/15 split; the rule is recorded with the
+model. Segmentation classes come from ``classes.json`` / the manifest's ``classes`` column /
+the mask values: several structures train a softmax segmenter selected on the validation mean
+per-class Dice.
 """
 
 from __future__ import annotations
@@ -39,6 +45,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preset", default="tiny", help="backbone preset when training from scratch")
     p.add_argument(
+        "--from-scratch-like",
+        metavar="BACKBONE",
+        default=None,
+        help="train from random weights with exactly this backbone's architecture and config "
+        "(model name or folder): the scratch baseline of --backbone BACKBONE",
+    )
+    p.add_argument(
+        "--splits",
+        type=Path,
+        default=None,
+        help='splits.json ({"train": [image paths], "val": [...], "test": [...]}, or a run\'s); '
+        "default: the manifest's split column, else a grouped stratified 70/15/15 split",
+    )
+    p.add_argument(
+        "--union",
+        action="store_true",
+        help="segmentation: one sigmoid on the union of all mask classes (mask > 0)",
+    )
+    p.add_argument(
         "--label-ratio",
         type=float,
         nargs="+",
@@ -66,6 +91,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="classification: class-weighted cross-entropy (inverse class frequency)",
     )
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps")
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validate every N optimiser steps (default: every epoch); patience counts these",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop training after this many seconds (the best model so far is kept)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=run)
 
@@ -74,9 +113,18 @@ def run(args: argparse.Namespace) -> int:
     """Run every (ratio, seed) combination and summarise; returns 0."""
     from tqdm import tqdm
 
+    from usfm_core.errors import ConfigError
     from usfm_core.evaluate.metrics import aggregate_runs
     from usfm_core.finetune.train import finetune
     from usfm_core.utils import atomic_write_text
+
+    if args.from_scratch_like is not None and args.backbone is not None:
+        raise ConfigError(
+            "--backbone and --from-scratch-like exclude each other",
+            hint="run once with --backbone NAME and once with --from-scratch-like NAME",
+        )
+    if args.splits is not None and not args.splits.is_file():
+        raise ConfigError("splits file not found", path=args.splits, hint="check the path")
 
     combos = [(r, s) for r in args.label_ratio for s in args.seeds]
     summary: dict[str, dict] = {}
@@ -96,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
             out,
             backbone_ckpt=args.backbone,
             backbone_preset=args.preset,
+            from_scratch_like=args.from_scratch_like,
+            n_classes=1 if args.union else None,
+            splits_file=args.splits,
+            val_every=args.val_every,
+            time_budget_s=args.time_budget,
             label_ratio=ratio,
             seed=seed,
             epochs=args.epochs,
@@ -113,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
         )
         bar.close()
         print(
-            f"{out}: best epoch {res.best_epoch}, val {_short(res.val_metrics)}, "
-            f"test {_short(res.test_metrics)}"
+            f"{out}: {res.split_rule}; classes {res.classes}; best epoch {res.best_epoch}, "
+            f"val {_short(res.val_metrics)}, test {_short(res.test_metrics)}"
         )
         summary.setdefault(f"{ratio:g}", {"val": [], "test": []})
         summary[f"{ratio:g}"]["val"].append(res.val_metrics)
@@ -127,4 +180,5 @@ def run(args: argparse.Namespace) -> int:
 
 def _short(metrics: dict) -> str:
     keys = ("dice", "iou", "macro_f1", "accuracy")
+    keys += tuple(k for k in metrics if k.startswith("dice_") and k != "dice_legacy")
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics) or "-"
