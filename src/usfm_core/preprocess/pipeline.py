@@ -351,6 +351,8 @@ def _check_dirs(in_dir: Path, out_dir: Path) -> None:
         raise USFMError("input folder does not exist", path=in_dir, hint="check the path")
     if not in_dir.is_dir():
         raise USFMError("input is not a folder", path=in_dir, hint="pass the folder holding scans")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise USFMError("the output path exists and is not a folder", path=out_dir)
     if out_dir.resolve() == in_dir.resolve():
         raise USFMError(
             "the output folder must differ from the input folder",
