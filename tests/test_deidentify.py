@@ -247,3 +247,39 @@ def test_header_profile_reaches_nested_sequences_and_sweeps_values():
     assert ds.StudyInstanceUID == hashed_uid(key, "1.2.3.4")
     assert ds.SequenceOfUltrasoundRegions[0].ReferencedSOPInstanceUID == ds.StudyInstanceUID
     assert "BurnedInAnnotation" not in ds  # not claimed without OCR
+
+
+@pytest.mark.parametrize(
+    ("name", "photometric", "syntax"),
+    [
+        ("mono1.dcm", "MONOCHROME1", "explicit_le"),
+        ("colour.dcm", "RGB", "jpeg_baseline"),
+        ("ybr", "YBR_FULL", "implicit_le"),  # no extension: still recognised as DICOM
+    ],
+)
+def test_dicom_variants_keep_display_pixels_spacing_and_timing(
+    tmp_path, monkeypatch, name, photometric, syntax
+):
+    from usfm_core.preprocess import annotations
+
+    monkeypatch.setattr(annotations, "tesseract_available", lambda: False)  # fast path
+    frame = simulate_frame(seed=1, height=128, width=128).image
+    frames = np.stack([frame] * 2)
+    if not photometric.startswith("MONO"):
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    write_dicom(
+        tmp_path / "in" / name,
+        frames,
+        spacing_mm=SPACING,
+        fps=FPS,
+        photometric=photometric,
+        transfer_syntax=syntax,
+    )
+    assert main(["deidentify", str(tmp_path / "in"), str(tmp_path / "out"), "--allow-no-ocr"]) == 0
+    (out,) = (tmp_path / "out").glob("*.dcm")
+    before, after = load_scan(tmp_path / "in" / name), load_scan(out)
+    assert after.shape == before.shape and after.is_rgb == before.is_rgb
+    assert after.spacing_mm == pytest.approx(SPACING) and after.fps == pytest.approx(FPS)
+    # Stored as displayed (MONOCHROME1 inverted, YBR/JPEG decoded): untouched pixels equal.
+    assert np.mean(np.asarray(after.frames) == np.asarray(before.frames)) > 0.95
+    assert pydicom.dcmread(out).file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
