@@ -179,14 +179,12 @@ def check_outputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
             if _same(out, src):
                 raise USFMError(
                     f"the output {out} would overwrite the input {src}",
-                    path=out,
                     hint="write to another --out folder, or rename the input",
                 )
         for folder in folders:
             if _same(out.parent, folder):
                 raise USFMError(
                     f"the output {out} would be written into the input folder {folder}",
-                    path=out,
                     hint="write to another --out folder",
                 )
 
