@@ -241,6 +241,8 @@ def list_models(*extra_dirs: str | Path, kind: str | None = None) -> list[ModelE
         if not Path(root).is_dir():
             continue
         for sub in sorted(Path(root).iterdir()):
+            if sub.name.startswith("."):  # hidden, e.g. an import's .usfm-tmp-… copy
+                continue
             try:
                 entries.append(read_entry(sub, source=source))
             except CheckpointError:
