@@ -9,11 +9,13 @@ from scipy import ndimage
 from usfm_core.evaluate import corruptions as C
 from usfm_core.evaluate.metrics import (
     aggregate_runs,
+    class_scores,
     classification_metrics,
     dice,
     hd95,
     iou,
     mean_std,
+    per_class_scores,
     segmentation_metrics,
 )
 
@@ -51,6 +53,35 @@ def test_multiclass_segmentation_averages_foreground():
     p[4:, 4:] = 0  # class 2 missed entirely
     m = segmentation_metrics(p, t, n_classes=3)
     assert m["dice"] == pytest.approx(0.5)
+
+
+def test_per_class_scores_ignore_classes_absent_from_ground_truth():
+    """MONAI ignore_empty: a class is averaged over the images that hold it; an empty
+    prediction on an empty mask no longer scores 1; the old value stays as dice_legacy."""
+    t1 = np.zeros((8, 8), int)
+    t1[:4, :4], t1[4:, 4:] = 1, 2
+    p1 = t1.copy()
+    p1[4:, 4:] = 0  # class 2 missed
+    t2 = np.zeros((8, 8), int)
+    t2[:2, :2] = 1  # class 2 absent from this image's ground truth
+    p2 = t2.copy()
+    rows = [class_scores(p1, t1, 3), class_scores(p2, t2, 3)]
+    assert np.isnan(rows[1]["dice"][1]) and rows[0]["dice"][1] == 0.0
+    agg = per_class_scores(rows, ["a", "b"])
+    assert agg["per_class"]["a"] == pytest.approx({"dice": 1.0, "iou": 1.0, "hd95": 0.0, "n": 2})
+    assert agg["per_class"]["b"]["dice"] == 0.0 and agg["per_class"]["b"]["n"] == 1
+    assert agg["dice"] == pytest.approx(0.5)  # mean over classes, not images
+    # Binary: an image without foreground is ignored (was counted 1 if predicted empty).
+    empty = np.zeros((8, 8), int)
+    m = segmentation_metrics(empty, empty)
+    assert np.isnan(m["dice"]) and m["dice_legacy"] == 1.0
+    half = np.zeros((8, 8), int)
+    half[:4] = 1
+    rows = [class_scores(half, half, 1), class_scores(empty, empty, 1), class_scores(half, empty, 1)]
+    assert per_class_scores(rows)["dice"] == 1.0  # only the image with a structure counts
+    # A class that never occurs is NaN and stays out of the mean.
+    agg = per_class_scores([class_scores(t2, t2, 3)])
+    assert np.isnan(agg["per_class"]["class2"]["dice"]) and agg["dice"] == 1.0
 
 
 def test_macro_f1_matches_formula():
