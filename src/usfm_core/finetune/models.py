@@ -301,8 +301,7 @@ class TaskModelConfig:
         if registered is None or self.backbone_type in MODEL_TYPES:
             backbones = [t for t in serialization.model_types() if t not in MODEL_TYPES]
             raise ConfigError(
-                f"task config.backbone_type must be one of {backbones}, "
-                f"got {self.backbone_type!r}"
+                f"task config.backbone_type must be one of {backbones}, got {self.backbone_type!r}"
             )
         try:
             return registered[1].from_dict(dict(self.backbone_config))
@@ -347,8 +346,11 @@ def _decoder_params(head: str, dims: list[int], n_out: int) -> int:
     """Parameters of the decoder ``head`` over stage widths ``dims`` (mirrors DECODERS)."""
     if head == "conv":
         width = 64
-        return sum(d * width + width for d in dims) + width * width * 9 + 3 * width + (
-            width * n_out + n_out
+        return (
+            sum(d * width + width for d in dims)
+            + width * width * 9
+            + 3 * width
+            + (width * n_out + n_out)
         )
 
     def block(c: int) -> int:

@@ -145,6 +145,10 @@ def _check_leaf(value: Any, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------ field tables
+class _WrongType(ConfigError):
+    """The value has the wrong type (as opposed to the right type out of range)."""
+
+
 @dataclass(frozen=True)
 class Int:
     """An integer (not a bool, not a float) in ``[lo, hi]``."""
@@ -154,7 +158,7 @@ class Int:
 
     def check(self, value: Any, name: str) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{name} must be an integer, got {_show(value)}")
+            raise _WrongType(f"{name} must be an integer, got {_show(value)}")
         if not self.lo <= value <= self.hi:
             raise ConfigError(f"{name} must be in [{self.lo}, {self.hi}], got {_show(value)}")
 
@@ -169,7 +173,7 @@ class Float:
 
     def check(self, value: Any, name: str) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"{name} must be a number, got {_show(value)}")
+            raise _WrongType(f"{name} must be a number, got {_show(value)}")
         low_ok = value > self.lo if self.lo_open else value >= self.lo
         if not (math.isfinite(value) and low_ok and value <= self.hi):
             left = "(" if self.lo_open else "["
@@ -182,7 +186,7 @@ class Bool:
 
     def check(self, value: Any, name: str) -> None:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {_show(value)}")
+            raise _WrongType(f"{name} must be true or false, got {_show(value)}")
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ class Str:
 
     def check(self, value: Any, name: str) -> None:
         if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {_show(value)}")
+            raise _WrongType(f"{name} must be a string, got {_show(value)}")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{name} must be one of {list(self.choices)}, got {_show(value)}")
         if not re.fullmatch(self.pattern, value):
@@ -213,7 +217,7 @@ class IntSeq:
 
     def check(self, value: Any, name: str) -> None:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise ConfigError(f"{name} must be a list of integers, got {_show(value)}")
+            raise _WrongType(f"{name} must be a list of integers, got {_show(value)}")
         if self.length is not None and len(value) != self.length:
             raise ConfigError(f"{name} must hold {self.length} integers, got {len(value)}")
         if len(value) > self.max_len:
@@ -236,9 +240,7 @@ class StrList:
             raise ConfigError(f"{name} holds {len(value)} values (max {self.max_len})")
         for i, item in enumerate(value):
             if not isinstance(item, str) or len(item) > self.max_chars:
-                raise ConfigError(
-                    f"{name}[{i}] must be a string of ≤ {self.max_chars} characters"
-                )
+                raise ConfigError(f"{name}[{i}] must be a string of ≤ {self.max_chars} characters")
 
 
 @dataclass(frozen=True)
@@ -252,20 +254,22 @@ class Dict:
 
 @dataclass(frozen=True)
 class AnyOf:
-    """The first of ``options`` that accepts the value; the error of the last otherwise."""
+    """Any of ``options``. The error reported is that of an option whose type matched (a
+    range error), else all the expected types."""
 
     options: tuple[Any, ...]
 
     def check(self, value: Any, name: str) -> None:
-        error: ConfigError | None = None
+        wrong_types: list[str] = []
         for option in self.options:
             try:
                 option.check(value, name)
                 return
-            except ConfigError as exc:
-                error = exc
-        assert error is not None
-        raise error
+            except _WrongType as exc:
+                wrong_types.append(plain_message(exc).split(" must be ", 1)[-1].split(", got")[0])
+            except ConfigError:
+                raise
+        raise _WrongType(f"{name} must be {' or '.join(wrong_types)}, got {_show(value)}")
 
 
 @dataclass(frozen=True)
@@ -276,7 +280,7 @@ class Literal:
 
     def check(self, value: Any, name: str) -> None:
         if value != self.value or type(value) is not type(self.value):
-            raise ConfigError(f"{name} must be {self.value!r}, got {_show(value)}")
+            raise _WrongType(f"{name} must be {self.value!r}, got {_show(value)}")
 
 
 # Bounds are generous (10-40× the largest preset) and exist to stop absurd values before a

@@ -201,7 +201,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     """The folder ``name_or_path`` means; every model loader goes through this.
 
     * A path given explicitly (:func:`is_explicit_path`: ``./sim-lesion``, ``runs/x/model``,
-      an absolute path) is used as it is; inside the shipped models it is sha256-checked.
+      an absolute path) is used (made absolute); inside the shipped models it is
+      sha256-checked.
     * A bare name is a shipped model's (sha256-checked) or a user model's when one has that
       name: a folder of the same name in the working directory never replaces it (a warning
       says how to choose the folder).
@@ -209,7 +210,8 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
       :class:`CheckpointError` lists the known models.
     """
     if is_explicit_path(name_or_path):
-        path = Path(name_or_path).expanduser()
+        # Absolute, so that a later lookup cannot mistake "./sim-lesion" for the name.
+        path = Path(name_or_path).expanduser().absolute()
         builtin = _builtin_name_of(path)
         if builtin is not None:
             verify_builtin(read_entry(BUILTIN_DIR / builtin, name=builtin, source="builtin"))
@@ -219,7 +221,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if entry is not None:
         return _checked(entry, name).path
     if Path(name).exists():
-        return Path(name)
+        return Path(name).absolute()
     raise _not_found(name)
 
 

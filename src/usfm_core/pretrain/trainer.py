@@ -326,10 +326,13 @@ def find_checkpoint(ckpt_root: Path) -> Path | None:
     found = None
     if (last / "state.pt").exists():
         found = last
-    else:
-        olds = sorted(ckpt_root.glob(".last.old-*"))
-        if olds and (olds[-1] / "state.pt").exists():
-            found = olds[-1]
+    elif ckpt_root.is_dir():
+        olds = [
+            p
+            for p in ckpt_root.iterdir()
+            if p.name.startswith(".last.old-") and not p.is_symlink() and (p / "state.pt").is_file()
+        ]
+        found = max(olds, key=lambda p: p.stat().st_mtime, default=None)
     if found is not None:
         verify_checkpoint(found)
     return found
