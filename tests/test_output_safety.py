@@ -360,8 +360,16 @@ def test_models_import_overwrite_replaces_only_model_folders(
     tiny_model, model_dir, tmp_path, capsys
 ):
     from usfm_core.finetune.models import load_finetuned, save_finetuned
+    from usfm_core.models.zoo import list_models
 
+    # A killed import left a half-copied folder: not listed as a model, removed by the next one.
+    leftover = model_dir / f"{TMP_PREFIX}{_dead_pid()}-cafe-m"
+    leftover.mkdir()
+    for fname in ("config.json", "model.safetensors"):
+        (leftover / fname).write_bytes((tiny_model / fname).read_bytes())
+    assert not [e for e in list_models() if e.name.startswith(".")]
     assert main(["models", "import", str(tiny_model), "--name", "m"]) == 0
+    assert not leftover.exists()
     model, _ = load_finetuned(tiny_model)
     with torch.no_grad():
         for p in model.parameters():
