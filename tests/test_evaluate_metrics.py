@@ -77,7 +77,11 @@ def test_per_class_scores_ignore_classes_absent_from_ground_truth():
     assert np.isnan(m["dice"]) and m["dice_legacy"] == 1.0
     half = np.zeros((8, 8), int)
     half[:4] = 1
-    rows = [class_scores(half, half, 1), class_scores(empty, empty, 1), class_scores(half, empty, 1)]
+    rows = [
+        class_scores(half, half, 1),
+        class_scores(empty, empty, 1),
+        class_scores(half, empty, 1),
+    ]
     assert per_class_scores(rows)["dice"] == 1.0  # only the image with a structure counts
     # A class that never occurs is NaN and stays out of the mean.
     agg = per_class_scores([class_scores(t2, t2, 3)])

@@ -137,7 +137,9 @@ def test_simulated_structures_are_two_classes_of_lesions():
     assert set(np.unique(mask)) <= {0, 1, 2} and mask.any()
     # Cysts are anechoic: darker than the echogenic masses where both occur.
     image, mask = next(
-        (im, m) for im, m in (simulate_structures(s, 64) for s in range(20)) if {1, 2} <= set(m.flat)
+        (im, m)
+        for im, m in (simulate_structures(s, 64) for s in range(20))
+        if {1, 2} <= set(m.flat)
     )
     assert image[mask == 1].mean() < image[mask == 2].mean()
 
@@ -176,3 +178,169 @@ def test_splits_file_and_bad_split_values(phantoms, tmp_path):
         (bad / sub).symlink_to(phantoms / sub)
     with pytest.raises(ConfigError, match="holdout"):
         LabelledSet.from_folder(bad)
+
+
+# ------------------------------------------------------------------ multi-class end to end
+
+
+def _manifest_test_keys(root: Path) -> set[str]:
+    return {r["image"] for r in csv.DictReader(open(root / "manifest.csv")) if r["split"] == "test"}
+
+
+def _train_phantoms(phantoms: Path, out: Path, n_classes: int | None, monkeypatch=None):
+    """300 steps of a small CNN segmenter at 64² (1 thread: about 10 s of CPU)."""
+    from usfm_core.finetune import train
+
+    seen: list[set[int]] = []
+    if monkeypatch is not None:  # record every item the training data set hands out
+
+        class Recording(train.SupervisedDataset):
+            def __getitem__(self, i):
+                if self.augment:
+                    seen.append({self.indices[i]})
+                return super().__getitem__(i)
+
+        monkeypatch.setattr(train, "SupervisedDataset", Recording)
+    torch.manual_seed(0)
+    res = train.finetune(
+        "seg",
+        phantoms,
+        out,
+        backbone=ConvBackbone(ConvCfg(width=16)),
+        n_classes=n_classes,
+        epochs=1000,
+        max_steps=300,
+        val_every=60,
+        patience=100,
+        lr=2e-3,
+        batch_size=8,
+        input_size=64,
+        device="cpu",
+    )
+    return res, set().union(*seen) if seen else set()
+
+
+def _union_scores_per_class(model_dir: Path, phantoms: Path) -> np.ndarray:
+    """Dice of the union model's foreground against each structure, over the test items
+    holding it (the union model cannot say which structure it found)."""
+    from usfm_core.evaluate.metrics import class_scores
+    from usfm_core.finetune.data import read_image
+    from usfm_core.finetune.infer import segment_frames
+    from usfm_core.finetune.models import load_finetuned
+
+    ds = LabelledSet.from_folder(phantoms)
+    test = ds.fixed_splits()["test"]
+    model, _ = load_finetuned(model_dir)
+    preds = segment_frames(model, [read_image(ds.items[i]) for i in test])
+    rows = []
+    for pred, i in zip(preds, test):
+        gt = read_mask(ds.items[i])
+        rows.append(
+            [class_scores(pred > 0, gt == c, 1, with_hd95=False)["dice"][0] for c in (1, 2)]
+        )
+    return np.nanmean(np.array(rows, float), axis=0)
+
+
+@pytest.mark.slow
+def test_multiclass_beats_union_per_class_and_test_items_never_train(
+    phantoms, tmp_path, monkeypatch
+):
+    """Fixed test split from the manifest: never trained on, recorded with the model. The
+    softmax segmenter (classes from classes.json) beats the union-trained one on each class
+    of the test split, scored by ``evaluate`` (each class over the images holding it)."""
+    from usfm_core.evaluate.report import evaluate_model_dir
+
+    torch.set_num_threads(1)
+    test_keys = _manifest_test_keys(phantoms)
+    res, trained_on = _train_phantoms(phantoms, tmp_path / "multi", None, monkeypatch)
+    ds = LabelledSet.from_folder(phantoms)
+    assert trained_on and not {ds.items[i].key for i in trained_on} & test_keys
+    run_splits = json.loads(res.splits_path.read_text())
+    assert set(run_splits["splits"]["test"]) == test_keys
+    assert not (set(run_splits["splits"]["train"]) | set(run_splits["splits"]["val"])) & test_keys
+    extra = json.loads((res.model_dir / "config.json").read_text())["extra"]
+    assert extra["split_rule"].startswith("manifest split column")
+    assert set(extra["test_items"]) == test_keys
+    assert extra["mask_classes"] == ["background", "cyst", "echogenic"]
+    assert res.classes == ["background", "cyst", "echogenic"]
+    rows = list(csv.DictReader(open(res.history_path)))
+    assert [int(r["step"]) for r in rows] == [60, 120, 180, 240, 300]  # --val-every 60
+    assert {"val_dice_cyst", "val_dice_echogenic"} <= set(rows[0])
+
+    report = evaluate_model_dir(res.model_dir, phantoms, tmp_path / "report")  # test split
+    assert report["n"] == 12 and report["splits_file"].endswith("splits.json")
+    per_class = report["clean"]["per_class"]
+    multi = np.array([per_class["cyst"]["dice"], per_class["echogenic"]["dice"]])
+    assert report["clean"]["dice"] == pytest.approx(multi.mean())
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| cyst |" in summary and "| echogenic |" in summary and "dice_legacy" in summary
+
+    union_res, _ = _train_phantoms(phantoms, tmp_path / "union", 1)
+    union = _union_scores_per_class(union_res.model_dir, phantoms)
+    print(f"test Dice per class (cyst, echogenic): multi {multi.round(3)}, union {union.round(3)}")
+    assert (multi > union).all(), (multi, union)
+    assert multi.min() > 0.3  # both structures found, not just the easy one
+
+
+def test_cli_splits_val_every_from_scratch_like_and_evaluate(phantoms, tmp_path, capsys):
+    """The CLI path on the tiny VMamba preset: 2 steps, then the same architecture from
+    random weights (--from-scratch-like), then evaluate reports both structures."""
+    from usfm_core.cli import main
+    from usfm_core.finetune.models import load_finetuned
+
+    ds = LabelledSet.from_folder(phantoms)
+    keys = [it.key for it in ds.items]
+    (tmp_path / "splits.json").write_text(
+        json.dumps({"train": keys[:20], "val": keys[20:24], "test": keys[48:52]})
+    )
+    common = ["--task", "seg", "--data", str(phantoms), "--input-size", "64", "--batch-size", "4"]
+    args = ["--max-steps", "2", "--val-every", "1", "--splits", str(tmp_path / "splits.json")]
+    assert main(["finetune", *common, *args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "splits file" in out and "cyst" in out
+    first, meta = load_finetuned(tmp_path / "a")
+    assert first.n_classes == 3 and meta["extra"]["split_rule"].startswith("splits file")
+    assert meta["extra"]["test_items"] == keys[48:52]
+    history = list(csv.DictReader(open(tmp_path / "a" / "history.csv")))
+    assert [r["step"] for r in history] == ["1", "2"]
+
+    like = ["--from-scratch-like", str(tmp_path / "a" / "model"), "--max-steps", "1"]
+    assert main(["finetune", *common, *like, "--out", str(tmp_path / "b")]) == 0
+    second, meta_b = load_finetuned(tmp_path / "b")
+    assert second.backbone.config.to_dict() == first.backbone.config.to_dict()
+    assert meta_b["extra"]["backbone_source"].startswith("random init, architecture of")
+    w1, w2 = first.backbone.state_dict(), second.backbone.state_dict()
+    assert w1.keys() == w2.keys() and any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+    report = tmp_path / "report"
+    assert (
+        main(["evaluate", str(tmp_path / "a"), "--data", str(phantoms), "--out", str(report)]) == 0
+    )
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n"] == 4 and set(metrics["clean"]["per_class"]) == {"cyst", "echogenic"}
+
+
+def test_time_budget_stops_training(phantoms, tmp_path):
+    """A 0.2 s budget and a first step that takes 0.3 s: exactly one step, then validation."""
+    import time
+
+    from usfm_core.finetune.train import finetune
+
+    def slow(info):
+        if "val" not in info:
+            time.sleep(0.3)
+
+    res = finetune(
+        "seg",
+        phantoms,
+        tmp_path / "t",
+        backbone=ConvBackbone(ConvCfg(width=4)),
+        epochs=100,
+        time_budget_s=0.2,
+        input_size=64,
+        batch_size=4,
+        progress=slow,
+    )
+    assert res.steps == 1 and res.best_epoch == 1
+    with pytest.raises(ConfigError, match="val_every"):
+        finetune("seg", phantoms, tmp_path / "u", backbone=ConvBackbone(), val_every=0)

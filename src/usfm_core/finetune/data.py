@@ -333,9 +333,10 @@ def _decode_mask_file(path: Path) -> np.ndarray:
         arr = _decode_with_cv2(path)
     if arr.ndim == 3:
         chans = arr[..., :3]
-        if not (np.array_equal(chans[..., 0], chans[..., 1]) and np.array_equal(
-            chans[..., 0], chans[..., 2]
-        )):
+        if not (
+            np.array_equal(chans[..., 0], chans[..., 1])
+            and np.array_equal(chans[..., 0], chans[..., 2])
+        ):
             raise ScanReadError(
                 "colour mask: cannot tell classes from RGB colours",
                 path=path,

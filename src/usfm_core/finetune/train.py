@@ -335,9 +335,7 @@ def finetune(
         if freeze_backbone:
             model.backbone.eval()  # linear probe: no dropout / drop-path in the frozen encoder
         for x, y in loader:
-            over_time = (
-                time_budget_s is not None and time.monotonic() - t_start >= time_budget_s
-            )
+            over_time = time_budget_s is not None and time.monotonic() - t_start >= time_budget_s
             if _is_cancelled(cancel) or over_time or (max_steps is not None and step >= max_steps):
                 cancelled, stop = _is_cancelled(cancel), True
                 break
