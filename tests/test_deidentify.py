@@ -283,3 +283,26 @@ def test_dicom_variants_keep_display_pixels_spacing_and_timing(
     # Stored as displayed (MONOCHROME1 inverted, YBR/JPEG decoded): untouched pixels equal.
     assert np.mean(np.asarray(after.frames) == np.asarray(before.frames)) > 0.95
     assert pydicom.dcmread(out).file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+
+
+@needs_tesseract
+def test_real_scans_lose_their_label_not_their_tissue(shared_data, tmp_path):
+    """BUSI benign_1 carries a burned-in 'LEFT BREAST'; an HC18 scan carries no text."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(shared_data / "busi" / "images" / "benign_1.png", src / "labelled.png")
+    hc18 = sorted((shared_data / "hc18" / "images").glob("*.png"))[0]
+    shutil.copy(hc18, src / "plain.png")
+    assert "BREAST" in _ocr_text(load_scan(src / "labelled.png").to_gray(0))
+    assert main(["deidentify", str(src), str(tmp_path / "out"), "--salt", "x"]) == 0
+    names = {
+        row.split(",")[1]: row.split(",")[2]
+        for row in (tmp_path / "out.mapping.csv").read_text().splitlines()[1:]
+    }
+    labelled = load_scan(tmp_path / "out" / names["labelled.png"]).to_gray(0)
+    assert "BREAST" not in _ocr_text(labelled)
+    for name in ("labelled.png", "plain.png"):
+        before = load_scan(src / name).to_gray(0)
+        after = load_scan(tmp_path / "out" / names[name]).to_gray(0)
+        # Measured: 0.3 % of the pixels on average over 24 BUSI/HC18 images, 2.6 % at most.
+        assert np.mean(after != before) < 0.05

@@ -43,11 +43,13 @@ PSEUDONYM_PREFIX = "scan-"
 PSEUDONYM_HEX_DIGITS = 16
 OCR_SAMPLE_FRAMES = 8  # frames of a cine OCR'd (plus the temporal median); text is static
 # Second OCR view: near-white (>= level), contrasted (top-hat >= contrast) strokes, binarised
-# black on white and upscaled; words kept from this confidence (0-100) on, so low-confidence
-# reads of text crossing bright tissue count too.
+# black on white and upscaled. Words count when read with confidence >= OCR_CONFIDENT (0-100) or
+# when they look like identifiers (>= OCR_MIN_TOKEN_CHARS letters/digits, or 2 digits) at any
+# confidence, so an MRN crossing bright tissue counts while speckle read as 'oe' does not.
 OCR_BINARY_LEVEL = 200
 OCR_BINARY_CONTRAST = 60
-OCR_BINARY_MIN_CONFIDENCE = 0.0  # any word: a missed MRN costs more than a smudge
+OCR_CONFIDENT = 60.0
+OCR_MIN_TOKEN_CHARS = 4
 OCR_UPSCALE = 2
 OCR_VERIFY_PASSES = 1  # extra OCR passes on the cleaned frames catching what inpainting left
 MAPPING_COLUMNS: tuple[str, ...] = ("pseudonym", "source", "output")
@@ -217,6 +219,22 @@ def _bright_binary(gray: np.ndarray) -> np.ndarray:
     return np.where(strokes, 0, 255).astype(np.uint8)
 
 
+def _identifier_like(word: str, conf: float) -> bool:
+    """Whether an OCR word counts as text: a confident read, or an identifier-like token (at
+    least ``OCR_MIN_TOKEN_CHARS`` letters/digits, or two digits) read with any confidence.
+
+    Speckle and bright tissue are read as short low-confidence words ('oe', 'Se'); a name or an
+    MRN crossing a bright interface is read as a long one with low confidence ('MERN12345678').
+    """
+    if conf < 0:  # Tesseract's layout rows, not words
+        return False
+    alnum = [c for c in word if c.isalnum()]
+    digits = sum(c.isdigit() for c in alnum)
+    return bool(alnum) and (
+        conf >= OCR_CONFIDENT or len(alnum) >= OCR_MIN_TOKEN_CHARS or digits >= 2
+    )
+
+
 def _tesseract_boxes(image: np.ndarray, upscale: int) -> np.ndarray:
     """(H, W) bool filled word boxes Tesseract reads in ``image`` (upscaled ``upscale``×)."""
     import cv2
@@ -231,7 +249,7 @@ def _tesseract_boxes(image: np.ndarray, upscale: int) -> np.ndarray:
     for text, conf, x, y, bw, bh in zip(
         data["text"], data["conf"], data["left"], data["top"], data["width"], data["height"]
     ):
-        if float(conf) < OCR_BINARY_MIN_CONFIDENCE or not any(c.isalnum() for c in str(text)):
+        if not _identifier_like(str(text), float(conf)):
             continue
         x0, y0 = x // upscale, y // upscale
         x1, y1 = (x + bw) // upscale + 1, (y + bh) // upscale + 1
@@ -483,6 +501,69 @@ def deidentify_file(
             "n_scrubbed_px": n_px,
             "ocr": "yes" if ocr else "no",
         }
+
+
+# --------------------------------------------------------------------------- preprocess hook
+
+
+@dataclass
+class PreprocessDeidentifier:
+    """What ``preprocess --deidentify`` needs (picklable, so worker processes get it too).
+
+    Attributes:
+        pseudo: the keyed pseudonymizer of relative source paths.
+        mapping: private mapping CSV written at the end of the run.
+        key: the key file (None when derived from a salt).
+        ocr: whether Tesseract is used (False only with ``allow_no_ocr``).
+    """
+
+    pseudo: Pseudonymizer
+    mapping: Path
+    key: Path | None
+    ocr: bool
+
+    @classmethod
+    def setup(
+        cls,
+        in_dir: str | Path,
+        out_dir: str | Path,
+        *,
+        mapping: str | Path | None = None,
+        key: str | Path | None = None,
+        salt: str | None = None,
+        allow_no_ocr: bool = False,
+    ) -> PreprocessDeidentifier:
+        """Check paths and OCR (refuses without Tesseract unless ``allow_no_ocr``), load or
+        create the key. Same defaults as :func:`run_deidentify`."""
+        in_dir, out_dir = Path(in_dir).expanduser(), Path(out_dir).expanduser()
+        mapping_path = Path(mapping).expanduser() if mapping else default_mapping_path(out_dir)
+        key_path = None if salt else Path(key or default_key_path(mapping_path)).expanduser()
+        check_paths(in_dir, out_dir, mapping_path, key_path)
+        ocr = require_ocr(allow_no_ocr)
+        pseudo = Pseudonymizer.from_salt(salt) if salt else Pseudonymizer.from_key_file(key_path)
+        return cls(pseudo=pseudo, mapping=mapping_path, key=key_path, ocr=ocr)
+
+    def stem(self, rel: str | Path) -> str:
+        """Output stem (frames, masks, markers, manifest ``source``) of a relative source."""
+        return self.pseudo.name(rel)
+
+    def text_mask(self, frames: list[np.ndarray]) -> np.ndarray | None:
+        """(H, W) bool OCR text of a source's uint8 frames (:func:`clip_ocr_mask`), or None
+        without OCR; the pipeline inpaints it in every frame on top of its own detectors."""
+        from usfm_core.preprocess.region import to_gray
+
+        if not self.ocr or not frames:
+            return None
+        return _grow(clip_ocr_mask(np.stack([to_gray(f) for f in frames])))
+
+    def write_mapping(self, rels: list[Path]) -> None:
+        """Write the private mapping of the given relative sources (pseudonym → source)."""
+        rows = [
+            {"pseudonym": self.stem(rel), "source": Path(rel).as_posix(), "output": self.stem(rel)}
+            for rel in rels
+        ]
+        if rows:
+            write_mapping(self.mapping, rows)
 
 
 # --------------------------------------------------------------------------- whole run
