@@ -12,6 +12,7 @@ import pytest
 
 from usfm_core.cli import main
 from usfm_core.io import write_dicom, write_image, write_video
+from usfm_core.outputs import TMP_PREFIX
 from usfm_core.preprocess import pipeline
 from usfm_core.preprocess.pipeline import (
     MANIFEST_COLUMNS,
@@ -96,7 +97,7 @@ def test_end_to_end_outputs_and_manifest(scan_folder, tmp_path):
     # The simulator's text, calipers and colour overlay were inpainted (mask a bit dilated).
     sim_truth = np.load(tmp_path / "sim_annotation.npy")
     assert int(by_source["sim.png"][0]["n_annotation_px"]) > 0.9 * sim_truth.sum()
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob(f"{TMP_PREFIX}*"))
 
 
 def test_rerun_skips_done_sources_and_redoes_changed_ones(scan_folder, tmp_path):
@@ -129,7 +130,7 @@ def test_interrupted_run_leaves_no_partial_output(scan_folder, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run_preprocessing(scan_folder, out, FAST, progress=False)
     assert not (out / "manifest.csv").exists()
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not list(out.rglob(f"{TMP_PREFIX}*"))  # the toolkit's temporaries
     # Sources run in sorted order: a.png done, broken.png failed, clip.avi hit on its 2nd frame.
     done_markers = list((out / pipeline.MARKER_DIR).rglob("*.json"))
     assert [p.name for p in done_markers] == ["a.png.json"]
