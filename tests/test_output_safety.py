@@ -119,6 +119,14 @@ def test_cleanup_removes_only_dead_toolkit_temporaries(tmp_path):
     assert user_tmp.exists() and lookalike.exists() and live.exists() and not stale.exists()
 
 
+def test_any_atomic_write_sweeps_its_folder_once(tmp_path):
+    stale = _stale_tmp(tmp_path / "reports", "report.json")
+    user_tmp = tmp_path / "reports" / ".report.json.tmp"
+    user_tmp.write_text("mine")
+    atomic_write_bytes(tmp_path / "reports" / "report.json", b"{}")
+    assert not stale.exists() and user_tmp.exists()
+
+
 def test_check_outputs_sees_links(tmp_path):
     src = tmp_path / "in.png"
     write_image(src, _image(1))

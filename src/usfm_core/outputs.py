@@ -40,6 +40,8 @@ GROUND_TRUTH_DIR = "ground_truth"
 _TMP_PID = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UMASK_LOCK = threading.Lock()
+# Folders this process already swept for stale temporaries (atomic_path sweeps each once).
+_SWEPT: set[Path] = set()
 
 
 # --- names -------------------------------------------------------------------------------------
@@ -277,6 +279,19 @@ def clean_stale_temporaries(folder: Path, *, recursive: bool = False) -> list[Pa
     return removed
 
 
+def _sweep_once(folder: Path) -> None:
+    """:func:`clean_stale_temporaries` of ``folder`` the first time this process writes there."""
+    key = Path(os.path.abspath(folder))
+    with _UMASK_LOCK:
+        if key in _SWEPT:
+            return
+        _SWEPT.add(key)
+    try:
+        clean_stale_temporaries(key)
+    except OSError:  # a sweep must never stop a write
+        pass
+
+
 def apply_umask(path: Path, *, directory: bool = False) -> None:
     """Give ``path`` the mode a plain ``open``/``mkdir`` would: 0o666 (0o777) minus the umask."""
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
@@ -295,8 +310,9 @@ def atomic_path(path: str | Path, *, fsync: bool = True, mode: int | None = None
 
     The temporary is ``.usfm-tmp-<pid>-<random>-<stem>.tmp<suffix>`` (it keeps the real suffix,
     which OpenCV, tifffile and nibabel use to pick the format). A crash or exception inside the
-    block leaves ``path`` untouched and removes the temporary (a killed process's temporary is
-    removed by :func:`clean_stale_temporaries` on the next run). The final file's mode follows
+    block leaves ``path`` untouched and removes the temporary; a killed process's temporary is
+    removed by :func:`clean_stale_temporaries` the next time any run writes into that folder
+    (each folder is swept once per process). The final file's mode follows
     the umask, or is ``mode`` when given (e.g. ``0o600`` for a private file: set before the
     rename, so the file is never visible with wider permissions). ``path`` must not be an
     existing folder.
@@ -307,6 +323,7 @@ def atomic_path(path: str | Path, *, fsync: bool = True, mode: int | None = None
     if path.is_dir():
         raise USFMError("cannot write a file over a folder", path=path, hint="choose a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(path.parent)
     stem = path.name[: len(path.name) - len(_suffix_of(path.name))]
     fd, tmp = tempfile.mkstemp(
         prefix=f"{TMP_PREFIX}{os.getpid()}-",
