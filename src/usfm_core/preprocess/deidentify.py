@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from usfm_core.errors import USFMError
-from usfm_core.utils import atomic_path
+from usfm_core.outputs import atomic_path, clean_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,8 @@ class Pseudonymizer:
 
 def write_private_text(path: str | Path, text: str) -> None:
     """Write ``text`` atomically to ``path`` readable by the owner only (mode 0600)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=0o600) as tmp:  # the mode is set before the rename
         tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o600)
-    os.chmod(path, 0o600)
 
 
 def default_mapping_path(out_dir: str | Path) -> Path:
@@ -593,10 +590,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def check_paths(in_path: Path, out_dir: Path, mapping: Path, key: Path | None) -> None:
     """Refuse runs that could write over or into the input, or lose the private files."""
+    from usfm_core.outputs import check_out_dir
+
     if not in_path.exists():
         raise USFMError("no such file or folder", path=in_path, hint="check the path")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise USFMError("the output must be a folder", path=out_dir, hint="give a folder path")
+    check_out_dir(out_dir, [in_path])
     folder = in_path if in_path.is_dir() else in_path.parent
     if in_path.is_dir() and _inside(out_dir, in_path):
         raise USFMError(
@@ -657,6 +655,7 @@ def run_deidentify(
     if len(set(names.values())) != len(names):  # pragma: no cover - 64-bit collision
         raise USFMError("two sources got the same pseudonym", hint="use another --key or --salt")
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)  # only the toolkit's own, of runs that were killed
     summary = DeidentifySummary(out_dir, mapping_path, key_path, n_sources=len(sources), ocr=ocr)
     rows, mapping_rows = [], []
     for source, rel in sources:
