@@ -340,3 +340,46 @@ def test_jepa_bad_teacher_path_and_config_are_clear(tmp_path):
         build_jepa(_cfg("jepa", f"jepa.teacher_ckpt={tmp_path / 'missing'}"), total_steps=1)
     with pytest.raises(ConfigError, match=r"jepa\.target_scale"):
         build_jepa(_cfg("jepa", "jepa.target_scale=[0.5,0.2]"), total_steps=1)
+
+
+# ------------------------------------------------------------------ the baselines' own views
+def test_mae_sees_unblurred_views_openus_view0_is_blurred(shared_data):
+    """Same crop geometry (the whole frame, no flips/rotation): what MAE's training step gets
+    is the plainly resized frame, while OpenUS's first global view is always blurred."""
+    import cv2
+    import numpy as np
+
+    from usfm_core.data.views import MultiCropTransform
+
+    path = sorted((shared_data / "busi" / "images").glob("*.png"))[0]
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    side = min(image.shape)
+    image = np.ascontiguousarray(image[:side, :side])  # square: the full crop is the frame
+    region = np.ones_like(image, dtype=bool)
+    geometry = [
+        "views.global_scale=[1.0,1.0]",
+        "views.aspect_ratio=[1.0,1.0]",
+        "views.hflip_p=0",
+        "views.vflip_p=0",
+        "views.rotate_p=0",
+        "views.mean=[0.0]",
+        "views.std=[1.0]",
+    ]
+    plain = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    mae_cfg = _cfg("mae", *geometry)
+    views = MultiCropTransform(mae_cfg.views)(image, region, np.random.default_rng(0))
+    seen = []
+    model = build_mae(mae_cfg, total_steps=1)
+    model.set_student_runner(lambda images, *a: seen.append(images) or model.student(images, *a))
+    model.training_step({"global_views": views["global_views"][None]}, 0)
+    np.testing.assert_allclose(seen[0][0, 0].numpy(), plain, atol=1e-6)
+
+    openus = load_config("tiny", [*geometry, "views.jitter_p=0", "views.gamma_p=0"])
+    view0 = MultiCropTransform(openus.views)(image, region, np.random.default_rng(0))
+    blurred = view0["global_views"][0, 0].numpy()
+
+    def roughness(x: np.ndarray) -> float:
+        return float(np.abs(np.diff(x, axis=1)).mean())
+
+    # DINO's blur sigmas shrink with the 64² view (0.03–0.6 px): a mild but real smoothing.
+    assert roughness(blurred) < 0.97 * roughness(plain)

@@ -288,3 +288,27 @@ def test_real_images_produce_finite_views(shared_data: Path) -> None:
         assert item["dataset"] == name
         assert torch.isfinite(item["global_views"]).all()
         assert item["global_views"].std() > 0.05  # real texture, not a blank crop
+
+
+def test_vertical_flip_and_rotation_move_view_and_region_together() -> None:
+    image, region = fan(128)
+    rng = np.random.default_rng
+    base = MultiCropTransform(full_view_config())(image, region, rng(0))
+    vflip = MultiCropTransform(full_view_config(vflip_p=1.0))(image, region, rng(0))
+    np.testing.assert_allclose(
+        vflip["global_views"][0, 0].numpy(), base["global_views"][0, 0].numpy()[::-1], atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        vflip["global_regions"][0].numpy(), base["global_regions"][0].numpy()[::-1]
+    )
+    # A quarter turn of a square view is np.rot90 (counter-clockwise), pixels and region alike.
+    rot = MultiCropTransform(full_view_config(rotate_p=1.0, rotate_degrees=(90.0, 90.0)))
+    out = rot(image, region, rng(0))
+    np.testing.assert_allclose(
+        out["global_views"][0, 0].numpy(), np.rot90(base["global_views"][0, 0].numpy()), atol=1e-5
+    )
+    np.testing.assert_array_equal(
+        out["global_regions"][0].numpy(), np.rot90(base["global_regions"][0].numpy())
+    )
+    with pytest.raises(ConfigError, match="rotate_p"):
+        MultiCropConfig(rotate_p=1.5)

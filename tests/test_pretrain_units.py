@@ -292,7 +292,8 @@ def test_presets_overrides_and_files(tmp_path):
     tiny = preset("tiny")
     assert tiny.views.global_size == 64 and tiny.heads.out_dim == 256
     s = preset("openus-s")
-    assert (s.masking.ratio, s.loss.student_temp, s.optim.lr) == (0.8, 0.07, 5e-4)
+    assert (s.masking.ratio, s.loss.student_temp, s.optim.lr) == (0.8, 0.1, 5e-4)
+    assert (s.masking.cell, tiny.masking.cell, preset("small-fast").masking.cell) == (32, 32, 16)
     cfg = load_config(
         "tiny",
         [
@@ -305,11 +306,11 @@ def test_presets_overrides_and_files(tmp_path):
     assert cfg.masking.ratio == 0.6 and cfg.optim.betas == (0.9, 0.95)
     assert cfg.backbone.overrides == {"drop_path_rate": 0.1}
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({"preset": "tiny", "epochs": 3, "loss": {"student_temp": 0.1}}))
+    path.write_text(json.dumps({"preset": "tiny", "epochs": 3, "loss": {"student_temp": 0.2}}))
     from_file = load_config(path)
     assert (from_file.epochs, from_file.loss.student_temp, from_file.views.local_size) == (
         3,
-        0.1,
+        0.2,
         32,
     )
     yml = tmp_path / "run.yaml"
@@ -352,21 +353,25 @@ class _Out:
 
 
 class _StandInBackbone(nn.Module):
-    """Patchify by 32 + a linear mixer: the VMamba interface at a tiny cost."""
+    """Patchify by 8, mask, pool to 32-px tokens + a linear mixer: the VMamba interface
+    (masks on any grid that tiles the 8-px embedding) at a tiny cost."""
 
     stride = 32
 
     def __init__(self, in_chans: int = 1, dim: int = 16):
         super().__init__()
-        self.embed = nn.Conv2d(in_chans, dim, 32, stride=32)
+        self.embed = nn.Conv2d(in_chans, dim, 8, stride=8)
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.mix = nn.Linear(dim, dim)
         self.embed_dim = dim
 
     def forward(self, x, mask=None, return_attention=False):
-        f = self.embed(x).permute(0, 2, 3, 1)  # (B, h, w, C)
+        f = self.embed(x).permute(0, 2, 3, 1)  # (B, H/8, W/8, C)
         if mask is not None:
-            f = torch.where(mask[..., None], self.mask_token, f)
+            k = f.shape[1] // mask.shape[1]
+            m = mask.repeat_interleave(k, 1).repeat_interleave(k, 2)
+            f = torch.where(m[..., None], self.mask_token, f)
+        f = nn.functional.avg_pool2d(f.permute(0, 3, 1, 2), 4).permute(0, 2, 3, 1)
         b, h, w, c = f.shape
         tok = f.reshape(b, h * w, c)
         tok = tok + self.mix(tok.mean(1, keepdim=True))
@@ -394,8 +399,9 @@ def _batch(b=3, seed=0):
 
 
 def test_openus_training_step_with_stand_in(stand_in_backbone):
-    cfg = load_config("tiny", ["masking.ratio=0.5"])
+    cfg = load_config("tiny", ["masking.ratio=0.5", "masking.cell=16"])
     model = openus_mod.build_openus(cfg, total_steps=4, steps_per_epoch=2, n_items=3)
+    assert model.loss_ema.maps.shape[1:] == (4, 4)  # the loss EMA lives on the cell grid
     teacher_before = [p.clone() for p in model.teacher.backbone.parameters()]
     loss, logs = model.training_step(_batch(), 0)
     assert torch.isfinite(loss) and loss.requires_grad
@@ -413,7 +419,10 @@ def test_openus_training_step_with_stand_in(stand_in_backbone):
     assert logs["loss"] == pytest.approx(
         logs["cls"] + logs["patch"] + logs["rec_global"] + logs["rec_local"], rel=1e-5
     )
-    assert logs["mask_ratio"] == pytest.approx(2 / 4)  # 2×2 grid, ceil(4·0.5) = 2
+    assert logs["mask_ratio"] == pytest.approx(8 / 16)  # 4×4 grid of 16-px cells
+    for key in ("teacher_entropy_ratio_cls", "teacher_entropy_ratio_patch"):
+        assert 0.0 < logs[key] <= 1.0 + 1e-6
+    assert logs["teacher_mi"] >= -1e-6 and logs["teacher_mi_patch"] >= -1e-6
     assert logs["teacher_temp"] == pytest.approx(0.04)
     loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
@@ -467,3 +476,90 @@ def test_checkpoint_roundtrip_and_crash_recovery(stand_in_backbone, tmp_path):
     (root / ".last.old-123" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(Exception, match="cannot read checkpoint"):
         load_checkpoint(root / ".last.old-123", fresh, fresh_opt)
+
+
+# ------------------------------------------------------------------------------ issue 12
+def test_temperatures_are_refused_without_sharpening_unless_forced():
+    with pytest.raises(ConfigError, match=r"loss\.teacher_temp.*0\.7") as info:
+        load_config("tiny", ["loss.student_temp=0.07"])  # the old pairing: τ_t = τ_s
+    assert "force_temperatures" in info.value.hint
+    forced = load_config("tiny", ["loss.student_temp=0.07", "loss.force_temperatures=true"])
+    assert forced.loss.teacher_temp == forced.loss.student_temp == 0.07
+    default = preset("openus-s").loss
+    assert (default.warmup_teacher_temp, default.teacher_temp, default.student_temp) == (
+        0.04,
+        0.07,
+        0.1,
+    )
+
+
+@pytest.mark.parametrize("cell", [12, 64, 0])
+def test_mask_cell_must_tile_the_token_stride(cell):
+    with pytest.raises(ConfigError, match=r"masking\.cell"):
+        load_config("tiny", [f"masking.cell={cell}"])
+
+
+def test_teacher_stats_hand_cases():
+    from usfm_core.pretrain.losses import teacher_stats
+
+    uniform = teacher_stats(torch.full((5, 4), 0.25))
+    assert uniform["entropy_ratio"] == pytest.approx(1.0) and uniform["mi"] == pytest.approx(0.0)
+    onehot = teacher_stats(torch.eye(4))  # every input its own class: MI = ln 4, entropy 0
+    assert onehot["entropy_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert onehot["mi"] == pytest.approx(math.log(4), rel=1e-5)
+    same = teacher_stats(torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(3, 1))  # no information
+    assert same["mi"] == pytest.approx(0.0, abs=1e-6) and 0 < same["entropy_ratio"] < 1
+
+
+def test_sinkhorn_targets_are_balanced_over_the_batch_and_sharper_than_ema():
+    from usfm_core.pretrain.losses import sinkhorn_knopp, teacher_stats
+
+    g = _gen(3)
+    # Nearly identical rows (the collapse symptom): one shared logit vector + small noise.
+    logits = torch.randn(1, 16, generator=g) * 0.5 + 0.02 * torch.randn(64, 16, generator=g)
+    q = sinkhorn_knopp(logits, temp=0.05, n_iters=3)
+    torch.testing.assert_close(q.sum(1), torch.ones(64))
+    torch.testing.assert_close(q.mean(0), torch.full((16,), 1 / 16), atol=0.02, rtol=0)
+    # EMA centring starts from a zero centre: the shared component picks one class for all.
+    ema = DistillationLoss(16, 16).teacher_probs(logits, torch.zeros(1, 16), 0.05)
+    assert teacher_stats(ema)["entropy_ratio"] < 0.5 and teacher_stats(ema)["mi"] < 0.2
+    assert teacher_stats(q)["mi"] > teacher_stats(ema)["mi"] + 0.2
+
+
+def test_head_batch_standardisation_removes_the_shared_component():
+    torch.manual_seed(0)
+    head = ProjectionHead(8, 32, hidden=16, bottleneck=8, batch_norm=True)
+    x = torch.randn(6, 8)
+    out = head(x)
+    torch.testing.assert_close(head(x + 5.0 * torch.randn(1, 8)), out, atol=1e-3, rtol=1e-3)
+    assert head.forward_patches(torch.randn(2, 5, 8)).shape == (2, 5, 32)
+    plain = ProjectionHead(8, 32, hidden=16, bottleneck=8)
+    assert [n for n, _ in plain.named_parameters() if n.startswith("mlp")] == [
+        f"mlp.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")
+    ]  # older checkpoints still load
+
+
+def test_token_weights_and_cell_upsampling():
+    from usfm_core.pretrain.openus import cells_from_tokens, token_weights
+
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = True
+    mask[0, 2, 2] = True
+    w = token_weights(mask, (2, 2))
+    torch.testing.assert_close(w, torch.tensor([[[1.0, 0.0], [0.0, 0.25]]]))
+    up = cells_from_tokens(torch.tensor([[[0.0, 1.0], [2.0, 3.0]]]), (4, 4))
+    assert up.shape == (1, 4, 4) and len(up.unique()) > 4  # no ties among a token's cells
+
+
+def test_baseline_methods_get_their_own_views_and_optimiser():
+    mae = load_config("tiny", ["method=mae"])
+    assert mae.views.global_blur_p == (0.0,) and mae.views.n_global == 1
+    assert (mae.views.vflip_p, mae.views.rotate_p, mae.views.rotate_degrees) == (0.5, 1.0, (0, 90))
+    assert (mae.optim.lr, mae.optim.lr_reference_batch, mae.optim.weight_decay) == (1e-3, 64, 0.01)
+    assert mae.views.global_size == 64  # sizes stay the preset's
+    jepa = load_config("tiny", ["method=jepa"])
+    assert jepa.views.global_scale == (0.6, 1.0) and jepa.views.speckle_p > 0
+    assert (jepa.optim.lr, jepa.optim.weight_decay_end) == (5e-5, 0.4)
+    # The user's keys win over the method's defaults; OpenUS keeps the preset.
+    assert load_config("tiny", ["method=mae", "optim.lr=0.01"]).optim.lr == 0.01
+    assert load_config("tiny").views.global_blur_p == (1.0, 0.1)

@@ -69,10 +69,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"    {n_frames} training frames → {manifest.parent} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = _step(f"pretraining a tiny OpenUS model for {args.steps} steps on the CPU")
-    # Tiny backbone, but 128² global / 64² local views so the last-stage grid (4×4) carries
-    # a visible mask; inspection then runs at 224² (7×7 cells).
+    # Tiny backbone, but 128² global / 64² local views with 16-px mask cells (an 8×8 grid, as
+    # the CPU presets use); inspection then runs at 224² (14×14 cells).
     cfg = load_config(
-        "tiny", [f"seed={args.seed}", "device=cpu", "views.global_size=128", "views.local_size=64"]
+        "tiny",
+        [
+            f"seed={args.seed}",
+            "device=cpu",
+            "views.global_size=128",
+            "views.local_size=64",
+            "masking.cell=16",
+        ],
     )
     run_dir = pretrain(cfg, out / "data", out / "run", max_steps=args.steps)
     print(f"    run → {run_dir} ({time.perf_counter() - t0:.1f} s)")
@@ -92,19 +99,29 @@ def _figure(frame, res, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     panels = [
         ("frame", None, None),
         ("teacher attention", res.attention, "inferno"),
         ("student reconstruction loss", res.loss_map, "viridis"),
         (f"ALP (α={res.alpha:.1f})", res.alp, "magma"),
-        (f"masked input ({res.ratio:.0%}, r={res.r:.1f})", res.masked_input, None),
+        (
+            f"masked input ({res.ratio:.0%}, r={res.r:.1f}; {res.mask.shape[0]}×"
+            f"{res.mask.shape[1]} cells of {res.cell} px)",
+            res.masked_input,
+            None,
+        ),
         ("student reconstruction (masked cells)", res.reconstruction, None),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(11, 7))
     for ax, (title, img, cmap) in zip(axes.flat, panels):
         if cmap is None:  # a grey image on its own
             ax.imshow(frame if img is None else img, cmap="gray")
+            if title.startswith("masked input") and res.grid_image is not None:
+                # The mask grid's cell borders, drawn over the masked input.
+                lines = np.ma.masked_where(~res.grid_image, res.grid_image.astype(float))
+                ax.imshow(lines, cmap="cool", alpha=0.6, vmin=0.0, vmax=1.0)
         else:  # a heatmap over the frame
             ax.imshow(frame, cmap="gray")
             ax.imshow(img, cmap=cmap, alpha=0.55, vmin=0.0, vmax=1.0)

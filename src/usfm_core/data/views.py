@@ -43,6 +43,12 @@ class MultiCropConfig:
     min_region_fraction: float = 0.5
     max_tries: int = 10
     hflip_p: float = 0.5
+    #: Vertical flip and rotation by an angle uniform in ``rotate_degrees`` (applied with
+    #: ``rotate_p``; the corners the rotation uncovers are black, outside the scan region).
+    #: Off for OpenUS; USF-MAE uses flips and 0–90° rotations, US-JEPA H/V flips.
+    vflip_p: float = 0.0
+    rotate_p: float = 0.0
+    rotate_degrees: tuple[float, float] = (0.0, 90.0)
     #: Brightness / contrast jitter: factors drawn from [1 - x, 1 + x], applied with jitter_p.
     brightness: float = 0.4
     contrast: float = 0.4
@@ -93,6 +99,12 @@ class MultiCropConfig:
                 raise ConfigError(
                     f"{name} needs 1 or in_chans={self.in_chans} values",
                     hint="give one value per channel, or a single value for all",
+                )
+        for name in ("hflip_p", "vflip_p", "rotate_p", "jitter_p", "gamma_p", "speckle_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} is not a probability in [0, 1]",
+                    hint="0 disables the augmentation, 1 always applies it",
                 )
         if not 0.0 <= self.min_region_fraction <= 1.0:
             raise ConfigError(
@@ -194,8 +206,8 @@ class MultiCropTransform:
     Output (``G = n_global``, ``Lc = n_local``, ``C = in_chans``, ``S``/``s`` the view sizes):
     ``global_views`` float32 ``(G, C, S, S)``, ``local_views`` ``(Lc, C, s, s)``,
     ``global_regions`` bool ``(G, S, S)``, ``local_regions`` ``(Lc, s, s)`` (the scan region
-    cropped and flipped like each view), ``global_boxes`` / ``local_boxes`` int64 ``(N, 5)``:
-    ``x0, y0, w, h, flipped`` in source pixels.
+    cropped, flipped and rotated like each view), ``global_boxes`` / ``local_boxes`` int64
+    ``(N, 5)``: ``x0, y0, w, h, flipped`` (horizontal) in source pixels.
     """
 
     def __init__(self, cfg: MultiCropConfig | None = None) -> None:
@@ -263,6 +275,11 @@ class MultiCropTransform:
         flipped = rng.random() < cfg.hflip_p
         if flipped:
             view, reg = view[:, ::-1].copy(), reg[:, ::-1].copy()
+        # Draws only when enabled, so OpenUS views keep their random streams.
+        if cfg.vflip_p > 0 and rng.random() < cfg.vflip_p:
+            view, reg = view[::-1].copy(), reg[::-1].copy()
+        if cfg.rotate_p > 0 and rng.random() < cfg.rotate_p:
+            view, reg = _rotate(view, reg, rng.uniform(*cfg.rotate_degrees))
         view = self._photometric(view, reg, blur_p, rng)
         chans = np.broadcast_to(view, (cfg.in_chans, size, size))
         normalised = (chans - self._mean) / self._std
@@ -291,6 +308,18 @@ class MultiCropTransform:
             noise = rng.standard_normal(view.shape).astype(np.float32)
             view = np.clip(view * (1 + cfg.speckle_sigma * noise), 0.0, 1.0)
         return view.astype(np.float32)
+
+
+def _rotate(view: np.ndarray, reg: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate a ``(S, S)`` view (bilinear) and its region (nearest) about the centre."""
+    import cv2
+
+    size = view.shape[1], view.shape[0]
+    rot = cv2.getRotationMatrix2D(((size[0] - 1) / 2, (size[1] - 1) / 2), degrees, 1.0)
+    border = {"borderMode": cv2.BORDER_CONSTANT, "borderValue": 0}
+    view = cv2.warpAffine(view, rot, size, flags=cv2.INTER_LINEAR, **border)
+    reg8 = cv2.warpAffine(reg.astype(np.uint8), rot, size, flags=cv2.INTER_NEAREST, **border)
+    return view, reg8.astype(bool)
 
 
 def _check_inputs(image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,9 @@ class HeadsSection:
     norm_last_layer: bool = True
     # False (default, as in the authors' code): the patch tokens get their own last layer.
     shared_head: bool = False
+    # Per-batch standardisation after the MLP's first two linear layers (DINO's BN-in-head,
+    # statistics of the current batch in student and teacher alike; see docs/pretraining.md).
+    batch_norm: bool = False
 
 
 @dataclass
@@ -46,8 +49,16 @@ class LossSection:
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
-    # Paper Tab. 7: 0.07. The authors' code uses 0.1.
-    student_temp: float = 0.07
+    # 0.1 as in DINO, iBOT and the OpenUS authors' code. The paper's Tab. 7 lists 0.07, which
+    # equals the final teacher temperature: no sharpening, and distillation never leaves ln K.
+    student_temp: float = 0.1
+    # Validation refuses a final teacher_temp above 0.7·student_temp (DINO's ratio 0.07/0.1)
+    # unless this is true.
+    force_temperatures: bool = False
+    # Teacher centring: "ema" (DINO/iBOT: subtract an EMA of the batch-mean logits) or
+    # "sinkhorn" (DINOv2: Sinkhorn–Knopp normalisation of the teacher's batch).
+    centering: str = "ema"
+    sinkhorn_iters: int = 3
     center_momentum: float = 0.9
     weight_cls: float = 1.0
     weight_patch: float = 1.0
@@ -76,6 +87,10 @@ class MaskingSection:
     local_ratio: float = 0.3
     min_block_patches: int = 4
     block_aspect: float = 0.3
+    # Side of a mask cell in input pixels (a divisor of the backbone's 32-px token stride and a
+    # multiple of its 4-px patch embedding). Paper: 32 at 224² (7×7 cells); at CPU view sizes
+    # 16 keeps the grid fine (8×8 cells on a 128² view).
+    cell: int = 32
 
 
 @dataclass
@@ -83,6 +98,8 @@ class OptimSection:
     """AdamW with cosine learning rate / weight decay schedules."""
 
     lr: float = 5e-4
+    # The learning rate used is lr × total batch / lr_reference_batch (DINO/iBOT: 256).
+    lr_reference_batch: int = 256
     min_lr: float = 1e-6
     warmup_epochs: int = 30
     weight_decay: float = 0.04
@@ -234,9 +251,25 @@ class PretrainConfig:
         lo = self.loss
         for key in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
             _check(getattr(lo, key) > 0, f"loss.{key}", getattr(lo, key), "> 0")
+        _check(
+            lo.centering in ("ema", "sinkhorn"),
+            "loss.centering",
+            lo.centering,
+            "'ema' or 'sinkhorn'",
+        )
+        _check(lo.sinkhorn_iters >= 1, "loss.sinkhorn_iters", lo.sinkhorn_iters, ">= 1")
+        if self.method in ("openus", "ibot") and not lo.force_temperatures:
+            _check_temperatures(lo.teacher_temp, lo.student_temp)
+        _check(
+            m.cell >= 4 and m.cell % 4 == 0 and 32 % m.cell == 0,
+            "masking.cell",
+            m.cell,
+            "4, 8, 16 or 32 (a divisor of the 32-px token stride, multiple of the 4-px stem)",
+        )
         _check(0 <= lo.center_momentum < 1, "loss.center_momentum", lo.center_momentum, "[0, 1)")
         o = self.optim
         _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+        _check(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, ">= 1")
         _check(o.min_lr >= 0, "optim.min_lr", o.min_lr, ">= 0")
         _check(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, ">= 0 (0 disables)")
         _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, ">= 0")
@@ -257,6 +290,21 @@ class PretrainConfig:
 
 
 MASK_GENERATORS = ("self_adaptive", "attention", "block", "random")
+#: Largest final teacher / student temperature ratio accepted without ``force_temperatures``.
+MAX_TEMPERATURE_RATIO = 0.7
+
+
+def _check_temperatures(teacher_temp: float, student_temp: float) -> None:
+    """Refuse a final teacher temperature above 0.7 × the student's (no sharpening)."""
+    limit = MAX_TEMPERATURE_RATIO * student_temp
+    if teacher_temp > limit + 1e-9:
+        raise ConfigError(
+            f"loss.teacher_temp={teacher_temp:g} is above 0.7 × loss.student_temp="
+            f"{student_temp:g}: the teacher would not sharpen the student's targets and "
+            "self-distillation stays at ln K (issue #12)",
+            hint=f"lower loss.teacher_temp to <= {limit:.3g}, raise loss.student_temp (0.1 as in "
+            "DINO/iBOT), or set loss.force_temperatures=true to run it anyway",
+        )
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -331,6 +379,7 @@ def _preset_tiny() -> dict[str, Any]:
         "loss": {"warmup_teacher_temp_epochs": 1},
         "optim": {"warmup_epochs": 0, "freeze_last_layer_epochs": 0},
         # Baselines (method=mae / jepa): small decoder / predictor, τ fitting a 64² view.
+        # 32-px mask cells: a 2×2 grid on the 64² views (tests; the demo sets 16).
         "mae": {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 2},
         "jepa": {"pred_dim": 32, "pred_depth": 1, "pred_heads": 2, "min_keep": 1},
         "epochs": 2,
@@ -348,6 +397,7 @@ def _preset_small_cpu() -> dict[str, Any]:
         "views": {"n_global": 2, "n_local": 4, "global_size": 128, "local_size": 64},
         "heads": {"out_dim": 4096, "patch_out_dim": 4096, "hidden": 1024, "bottleneck": 256},
         "loss": {"warmup_teacher_temp_epochs": 10},
+        "masking": {"cell": 16},
         "optim": {"warmup_epochs": 5},
         "epochs": 50,
         "batch_size": 16,
@@ -368,6 +418,7 @@ def _preset_small_fast() -> dict[str, Any]:
         "views": {"n_global": 2, "n_local": 4, "global_size": 128, "local_size": 64},
         "heads": {"out_dim": 2048, "patch_out_dim": 2048, "hidden": 512, "bottleneck": 128},
         "loss": {"warmup_teacher_temp_epochs": 2},
+        "masking": {"cell": 16},
         # lr is scaled by batch / 256: 3e-3 gives 1.9e-4 at batch 16. The paper's 5e-4 would
         # give 3e-5, too little for a 2000-step run to move the weights much.
         "optim": {"warmup_epochs": 1, "lr": 3e-3},
@@ -383,6 +434,76 @@ def _preset_small_fast() -> dict[str, Any]:
 def _preset_openus_s() -> dict[str, Any]:
     """Paper setting (Tab. 7): VMamba-S, 2×224² + 8×96², total batch 128 (4 GPUs × 32)."""
     return {"backbone": {"preset": "vmamba-s"}, "batch_size": 32}
+
+
+def method_defaults(method: str, epochs: int) -> dict[str, Any]:
+    """The baselines' own views and optimiser (layered over a preset, under the user's keys).
+
+    ``mae`` (USF-MAE §2.2/2.4): one view per image, random-resized crop, H/V flips (p 0.5),
+    rotations 0–90°, no blur or intensity jitter; AdamW lr 1e-3 at batch 64 (scaled linearly),
+    weight decay 0.01, warm-up over the first 10 % of the run, cosine decay, grad clip 1.0.
+    ``jepa`` (US-JEPA App. C.1, Tab. 5): one view, crop scale 0.6–1, H/V flips, blur, speckle,
+    contrast; AdamW base lr 5e-5 at batch 128 decaying to 5e-7, weight decay 0.04 → 0.4,
+    warm-up 10 % of the run. OpenUS / iBOT: nothing (their values are the dataclass defaults
+    and the presets).
+    """
+    warmup = max(1, round(0.1 * epochs))
+    no_photometric = {"jitter_p": 0.0, "gamma_p": 0.0, "speckle_p": 0.0}
+    if method == "mae":
+        return {
+            "views": {
+                "n_global": 1,
+                "n_local": 0,
+                # USF-MAE: "scaling between 0.5x and 2.0x of the original resolution"; a crop
+                # cannot zoom out, so the area scale 0.25–1 covers zoom 1x–2x (deviation).
+                "global_scale": [0.25, 1.0],
+                "hflip_p": 0.5,
+                "vflip_p": 0.5,
+                "rotate_p": 1.0,
+                "rotate_degrees": [0.0, 90.0],
+                "global_blur_p": [0.0],
+                "local_blur_p": 0.0,
+                **no_photometric,
+            },
+            "optim": {
+                "lr": 1e-3,
+                "lr_reference_batch": 64,
+                "min_lr": 0.0,
+                "weight_decay": 0.01,
+                "weight_decay_end": 0.01,
+                "warmup_epochs": warmup,
+                "clip_grad": 1.0,
+                "freeze_last_layer_epochs": 0,
+            },
+        }
+    if method == "jepa":
+        return {
+            "views": {
+                "n_global": 1,
+                "n_local": 0,
+                "global_scale": [0.6, 1.0],
+                "hflip_p": 0.5,
+                "vflip_p": 0.5,
+                "rotate_p": 0.0,
+                "global_blur_p": [0.5],
+                "local_blur_p": 0.0,
+                "brightness": 0.0,
+                "contrast": 0.4,
+                "jitter_p": 0.8,
+                "gamma_p": 0.0,
+                "speckle_p": 0.5,
+            },
+            "optim": {
+                "lr": 5e-5,
+                "lr_reference_batch": 128,
+                "min_lr": 5e-7,
+                "weight_decay": 0.04,
+                "weight_decay_end": 0.4,
+                "warmup_epochs": warmup,
+                "freeze_last_layer_epochs": 0,
+            },
+        }
+    return {}
 
 
 PRESETS: dict[str, Any] = {
@@ -409,8 +530,10 @@ def load_config(spec: str | Path, overrides: list[str] | None = None) -> Pretrai
     A file may start from a preset with a top-level ``preset`` key; its other keys override it.
     """
     spec_str = str(spec)
+    base: dict[str, Any] = {}
     if spec_str in PRESETS:
-        data: dict[str, Any] = PRESETS[spec_str]()
+        base = PRESETS[spec_str]()
+        data: dict[str, Any] = {}
         source = f"preset {spec_str}"
     else:
         path = Path(spec_str)
@@ -422,15 +545,25 @@ def load_config(spec: str | Path, overrides: list[str] | None = None) -> Pretrai
             )
         data = _read_mapping(path)
         source = str(path)
-        base = data.pop("preset", None)
-        if base is not None:
-            if base not in PRESETS:
+        name = data.pop("preset", None)
+        if name is not None:
+            if name not in PRESETS:
                 raise ConfigError(
-                    f"unknown preset {base!r}", path=path, hint=f"use one of {sorted(PRESETS)}"
+                    f"unknown preset {name!r}", path=path, hint=f"use one of {sorted(PRESETS)}"
                 )
-            data = _deep_update(PRESETS[base](), data)
-    for item in overrides or []:
-        key, value = _parse_override(item)
+            base = PRESETS[name]()
+    parsed = [_parse_override(item) for item in overrides or []]
+    # Layers, later wins: preset → the method's own views/optimiser → file → --set.
+    method = next((v for k, v in reversed(parsed) if k == "method"), None)
+    method = method or data.get("method") or base.get("method") or PretrainConfig.method
+    epochs = next((v for k, v in reversed(parsed) if k == "epochs"), None)
+    epochs = epochs or data.get("epochs") or base.get("epochs") or PretrainConfig.epochs
+    try:
+        layered = _deep_update(base, method_defaults(str(method), int(epochs)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value {epochs!r} for 'epochs'", path=source) from exc
+    data = _deep_update(layered, data)
+    for key, value in parsed:
         _set_nested(data, key, value)
     return PretrainConfig.from_dict(data, source=source)
 

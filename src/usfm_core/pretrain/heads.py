@@ -22,8 +22,35 @@ def _last_layer(bottleneck: int, out_dim: int, norm_last_layer: bool) -> nn.Line
     return layer
 
 
+class BatchStandardize(nn.Module):
+    """Per-batch standardisation of features (DINO's BatchNorm-in-head, without running stats).
+
+    x ``(..., C)``: every channel is standardised with the mean and (biased) variance over all
+    leading positions of *this* call (images × tokens), then scaled and shifted by learnable
+    ``weight``/``bias`` ``(C,)``. The same rule holds in train and eval mode and in the teacher:
+    it removes the component all images share, so small per-image differences reach the
+    prototypes instead of vanishing after centring (issue #12). One row standardises to
+    ``bias``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) → (..., C), standardised over every leading position."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = F.batch_norm(flat, None, None, self.weight, self.bias, training=True, eps=self.eps)
+        return out.view_as(x)
+
+
 class ProjectionHead(nn.Module):
     """iBOT head: 3-layer MLP (GELU) → bottleneck → L2-norm → weight-normed prototypes.
+
+    ``batch_norm=True`` inserts :class:`BatchStandardize` after the first two linear layers
+    (DINO's ``use_bn``), computed per call over the images (and tokens) of the batch.
 
     ``forward`` maps class tokens ``(..., C) → (..., out_dim)``; ``forward_patches`` maps patch
     tokens ``(..., C) → (..., patch_out_dim)`` through the same MLP and either the same last
@@ -41,18 +68,20 @@ class ProjectionHead(nn.Module):
         bottleneck: int = 256,
         norm_last_layer: bool = True,
         shared_head: bool = False,
+        batch_norm: bool = False,
     ):
         super().__init__()
         patch_out_dim = out_dim if patch_out_dim is None else patch_out_dim
         if shared_head and patch_out_dim != out_dim:
             raise ValueError("a shared head needs patch_out_dim == out_dim")
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, bottleneck),
-        )
+        layers: list[nn.Module] = []
+        for width in (in_dim, hidden):
+            layers.append(nn.Linear(width, hidden))
+            if batch_norm:  # without it the module names stay those of older checkpoints
+                layers.append(BatchStandardize(hidden))
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(hidden, bottleneck))
+        self.mlp = nn.Sequential(*layers)
         self.last_layer = _last_layer(bottleneck, out_dim, norm_last_layer)
         self.patch_last_layer = (
             self.last_layer

@@ -29,9 +29,11 @@ class InspectResult:
     """Maps at the frame's own ``(H, W)`` (floats in [0, 1] unless stated).
 
     ``attention``: teacher importance; ``loss_map``: student reconstruction loss (normalised);
-    ``alp``: (1-α)·attention + α·loss (paper Eq. 7); ``mask`` (h, w) bool on the model grid
-    and ``mask_image`` (H, W) bool; ``masked_input`` (the frame with masked cells blanked) and
-    ``reconstruction`` (the student's output pasted into the masked cells), both in [0, 1].
+    ``alp``: (1-α)·attention + α·loss (paper Eq. 7); ``mask`` (h, w) bool on the run's mask
+    grid (``masking.cell``-px cells of the model input) and ``mask_image`` (H, W) bool;
+    ``grid_image`` (H, W) bool marks the cell borders; ``masked_input`` (the frame with masked
+    cells blanked) and ``reconstruction`` (the student's output pasted into the masked cells),
+    both in [0, 1]. ``cell`` is the cell side in model-input pixels.
     """
 
     attention: np.ndarray
@@ -44,6 +46,8 @@ class InspectResult:
     alpha: float
     r: float
     ratio: float
+    cell: int = 32
+    grid_image: np.ndarray | None = None
 
 
 def _checkpoint_dir(run: str | Path) -> Path:
@@ -97,6 +101,16 @@ def _cell_loss(rec: torch.Tensor, target: torch.Tensor, stride: int) -> torch.Te
     return torch.nn.functional.avg_pool2d(err, stride)[:, 0]
 
 
+def _grid_lines(grid: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the borders between the cells of an (h, w) grid stretched over ``shape``."""
+    lines = np.zeros(shape, bool)
+    for i in range(1, grid[0]):
+        lines[min(round(i * shape[0] / grid[0]), shape[0] - 1), :] = True
+    for j in range(1, grid[1]):
+        lines[:, min(round(j * shape[1] / grid[1]), shape[1] - 1)] = True
+    return lines
+
+
 def _up(cells: torch.Tensor, shape: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
     """(h, w) grid map → (H, W) numpy at the frame's size."""
     x = cells[None, None].float()
@@ -139,17 +153,20 @@ def inspect_frame(
     x = torch.from_numpy((small - mean) / std)[None, None].to(device)
     x = x.repeat(1, model.in_chans, 1, 1)
 
+    from usfm_core.pretrain.openus import cells_from_tokens
+
+    cell = int(getattr(model, "cell", model.stride))
+    h, w = size // cell, size // cell
     t_out = model.teacher.backbone(x, return_attention=True)
-    attention = _normalise01(t_out.importance.float().cpu())
-    h, w = t_out.grid
+    attention = _normalise01(cells_from_tokens(t_out.importance.float().cpu(), (h, w)))
     # Student reconstruction loss of every cell: two complementary checkerboard masks.
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     checker = ((yy + xx) % 2 == 0)[None].to(device)
     loss = torch.zeros(1, h, w)
     for m in (checker, ~checker):
         out = model.student(x, m)
-        cell = _cell_loss(out["rec_g"], x, model.stride).cpu()
-        loss = torch.where(m.cpu(), cell, loss)
+        per_cell = _cell_loss(out["rec_g"], x, cell).cpu()
+        loss = torch.where(m.cpu(), per_cell, loss)
     loss_map = _normalise01(loss)
     if getattr(cfg.masking, "score_weighting", "paper") == "code":
         alp = alpha * attention + (1 - alpha) * loss_map
@@ -172,7 +189,7 @@ def inspect_frame(
     out = model.student(x, mask[None].to(device))
     rec = (out["rec_g"][0, 0].float().cpu() * std + mean).clamp(0, 1)
     inp = torch.from_numpy(small)
-    up = mask.repeat_interleave(model.stride, 0).repeat_interleave(model.stride, 1)
+    up = mask.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
     masked_input = torch.where(up, torch.zeros_like(inp), inp)
     pasted = torch.where(up, rec, inp)
     shape = img.shape
@@ -187,4 +204,6 @@ def inspect_frame(
         alpha=float(alpha),
         r=float(r),
         ratio=ratio,
+        cell=cell,
+        grid_image=_grid_lines((h, w), shape),
     )

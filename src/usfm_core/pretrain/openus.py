@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from usfm_core.pretrain.base import PretrainMethod
 from usfm_core.pretrain.config import PretrainConfig
 from usfm_core.pretrain.ema import PerImageLossEMA, PositionalLossEMA, ema_update
 from usfm_core.pretrain.heads import ProjectionHead, ReconstructionHead
-from usfm_core.pretrain.losses import DistillationLoss, reconstruction_loss
+from usfm_core.pretrain.losses import DistillationLoss, reconstruction_loss, teacher_stats
 from usfm_core.pretrain.masking import BlockMaskGenerator, MaskGenerator, build_mask_generator
 from usfm_core.pretrain.schedules import cosine_schedule, warmup_then_constant
 
@@ -62,6 +63,40 @@ def _stack_views(views: torch.Tensor) -> torch.Tensor:
     """(B, V, C, S, S) → view-major (V·B, C, S, S)."""
     b, v = views.shape[:2]
     return views.transpose(0, 1).reshape(v * b, *views.shape[2:])
+
+
+def cells_from_tokens(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Token-grid map (B, h, w) → mask-cell grid (B, H, W): bilinear when finer, else as is.
+
+    Bilinear (not nearest) so the cells of one token do not tie in the ALP ranking.
+    """
+    if tuple(scores.shape[-2:]) == tuple(grid):
+        return scores
+    return F.interpolate(scores[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
+
+
+def token_weights(mask: torch.Tensor, token_grid: tuple[int, int]) -> torch.Tensor:
+    """Cell mask (B, H, W) bool → masked fraction of each token (B, h, w) float in [0, 1]."""
+    if tuple(mask.shape[-2:]) == tuple(token_grid):
+        return mask.float()
+    return F.adaptive_avg_pool2d(mask.float()[:, None], token_grid)[:, 0]
+
+
+def distillation_logs(cls_targets: torch.Tensor, patch_targets: torch.Tensor) -> dict[str, float]:
+    """Collapse diagnostics of the teacher targets (see :func:`losses.teacher_stats`).
+
+    ``teacher_entropy_ratio`` / ``teacher_mi`` are the class-token values (the headline);
+    ``*_cls`` and ``*_patch`` name each head's.
+    """
+    c, p = teacher_stats(cls_targets), teacher_stats(patch_targets)
+    return {
+        "teacher_entropy_ratio": c["entropy_ratio"],
+        "teacher_entropy_ratio_cls": c["entropy_ratio"],
+        "teacher_entropy_ratio_patch": p["entropy_ratio"],
+        "teacher_mi": c["mi"],
+        "teacher_mi_cls": c["mi"],
+        "teacher_mi_patch": p["mi"],
+    }
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -151,6 +186,7 @@ class OpenUS(PretrainMethod):
             hidden=h.hidden,
             bottleneck=h.bottleneck,
             shared_head=h.shared_head,
+            batch_norm=h.batch_norm,
         )
         in_chans = in_chans or cfg.views.in_chans
         self.in_chans = in_chans
@@ -173,11 +209,15 @@ class OpenUS(PretrainMethod):
             h.patch_out_dim,
             student_temp=cfg.loss.student_temp,
             center_momentum=cfg.loss.center_momentum,
+            centering=cfg.loss.centering,
+            sinkhorn_iters=cfg.loss.sinkhorn_iters,
         )
         m = cfg.masking
-        grid = (cfg.views.global_size // self.stride, cfg.views.global_size // self.stride)
+        # Masks live on a grid of ``cell``-px cells (finer than or equal to the token grid).
+        self.cell = int(m.cell)
+        grid = (cfg.views.global_size // self.cell,) * 2
         self.global_grid = grid
-        self.local_grid = (cfg.views.local_size // self.stride,) * 2
+        self.local_grid = (cfg.views.local_size // self.cell,) * 2
         self.global_masker: MaskGenerator = build_mask_generator(
             m.generator,
             m.ratio,
@@ -260,12 +300,13 @@ class OpenUS(PretrainMethod):
             t_cls = self.teacher.head(t_out.global_token)
             t_patch = self.teacher.head.forward_patches(t_out.patch_tokens)
             importance = t_out.importance
-        grid = tuple(t_out.grid)
+        token_grid = tuple(t_out.grid)
+        grid = (globals_.shape[-2] // self.cell, globals_.shape[-1] // self.cell)
 
         # 2. Masks: global views from the generator, local views random blocks.
         loss_map = None
         if importance is not None:
-            importance = importance.detach().float().cpu()
+            importance = cells_from_tokens(importance.detach().float().cpu(), grid)
         if self.reconstruction and int(self.loss_ema.n_updates) > 0:
             loss_map = self.loss_ema.get(index).repeat(n_global, 1, 1)
         gmask = self.global_masker(
@@ -273,7 +314,8 @@ class OpenUS(PretrainMethod):
         )
         lmask = None
         if locals_ is not None:
-            lmask = self.local_masker(len(locals_), self.local_grid, step=step, generator=gen)
+            lgrid = (locals_.shape[-2] // self.cell, locals_.shape[-1] // self.cell)
+            lmask = self.local_masker(len(locals_), lgrid, step=step, generator=gen)
             lmask = lmask.to(device)
         gmask_dev = gmask.to(device)
 
@@ -284,17 +326,24 @@ class OpenUS(PretrainMethod):
             s_out["cls_g"] if "cls_l" not in s_out else torch.cat([s_out["cls_g"], s_out["cls_l"]])
         )
         lw = self.cfg.loss
-        l_cls = self.criterion.cls_loss(s_cls, t_cls, n_global, t_temp)
-        l_patch = self.criterion.patch_loss(s_out["patch_g"], t_patch, gmask_dev.flatten(1), t_temp)
+        t_cls_p = self.criterion.cls_targets(t_cls, t_temp)
+        t_patch_p = self.criterion.patch_targets(t_patch, t_temp)
+        l_cls = self.criterion.cls_loss(s_cls, t_cls, n_global, t_temp, targets=t_cls_p)
+        # Token weights = the masked fraction of each token's cells (1/0 when cell = 32).
+        token_mask = token_weights(gmask_dev, token_grid).flatten(1)
+        l_patch = self.criterion.patch_loss(
+            s_out["patch_g"], t_patch, token_mask, t_temp, targets=t_patch_p
+        )
         total = lw.weight_cls * l_cls + lw.weight_patch * l_patch
         logs = {"cls": float(l_cls.detach()), "patch": float(l_patch.detach())}
+        logs.update(distillation_logs(t_cls_p, t_patch_p))
         if self.reconstruction:
             # Target = the normalised input view (the transform already normalised it).
-            l_rec_g, rec_map = reconstruction_loss(s_out["rec_g"], globals_, gmask_dev, self.stride)
+            l_rec_g, rec_map = reconstruction_loss(s_out["rec_g"], globals_, gmask_dev, self.cell)
             total = total + lw.weight_rec_global * l_rec_g
             logs["rec_global"] = float(l_rec_g.detach())
             if "rec_l" in s_out:
-                l_rec_l, _ = reconstruction_loss(s_out["rec_l"], locals_, lmask, self.stride)
+                l_rec_l, _ = reconstruction_loss(s_out["rec_l"], locals_, lmask, self.cell)
                 total = total + lw.weight_rec_local * l_rec_l
                 logs["rec_local"] = float(l_rec_l.detach())
             self._update_loss_ema(index, rec_map.cpu(), gmask, n_global)
