@@ -433,7 +433,10 @@ def pretrain(
     total_batch = config.batch_size * info.world_size
     o = config.optim
     lr = cosine_schedule(
-        o.lr * total_batch / 256.0, o.min_lr, total_steps, warmup_steps=o.warmup_epochs * spe
+        o.lr * total_batch / o.lr_reference_batch,
+        o.min_lr,
+        total_steps,
+        warmup_steps=o.warmup_epochs * spe,
     )
     wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total_steps)
     optimizer = torch.optim.AdamW(
@@ -586,7 +589,14 @@ def _progress(info: DistInfo, total: int, initial: int):
 
 def _postfix(logs: dict[str, float]) -> dict[str, str]:
     keys = ("loss", "cls", "patch", "rec_global", "rec_local", "img_per_s")
-    return {k: f"{logs[k]:.3g}" for k in keys if k in logs}
+    out = {k: f"{logs[k]:.3g}" for k in keys if k in logs}
+    # Distillation health (issue #12): teacher entropy / ln K and MI in nats, cls | patch.
+    if "teacher_entropy_ratio_cls" in logs:
+        out["H/lnK"] = (
+            f"{logs['teacher_entropy_ratio_cls']:.2f}|{logs['teacher_entropy_ratio_patch']:.2f}"
+        )
+        out["MI"] = f"{logs['teacher_mi_cls']:.2f}|{logs['teacher_mi_patch']:.2f}"
+    return out
 
 
 def _print_plan(
