@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from usfm_core.errors import ScanReadError, ScanWarning
-from usfm_core.io.checks import check_decoded_size
+from usfm_core.io.checks import check_decoded_size, valid_fps, valid_length_mm, valid_spacing
 from usfm_core.io.scan import Scan
 
 _JPEG_FIX = "pip install pylibjpeg pylibjpeg-libjpeg (or Pillow), or convert with gdcmconv --raw"
@@ -226,6 +226,13 @@ def _check_pixel_data(ds: Any, path: Path, expected: int) -> None:
             path=path,
             hint="copy the file again from the source; the transfer was interrupted",
         )
+    if length > expected + 1:  # native data is exact (one pad byte for odd lengths)
+        raise ScanReadError(
+            f"DICOM pixel data holds {length} bytes but the header (Rows, Columns, "
+            f"NumberOfFrames, SamplesPerPixel, BitsAllocated) describes {expected}",
+            path=path,
+            hint="the header is corrupt; re-export the file from the scanner or PACS",
+        )
 
 
 def _region(item: Any) -> dict[str, Any]:
@@ -274,7 +281,7 @@ def _region_spacing(ds: Any, path: Path) -> tuple[tuple[float, float] | None, li
         for r in regions
         if r["spatial_format"] == _SPATIAL_2D
         and r["units_yx"] == [_CM, _CM]
-        and min(r["delta_yx_cm"]) > 0
+        and valid_spacing(path, [d * 10.0 for d in r["delta_yx_cm"]], "ultrasound region size")
     ]
     tissue = [r for r in usable if r["data_type"] == _TISSUE] or usable
     if not tissue:
@@ -315,38 +322,45 @@ def _spacing(ds: Any, path: Path) -> tuple[tuple[float, float] | None, list[dict
                 continue
             for name in ("PixelSpacing", "ImagerPixelSpacing"):
                 value = _float_list(holder, name, path, length=2)
-                if value is not None and min(value) > 0:
-                    return (value[0], value[1]), regions
+                checked = valid_spacing(path, value, f"DICOM {name}") if value else None
+                if checked is not None:
+                    return checked, regions
     return spacing, regions
 
 
 def _slice_spacing(ds: Any, path: Path) -> float | None:
-    """Distance between slices (mm) of an enhanced US volume, or None."""
+    """Distance between slices (mm) of an enhanced US volume, or None (implausible: warned)."""
     for holder in (_pixel_measures(ds, path), ds):
         if holder is None:
             continue
         for name in ("SpacingBetweenSlices", "SliceThickness"):
-            value = _float_field(holder, name, path)
-            if value is not None and value > 0:
+            value = valid_length_mm(path, _float_field(holder, name, path), f"DICOM {name}")
+            if value is not None:
                 return value
     return None
 
 
 def _fps(ds: Any, path: Path) -> float | None:
-    """Frames per second from FrameTime (ms), FrameTimeVector, CineRate or display rate."""
+    """Frames per second from FrameTime (ms), FrameTimeVector, CineRate or display rate.
+
+    The first plausible source wins; implausible ones (<= 0, NaN, > 10000 fps) are warned about.
+    """
     frame_time = _float_field(ds, "FrameTime", path)
-    if frame_time is not None and frame_time > 0:
-        return 1000.0 / frame_time
+    if frame_time is not None:
+        fps = 1000.0 / frame_time if frame_time != 0 else float("inf")
+        if valid_fps(path, fps, f"DICOM FrameTime {frame_time:g} ms") is not None:
+            return fps
     vector = _float_list(ds, "FrameTimeVector", path)
     if vector is not None and len(vector) > 1:
         # The first entry is the time of frame 1 (usually 0); the rest are increments.
         steps = [v for v in vector[1:] if v > 0]
-        if steps:
-            return 1000.0 / float(np.mean(steps))
+        fps = 1000.0 / float(np.mean(steps)) if steps else float("nan")
+        if valid_fps(path, fps, "DICOM FrameTimeVector") is not None:
+            return fps
     for name in ("CineRate", "RecommendedDisplayFrameRate"):
-        value = _float_field(ds, name, path)
-        if value is not None and value > 0:
-            return value
+        fps = valid_fps(path, _float_field(ds, name, path), f"DICOM {name}")
+        if fps is not None:
+            return fps
     return None
 
 
@@ -387,7 +401,7 @@ def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
             hint="the header is corrupt or the file holds no image; re-export it",
         )
     samples = _int_field(ds, "SamplesPerPixel", path, 1, required=True)
-    photometric = str(_field(ds, "PhotometricInterpretation", path) or "MONOCHROME2").strip()
+    photometric = str(_field(ds, "PhotometricInterpretation", path) or "(missing)").strip()
     if not ((samples == 1 and photometric in _GRAY) or (samples == 3 and photometric in _COLOR)):
         raise ScanReadError(
             f"unsupported photometric interpretation {photometric[:32]!r} with {samples} samples",
@@ -413,8 +427,14 @@ def _pixel_dtype(ds: Any, path: Path) -> tuple[np.dtype, int]:
             path=path,
             hint="the header is corrupt; re-export the file",
         )
-    signed = _int_field(ds, "PixelRepresentation", path, 0, required=True) == 1
-    return np.dtype(f"{'i' if signed else 'u'}{bits // 8}"), stored
+    representation = _int_field(ds, "PixelRepresentation", path, 0, required=True)
+    if representation not in (0, 1):
+        raise ScanReadError(
+            f"PixelRepresentation {representation} is invalid (0 unsigned, 1 signed)",
+            path=path,
+            hint="the header is corrupt; re-export the file",
+        )
+    return np.dtype(f"{'i' if representation else 'u'}{bits // 8}"), stored
 
 
 def read_dicom(path: Path) -> Scan:

@@ -43,6 +43,21 @@ class NiftiFrames:
         """nibabel opens the file per access."""
 
 
+def _raw_zooms(path: Path, img: object, ndim: int) -> tuple[float, ...]:
+    """pixdim[1:ndim+1] as stored in the file.
+
+    nibabel's header check turns a 0 voxel size into 1 and negative ones positive, which would
+    invent a calibration; the raw values are kept so :class:`Scan` drops implausible ones (with
+    a warning).
+    """
+    from nibabel.openers import ImageOpener
+
+    header_class = type(img.header)  # type: ignore[attr-defined]
+    with ImageOpener(str(path)) as fh:
+        raw = header_class.from_fileobj(fh, check=False)
+    return tuple(float(z) for z in raw["pixdim"][1 : 1 + ndim])
+
+
 def _decoded_itemsize(img: object) -> int:
     """Bytes per voxel after nibabel applies ``scl_slope`` / ``scl_inter`` (float64 if so)."""
     proxy = img.dataobj  # type: ignore[attr-defined]
@@ -72,7 +87,7 @@ def read_nifti(path: Path) -> Scan:
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
+        zooms = _raw_zooms(path, img, len(shape))
         space_unit = img.header.get_xyzt_units()[0]
         itemsize = _decoded_itemsize(img)
     except Exception as exc:

@@ -98,7 +98,9 @@ def _to_frame(arr: np.ndarray) -> np.ndarray:
     arr = np.squeeze(arr) if arr.ndim > 3 else arr
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
         arr = np.moveaxis(arr, 0, -1)
-    if arr.ndim == 3:
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim == 3:
         arr = arr[..., :3]
     return arr
 
@@ -204,6 +206,12 @@ def read_tiff(path: Path) -> Scan:
             f"TIFF series has axes {axes!r} {shape}; expected frames of (Y, X[, S]) pixels",
             path=path,
             hint="re-save it as a plain or ImageJ stack of 2-D images (e.g. with Fiji)",
+        )
+    if "S" in axes and shape[axes.index("S")] not in (1, 3, 4):
+        raise ScanReadError(
+            f"TIFF pixels have {shape[axes.index('S')]} samples; only gray, RGB or RGBA are read",
+            path=path,
+            hint="save the channels as separate gray stacks, or convert to RGB",
         )
     rgb = "S" in axes and shape[axes.index("S")] in (3, 4)
     spatial = sum(1 for a in axes if a in "YXS")
