@@ -142,7 +142,8 @@ def default_key_path(mapping: str | Path) -> Path:
 def write_mapping(path: str | Path, rows: list[dict[str, str]]) -> None:
     """Write the pseudonym → source mapping (``MAPPING_COLUMNS``) as a private CSV.
 
-    Rows of earlier runs with other sources are kept (the mapping of a project grows).
+    Rows of earlier runs with other sources are kept (the mapping of a project grows); a row
+    with an empty ``output`` is a source planned (or not written) by the current run.
     """
     path = Path(path)
     merged: dict[str, dict[str, str]] = {}
@@ -152,7 +153,9 @@ def write_mapping(path: str | Path, rows: list[dict[str, str]]) -> None:
                 if row.get("pseudonym"):
                     merged[row["pseudonym"]] = {k: row.get(k, "") for k in MAPPING_COLUMNS}
     for row in rows:
-        merged[row["pseudonym"]] = row
+        known = merged.get(row["pseudonym"], {})
+        # An empty output (planned, or failed this time) keeps what an earlier run wrote.
+        merged[row["pseudonym"]] = {**row, "output": row["output"] or known.get("output", "")}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MAPPING_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -654,6 +657,10 @@ def run_deidentify(
     names = {rel: pseudo.name(rel) for _, rel in sources}
     if len(set(names.values())) != len(names):  # pragma: no cover - 64-bit collision
         raise USFMError("two sources got the same pseudonym", hint="use another --key or --salt")
+    # The mapping first (outputs still unknown): a killed run's outputs can always be traced.
+    write_mapping(
+        mapping_path, [{"pseudonym": n, "source": r, "output": ""} for r, n in names.items()]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out_dir)  # only the toolkit's own, of runs that were killed
     summary = DeidentifySummary(out_dir, mapping_path, key_path, n_sources=len(sources), ocr=ocr)
