@@ -4,6 +4,7 @@
 are decoded lazily. The ``write_*`` functions write the same formats (exports, test fixtures).
 """
 
+from usfm_core.io.checks import decoded_limits, set_decoded_limits
 from usfm_core.io.dicom import SUPPORTED_TRANSFER_SYNTAXES
 from usfm_core.io.readers import SUPPORTED_EXTENSIONS, load_scan
 from usfm_core.io.scan import LazyFrames, Scan
@@ -14,7 +15,9 @@ __all__ = [
     "SUPPORTED_TRANSFER_SYNTAXES",
     "LazyFrames",
     "Scan",
+    "decoded_limits",
     "load_scan",
+    "set_decoded_limits",
     "write_dicom",
     "write_image",
     "write_nifti",

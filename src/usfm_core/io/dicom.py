@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -46,6 +46,10 @@ SUPPORTED_TRANSFER_SYNTAXES: dict[str, tuple[str, str]] = {
     "1.2.840.10008.1.2.4.91": ("JPEG 2000", "pip install pylibjpeg pylibjpeg-openjpeg"),
 }
 
+# Uncompressed ("native") transfer syntaxes: pixel data is one plain byte string.
+NATIVE_TRANSFER_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+)
 ENHANCED_US_VOLUME = "1.2.840.10008.5.1.4.1.1.6.2"
 _COLOR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
@@ -178,7 +182,13 @@ def _transfer_syntax(ds: Any, path: Path) -> str:
     from pydicom.pixels import get_decoder
 
     meta = getattr(ds, "file_meta", None)
-    uid = str(_field(meta, "TransferSyntaxUID", path) or "1.2.840.10008.1.2").strip()
+    uid = str(_field(meta, "TransferSyntaxUID", path) or "").strip()
+    if not uid:
+        raise ScanReadError(
+            "DICOM file meta holds no TransferSyntaxUID (pixel encoding unknown)",
+            path=path,
+            hint="the header is corrupt; re-export the file from the scanner or PACS",
+        )
     entry = SUPPORTED_TRANSFER_SYNTAXES.get(uid)
     if entry is None:
         try:
@@ -206,8 +216,9 @@ def _transfer_syntax(ds: Any, path: Path) -> str:
     return uid
 
 
-def _check_pixel_data(ds: Any, path: Path, expected: int) -> None:
-    """Raise if the pixel data is missing or shorter than the header promises (truncation)."""
+def _check_pixel_data(ds: Any, path: Path, expected: int, uid: str) -> None:
+    """Raise if the pixel data is missing, shorter or longer than the header promises, or not
+    encapsulated the way the transfer syntax says."""
     raw = ds.get_item("PixelData", keep_deferred=True)
     if raw is None:
         raise ScanReadError(
@@ -216,8 +227,16 @@ def _check_pixel_data(ds: Any, path: Path, expected: int) -> None:
             hint="the file is truncated or holds no image (e.g. a structured report); re-export it",
         )
     length = getattr(raw, "length", None)
-    if length is None or length == 0xFFFFFFFF:
-        return  # encapsulated: fragments are checked when the delimiter was found by dcmread
+    encapsulated = length is None or length == 0xFFFFFFFF
+    if encapsulated != (uid not in NATIVE_TRANSFER_SYNTAXES):
+        raise ScanReadError(
+            f"pixel data is {'' if encapsulated else 'not '}encapsulated (compressed), but the "
+            f"transfer syntax {SUPPORTED_TRANSFER_SYNTAXES[uid][0]} says otherwise",
+            path=path,
+            hint="the header is corrupt; re-export the file from the scanner or PACS",
+        )
+    if encapsulated:
+        return  # fragments are checked when the delimiter was found by dcmread
     size = path.stat().st_size
     if length < expected or raw.value_tell + length > size:
         have = min(length, size - raw.value_tell)
@@ -383,6 +402,15 @@ def _metadata(ds: Any, uid: str, regions: list[dict[str, Any]], path: Path) -> d
     return out
 
 
+def _missing(name: str, path: Path) -> NoReturn:
+    """Raise: a field the pixel decoder needs is absent."""
+    raise ScanReadError(
+        f"DICOM image lacks the required field {name}",
+        path=path,
+        hint="the header is corrupt or incomplete; re-export the file from the scanner or PACS",
+    )
+
+
 def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
     """``(n_frames, rows, cols, samples, photometric)`` from the header, validated."""
     rows = _int_field(ds, "Rows", path, None, required=True)
@@ -400,7 +428,9 @@ def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
             path=path,
             hint="the header is corrupt or the file holds no image; re-export it",
         )
-    samples = _int_field(ds, "SamplesPerPixel", path, 1, required=True)
+    samples = _int_field(ds, "SamplesPerPixel", path, None, required=True)
+    if samples is None:
+        _missing("SamplesPerPixel", path)
     photometric = str(_field(ds, "PhotometricInterpretation", path) or "(missing)").strip()
     if not ((samples == 1 and photometric in _GRAY) or (samples == 3 and photometric in _COLOR)):
         raise ScanReadError(
@@ -413,21 +443,27 @@ def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
 
 def _pixel_dtype(ds: Any, path: Path) -> tuple[np.dtype, int]:
     """Decoded dtype from BitsAllocated / PixelRepresentation, and BitsStored."""
-    bits = _int_field(ds, "BitsAllocated", path, 8, required=True)
+    bits = _int_field(ds, "BitsAllocated", path, None, required=True)
+    if bits is None:
+        _missing("BitsAllocated", path)
     if bits not in (8, 16, 32):
         raise ScanReadError(
             f"unsupported BitsAllocated {bits} (supported: 8, 16, 32)",
             path=path,
             hint="the header is corrupt, or convert the file (e.g. gdcmconv --raw)",
         )
-    stored = _int_field(ds, "BitsStored", path, bits, required=True)
+    stored = _int_field(ds, "BitsStored", path, None, required=True)
+    if stored is None:
+        _missing("BitsStored", path)
     if not 1 <= stored <= bits:
         raise ScanReadError(
             f"BitsStored {stored} does not fit BitsAllocated {bits}",
             path=path,
             hint="the header is corrupt; re-export the file",
         )
-    representation = _int_field(ds, "PixelRepresentation", path, 0, required=True)
+    representation = _int_field(ds, "PixelRepresentation", path, None, required=True)
+    if representation is None:
+        _missing("PixelRepresentation", path)
     if representation not in (0, 1):
         raise ScanReadError(
             f"PixelRepresentation {representation} is invalid (0 unsigned, 1 signed)",
@@ -467,7 +503,7 @@ def read_dicom(path: Path) -> Scan:
     n, rows, cols, samples, photometric = _geometry(ds, path)
     dtype, stored = _pixel_dtype(ds, path)
     frame_shape = (rows, cols, samples) if samples == 3 else (rows, cols)
-    _check_pixel_data(ds, path, rows * cols * samples * n * dtype.itemsize)
+    _check_pixel_data(ds, path, rows * cols * samples * n * dtype.itemsize, uid)
     check_decoded_size(path, n, frame_shape, dtype.itemsize)
 
     invert = (1 << stored) - 1 if photometric == "MONOCHROME1" else None
