@@ -170,7 +170,7 @@ def test_parameter_budget_refuses_before_allocating(saved: Path, monkeypatch) ->
     "change, match",
     [
         ({"backbone_type": "segmenter"}, "backbone_type must be one of"),  # no nesting
-        ({"backbone_config": {"dims": -4}}, "backbone_config: vmamba config.dims"),
+        ({"backbone_config": {"dims": -4}}, "backbone_config: VMamba config.dims"),
         ({"n_classes": 10**9}, "n_classes"),
         ({"head": "resnet"}, "head"),
         ({"classes": "lesion"}, "classes"),

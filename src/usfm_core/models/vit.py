@@ -50,7 +50,7 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         # Types and ranges (usfm_core.models.limits.VIT_FIELDS), then consistency.
-        check_fields(asdict(self), VIT_FIELDS, "vit config", from_json=False)
+        check_fields(asdict(self), VIT_FIELDS, "ViT config", from_json=False)
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
         if self.dim % self.heads or self.dim % 4:
@@ -81,7 +81,7 @@ class ViTConfig:
         """Inverse of :meth:`to_dict`. Unknown keys, wrong types and out-of-range values (see
         :data:`usfm_core.models.limits.VIT_FIELDS`) raise :class:`ConfigError` naming the
         field, before anything is allocated."""
-        check_fields(data, VIT_FIELDS, "vit config")
+        check_fields(data, VIT_FIELDS, "ViT config")
         return cls(**data)
 
     def estimate_params(self) -> int:

@@ -123,7 +123,7 @@ class VMambaConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values the model cannot be built with (types and
         ranges from :data:`usfm_core.models.limits.VMAMBA_FIELDS`, then consistency)."""
-        check_fields(asdict(self), VMAMBA_FIELDS, "vmamba config", from_json=False)
+        check_fields(asdict(self), VMAMBA_FIELDS, "VMamba config", from_json=False)
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
         if len(self.depths) != 4 or min(self.depths) < 1:
@@ -165,7 +165,7 @@ class VMambaConfig:
         """Inverse of :meth:`to_dict`. Unknown keys, wrong types and out-of-range values (see
         :data:`usfm_core.models.limits.VMAMBA_FIELDS`) raise :class:`ConfigError` naming the
         field, before anything is converted or allocated."""
-        check_fields(data, VMAMBA_FIELDS, "vmamba config")
+        check_fields(data, VMAMBA_FIELDS, "VMamba config")
         return cls(**data)
 
     def estimate_params(self) -> int:
