@@ -7,6 +7,7 @@ are exercised end to end, including the background workers and Cancel.
 
 from __future__ import annotations
 
+import argparse
 import filecmp
 import time
 from pathlib import Path
@@ -333,3 +334,88 @@ def test_main_job_segments_the_real_samples_with_the_shipped_models(
             assert seg.rows[0]["circumference"] == pytest.approx(169.7, abs=10.0)
     finally:
         viewer.close()
+
+
+# ------------------------------------------------------------ first ten minutes (issue 16)
+@pytest.mark.gui
+@pytest.mark.parametrize("size", [(1280, 720), (1600, 1000)])
+def test_main_window_gives_the_canvas_most_of_the_width(qtbot, model_dir, size):
+    """The sample is visible at start: short model names keep the docks narrow, so the canvas
+    is at least half the window even on a 1280×720 laptop screen, and the image is centred."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_usfm.__main__ import build_viewer, fit_window
+
+    viewer, widgets = build_viewer("hc18", show=True)
+    try:
+        fit_window(viewer, size)
+        for _ in range(10):
+            QApplication.processEvents()
+        window = viewer.window._qt_window
+        canvas = viewer.window._qt_viewer.canvas.native
+        assert window.width() == size[0]
+        assert canvas.width() >= 0.5 * window.width(), (canvas.width(), window.width())
+        # Short name in the drop-down; the full description is the tooltip.
+        seg = widgets["Segment"]
+        assert seg._model.native.currentText() == "fetal-head"
+        assert "HC18" in (seg._model.tooltip or "")
+        # Reset view: the image's centre is the camera's centre.
+        image = viewer.layers["HC18 fetal head"]
+        centre = np.array(image.data.shape[:2]) * np.array(image.scale) / 2
+        np.testing.assert_allclose(viewer.scene.camera.center[-2:], centre, rtol=0.05, atol=1.0)
+    finally:
+        viewer.close()
+
+
+@pytest.mark.gui
+def test_prediction_and_reference_are_drawn_in_different_colours(qtbot, model_dir):
+    from napari_usfm.__main__ import build_viewer
+
+    viewer, widgets = build_viewer("hc18", show=False)
+    try:
+        seg = widgets["Segment"]
+        seg.run()
+        _wait_worker(qtbot, seg)
+        reference = viewer.layers["HC18 fetal head annotation"]
+        prediction = viewer.layers["HC18 fetal head segmentation"]
+        ref_rgba = reference.colormap.map(np.array([1]))[0]
+        pred_rgba = prediction.colormap.map(np.array([1]))[0]
+        assert np.abs(ref_rgba[:3] - pred_rgba[:3]).max() > 0.5
+        assert reference.contour > 0  # an outline: the prediction under it stays visible
+        # The panel's own progress bar ran to the end.
+        assert not seg.progress.native.isHidden()
+        assert seg.progress.value == seg.progress.max == 1
+    finally:
+        viewer.close()
+
+
+def test_main_with_a_bad_path_prints_one_line_and_no_traceback(tmp_path, capsys):
+    from napari_usfm.__main__ import main
+
+    missing = tmp_path / "nope.dcm"
+    assert main([str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and str(missing) in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a scan")
+    assert main([str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open" in err and str(junk) in err and err.count("\n") == 1
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    assert main([str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_help_has_no_rest_markup(capsys):
+    from usfm_core.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        text = command.format_help()
+        assert "``" not in text and ":func:" not in text, name

@@ -85,3 +85,26 @@ def labelled_frames(labels: Any) -> list[int]:
     if data.ndim == 2:
         return [0] if np.any(np.asarray(data)) else []
     return [i for i in range(data.shape[0]) if np.any(np.asarray(data[i]))]
+
+
+# Prediction and reference must never share a colour: napari draws label 1 of every Labels
+# layer in the same red by default.
+# Predicted classes 1, 2, 3, … in these colours (further classes in white); references in yellow.
+PREDICTION_COLORS = ("cyan", "magenta", "lime", "orange", "dodgerblue", "pink")
+REFERENCE_COLOR = "yellow"
+
+
+def prediction_colormap() -> Any:
+    """Labels colormap for model predictions: class k in ``PREDICTION_COLORS[k - 1]``."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors: dict[Any, str] = {None: "white", 0: "transparent"}
+    colors.update({k + 1: c for k, c in enumerate(PREDICTION_COLORS)})
+    return DirectLabelColormap(color_dict=colors)
+
+
+def reference_colormap() -> Any:
+    """Labels colormap for reference annotations: every label in ``REFERENCE_COLOR``."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: REFERENCE_COLOR, 0: "transparent"})

@@ -71,6 +71,8 @@ def _real_image(name: str, stem: str, px: float | None, source: str) -> LayerDat
     """A shipped real image and its annotation (hidden) as two layers, calibrated if ``px``."""
     import cv2
 
+    from napari_usfm._layers import reference_colormap
+
     image = cv2.imread(str(SAMPLES / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
     mask = cv2.imread(str(SAMPLES / f"{stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
     common: dict[str, Any] = {"axis_labels": ("y", "x")}
@@ -86,7 +88,15 @@ def _real_image(name: str, stem: str, px: float | None, source: str) -> LayerDat
         (image, {"name": name, "metadata": meta, **common}, "image"),
         (
             mask.astype(np.uint8),
-            {"name": f"{name} annotation", "opacity": 0.4, "visible": False, **common},
+            {
+                "name": f"{name} annotation",
+                "opacity": 0.9,
+                "visible": False,
+                # Yellow, never the cyan of a prediction; the main job draws it as an outline.
+                "colormap": reference_colormap(),
+                "metadata": {"role": "reference"},
+                **common,
+            },
             "labels",
         ),
     ]

@@ -27,6 +27,7 @@ from magicgui.widgets import (
     FloatSpinBox,
     Label,
     LineEdit,
+    ProgressBar,
     PushButton,
     SpinBox,
     Table,
@@ -65,14 +66,74 @@ def _layer_choices(viewer: Any, kind: str):
     return choices
 
 
+def _model_label(entry: Any) -> str:
+    """Short drop-down label: the model's name, marked when it is the user's own."""
+    return entry.name if entry.source == "builtin" else f"{entry.name} (yours)"
+
+
 def _model_choices(kind: str, extra: tuple[str, ...] = ()):
+    """Drop-down choices ``(short name, model path)``; the description goes below the box
+    (a full description made the dock ~800 px wide and squeezed the canvas to nothing)."""
+
     def choices(_widget: Any = None) -> list[tuple[str, str]]:
         from usfm_core.models.zoo import list_models
 
-        found = [(e.description, str(e.path)) for e in list_models(model_dir(), kind=kind)]
+        found = [(_model_label(e), str(e.path)) for e in list_models(model_dir(), kind=kind)]
         return [(x, x) for x in extra] + found
 
     return choices
+
+
+def _model_description(path: str | None) -> tuple[str, str]:
+    """``(short, full)`` description of the model at ``path`` (``("", "")`` when unknown):
+    ``short`` is what the model is for, ``full`` adds its name, kind and source."""
+    if not path:
+        return "", ""
+    from usfm_core.models.zoo import list_models
+
+    for entry in list_models(model_dir()):
+        if str(entry.path) == str(path):
+            extra = entry.config.get("extra", {}) or {}
+            short = entry.info.get("description") or extra.get("description") or ""
+            return short, entry.description
+    return "", ""
+
+
+def _wrap(label: Label, lines: int = 2) -> Label:
+    """Word-wrap ``label`` and reserve ``lines`` lines, so a squeezed dock never clips it."""
+    label.native.setWordWrap(True)
+    metrics = label.native.fontMetrics()
+    label.native.setMinimumHeight(metrics.lineSpacing() * lines + 2)
+    label.native.setMinimumWidth(0)
+    return label
+
+
+def _describe_into(combo: ComboBox, label: Label) -> None:
+    """Keep ``label`` and ``combo``'s tooltip showing what the chosen model is for."""
+
+    def update(*_: Any) -> None:
+        short, full = _model_description(combo.value)
+        label.value = short
+        label.visible = bool(short)
+        combo.tooltip = full or None
+
+    _wrap(label, lines=3)
+    combo.changed.connect(update)
+    update()
+
+
+def _file_edit(**kwargs: Any) -> FileEdit:
+    """A FileEdit with a short "…" button ("Choose directory" alone took 150 px of the dock)."""
+    edit = FileEdit(**kwargs)
+    edit.choose_btn.text = "…"
+    edit.choose_btn.tooltip = "browse"
+    return edit
+
+
+def _progress_bar(label: str = "progress") -> ProgressBar:
+    """A progress bar inside the panel (napari's activity dock is collapsed by default)."""
+    bar = ProgressBar(label=label, min=0, max=1, value=0, visible=False)
+    return bar
 
 
 class _Base(Container):
@@ -84,7 +145,7 @@ class _Base(Container):
         self._worker: Any = None
         self.busy = False  # True from start until the worker's `finished` is handled
         self.error: Exception | None = None
-        self._status = Label(value="")
+        self._status = _wrap(Label(value=""))
         viewer.layers.events.inserted.connect(self._refresh)
         viewer.layers.events.removed.connect(self._refresh)
 
@@ -169,7 +230,9 @@ class SegmentWidget(_Base):
         super().__init__(viewer, labels=True)
         self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
         self._model = ComboBox(label="model", choices=_model_choices("segmentation"))
-        self._model_path = FileEdit(label="or folder", mode="d", value="")
+        self._model_info = Label(value="")
+        _describe_into(self._model, self._model_info)
+        self._model_path = _file_edit(label="or folder", mode="d", value="")
         self._device_choice = ComboBox(
             label="device", choices=["auto", "cpu", "cuda"], value=default_device()
         )
@@ -182,6 +245,7 @@ class SegmentWidget(_Base):
         self._last = SpinBox(label="to", min=0, max=100000, value=0)
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
+        self.progress = _progress_bar("frames")
         self._table = Table(
             value={
                 "frame": [],
@@ -192,7 +256,9 @@ class SegmentWidget(_Base):
                 "unit": [],
             }
         )
-        self._csv = FileEdit(label="save to", mode="w", filter="*.csv", value="measurements.csv")
+        self._csv = _file_edit(
+            label="save to", mode="w", filter="*.csv", value="measurements.csv"
+        )
         self._save = PushButton(text="Save measurements")
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
@@ -201,6 +267,7 @@ class SegmentWidget(_Base):
             [
                 self._image,
                 self._model,
+                self._model_info,
                 self._model_path,
                 self._device_choice,
                 self._scope,
@@ -208,6 +275,7 @@ class SegmentWidget(_Base):
                 self._last,
                 self._run,
                 self._cancel,
+                self.progress,
                 self._status,
                 self._table,
                 self._csv,
@@ -275,6 +343,7 @@ class SegmentWidget(_Base):
         self._table_updated = 0.0
         self._labels_refreshed = 0.0
         spacing = _layers.spacing_mm(layer)
+        self.progress.max, self.progress.value, self.progress.visible = len(indices), 0, True
         return self._start(
             _segment_job,
             model_path,
@@ -295,12 +364,17 @@ class SegmentWidget(_Base):
             return self._viewer.layers[name]
         data = np.zeros(shape, dtype=np.uint8)
         return self._viewer.add_labels(
-            data, name=name, opacity=0.5, **_layers.geometry_kwargs(layer)
+            data,
+            name=name,
+            opacity=0.5,
+            colormap=_layers.prediction_colormap(),
+            **_layers.geometry_kwargs(layer),
         )
 
     def _on_frame(self, item: tuple[int, np.ndarray, dict]) -> None:
         index, mask, measures = item
         self.frames_done.append(index)
+        self.progress.value = len(self.frames_done)
         data = self.labels_layer.data
         if data.ndim == 2:
             data[:] = mask
@@ -424,6 +498,8 @@ class FinetuneWidget(_Base):
         self._backbone = ComboBox(
             label="backbone", choices=_model_choices("backbone", (FROM_SCRATCH,))
         )
+        self._backbone_info = Label(value="")
+        _describe_into(self._backbone, self._backbone_info)
         self._epochs = SpinBox(label="epochs", min=1, max=1000, value=30)
         self._lr = FloatSpinBox(label="learning rate", min=1e-6, max=1.0, step=1e-4, value=1e-3)
         self._freeze = CheckBox(label="freeze backbone", value=False)
@@ -434,6 +510,7 @@ class FinetuneWidget(_Base):
         self._name = LineEdit(label="model name", value="my-segmenter")
         self._run = PushButton(text="Fine-tune")
         self._cancel = PushButton(text="Cancel", enabled=False)
+        self.progress = _progress_bar("steps")
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)
         self.extend(
@@ -441,6 +518,7 @@ class FinetuneWidget(_Base):
                 self._image,
                 self._labels,
                 self._backbone,
+                self._backbone_info,
                 self._epochs,
                 self._lr,
                 self._freeze,
@@ -449,6 +527,7 @@ class FinetuneWidget(_Base):
                 self._name,
                 self._run,
                 self._cancel,
+                self.progress,
                 self._status,
             ]
         )
@@ -489,6 +568,7 @@ class FinetuneWidget(_Base):
         self.losses = []
         self._notice(f"training on {len(images)} labelled frame(s)…")
         epochs = int(self._epochs.value)
+        self.progress.max, self.progress.value, self.progress.visible = 1, 0, True
         return self._start(
             _finetune_job,
             images,
@@ -507,6 +587,9 @@ class FinetuneWidget(_Base):
         )
 
     def _on_progress(self, info: dict[str, Any]) -> None:
+        if info.get("steps") and info.get("step") is not None:
+            self.progress.max = max(1, int(info["steps"]))
+            self.progress.value = min(int(info["step"]), int(self.progress.max))
         if "loss" in info:
             self.losses.append(float(info["loss"]))
             self._notice(
@@ -620,7 +703,7 @@ class InspectWidget(_Base):
     def __init__(self, viewer: Any):
         super().__init__(viewer, labels=True)
         self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
-        self._ckpt = FileEdit(label="pretraining run", mode="d", value="")
+        self._ckpt = _file_edit(label="pretraining run", mode="d", value="")
         self._alpha = FloatSlider(label="α (loss share)", min=0.0, max=1.0, value=0.5)
         self._r = FloatSlider(label="r (ALP share)", min=0.0, max=1.0, value=0.5)
         self._ratio = FloatSlider(label="mask ratio", min=0.05, max=0.95, value=0.6)

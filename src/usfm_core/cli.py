@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="CPU threads for torch (default: torch's choice, all cores). On a machine busy "
-        "with other jobs, 1 can be many times faster than oversubscribed cores",
+        help="CPU threads for torch and the numba scan (default: the free cores, i.e. cores "
+        "minus the load average, at least 1; or $USFM_THREADS / $OMP_NUM_THREADS)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -58,7 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        # Sub-commands take their --help text from module docstrings: drop the reST markup.
+        if command.description:
+            command.description = plain_text(command.description)
     return parser
+
+
+def plain_text(doc: str) -> str:
+    """``doc`` without reST inline markup (````code````, ``:func:`x```) for terminal help."""
+    import re
+
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    return doc.replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,12 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        import torch
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    from usfm_core.threads import apply_threads
 
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)  # --threads N, else the free cores (see usfm_core.threads)
     try:
         return int(args.func(args) or 0)
     except USFMError as exc:
