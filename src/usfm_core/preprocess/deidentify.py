@@ -350,8 +350,9 @@ def scrub_frames(frames: np.ndarray, *, use_ocr: bool) -> tuple[np.ndarray, int]
         mask = _grow(static | _frame_text_mask(gray[t], region))
         out[t] = _inpaint(frames[t], mask) if mask.any() else frames[t]
         masks.append(mask)
-    for _ in range(OCR_VERIFY_PASSES if use_ocr else 0):
-        # OCR the cleaned frames: what inpainting left readable is removed again.
+    # OCR the cleaned frames: what inpainting left readable is removed again (only where OCR
+    # read text at all: what it could not read before inpainting it cannot read after).
+    for _ in range(OCR_VERIFY_PASSES if use_ocr and static.any() else 0):
         left = clip_ocr_mask(np.stack([to_gray(f) for f in _uint8_view(out)]))
         if not left.any():
             break
