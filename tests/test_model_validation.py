@@ -166,6 +166,19 @@ def test_parameter_budget_refuses_before_allocating(saved: Path, monkeypatch) ->
         build_model("vmamba", tiny.config.to_dict())
 
 
+def test_budget_applies_to_configs_built_in_code_too() -> None:
+    """Pretraining builds backbones with ``dataclasses.replace(preset, **overrides)`` from
+    the user's config file: those are bounded the same way."""
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="parameters"):
+        dataclasses.replace(VMambaConfig.preset("tiny"), dims=8192, depths=(2, 2, 15, 2))
+    with pytest.raises(ConfigError, match="dims"):
+        dataclasses.replace(VMambaConfig.preset("tiny"), dims=10**6)
+    with pytest.raises(ConfigError, match="parameters"):
+        ViTConfig(dim=16384, depth=256, heads=128)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [

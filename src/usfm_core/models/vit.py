@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from usfm_core.errors import ConfigError
 from usfm_core.models.common import adapt_input
-from usfm_core.models.limits import VIT_FIELDS, check_fields
+from usfm_core.models.limits import VIT_FIELDS, check_fields, check_param_budget
 from usfm_core.models.vmamba import BackboneOutput, DropPath
 
 __all__ = ["ViT", "ViTConfig", "patchify", "sincos_pos_embed_2d", "unpatchify"]
@@ -59,6 +59,7 @@ class ViTConfig:
             raise ConfigError(f"img_size {self.img_size} not divisible by {self.patch_size}")
         if self.depth < 1 or self.patch_size < 1:
             raise ConfigError("depth and patch_size must be ≥ 1")
+        check_param_budget(self.estimate_params(), "this ViT config")  # before allocating
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ViTConfig:

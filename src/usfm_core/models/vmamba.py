@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from usfm_core.errors import ConfigError
 from usfm_core.models.common import adapt_input
-from usfm_core.models.limits import VMAMBA_FIELDS, check_fields
+from usfm_core.models.limits import VMAMBA_FIELDS, check_fields, check_param_budget
 
 __all__ = [
     "SS2D",
@@ -140,6 +140,7 @@ class VMambaConfig:
             raise ConfigError(f"dt_rank must be 'auto' or a positive int, got {self.dt_rank!r}")
         if self.conv_kernel % 2 != 1:
             raise ConfigError(f"conv_kernel must be odd, got {self.conv_kernel}")
+        check_param_budget(self.estimate_params(), "this VMamba config")  # before allocating
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VMambaConfig:
