@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +50,72 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run without Tesseract (burned-in text found by a heuristic only; may survive)",
     )
     p.set_defaults(func=run)
+
+
+def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``--deidentify`` and its options to the ``preprocess`` parser."""
+    group = p.add_argument_group("de-identification (docs/deidentification.md)")
+    group.add_argument(
+        "--deidentify",
+        action="store_true",
+        help="name frames, masks and manifest sources by keyed pseudonyms (private mapping "
+        "outside OUT_DIR) and remove burned-in text with OCR (refuses without Tesseract)",
+    )
+    group.add_argument(
+        "--allow-no-ocr",
+        action="store_true",
+        help="with --deidentify: run without Tesseract (text found by a heuristic only)",
+    )
+    group.add_argument(
+        "--mapping",
+        metavar="CSV",
+        default=None,
+        help="with --deidentify: "
+        "private mapping file (default: OUT_DIR.mapping.csv beside OUT_DIR)",
+    )
+    secret = group.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--key",
+        metavar="FILE",
+        default=None,
+        help="with --deidentify: secret key file (default: beside the mapping)",
+    )
+    secret.add_argument(
+        "--salt",
+        metavar="TEXT",
+        default=None,
+        help="with --deidentify: secret text instead of a key file",
+    )
+
+
+def preprocess_deidentifier(args: argparse.Namespace) -> Any:
+    """The :class:`~usfm_core.preprocess.deidentify.PreprocessDeidentifier` for a parsed
+    ``preprocess`` command line, or None without ``--deidentify``; refuses flags that would
+    keep burned-in text."""
+    from usfm_core.errors import USFMError
+    from usfm_core.preprocess.deidentify import PreprocessDeidentifier
+
+    if not args.deidentify:
+        if args.allow_no_ocr or args.mapping or args.key or args.salt:
+            raise USFMError(
+                "--allow-no-ocr, --mapping, --key and --salt only apply with --deidentify",
+                hint="add --deidentify, or drop those options",
+            )
+        return None
+    if args.no_text_removal or args.no_ocr:
+        raise USFMError(
+            "--deidentify removes burned-in text with OCR; --no-text-removal / --no-ocr would "
+            "keep it",
+            hint="drop --no-text-removal / --no-ocr (use --allow-no-ocr only without Tesseract)",
+        )
+    return PreprocessDeidentifier.setup(
+        args.in_dir,
+        args.out_dir,
+        mapping=args.mapping,
+        key=args.key,
+        salt=args.salt,
+        allow_no_ocr=args.allow_no_ocr,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -548,14 +548,15 @@ class PreprocessDeidentifier:
         """Output stem (frames, masks, markers, manifest ``source``) of a relative source."""
         return self.pseudo.name(rel)
 
-    def text_mask(self, frames: list[np.ndarray]) -> np.ndarray | None:
-        """(H, W) bool OCR text of a source's uint8 frames (:func:`clip_ocr_mask`), or None
-        without OCR; the pipeline inpaints it in every frame on top of its own detectors."""
-        from usfm_core.preprocess.region import to_gray
-
-        if not self.ocr or not frames:
-            return None
-        return _grow(clip_ocr_mask(np.stack([to_gray(f) for f in frames])))
+    def redact(self, text: str, source: Path, rel: Path) -> str:
+        """``text`` (an error message) with the source's path, relative path, name and stem
+        replaced by its pseudonym, so failures can be written inside the output folder."""
+        pseudonym = self.stem(rel)
+        names = {str(source), str(source.resolve()), Path(rel).as_posix(), source.name}
+        names |= {source.stem} if len(source.stem) >= 3 else set()
+        for name in sorted(names, key=len, reverse=True):
+            text = text.replace(name, pseudonym)
+        return text
 
     def write_mapping(self, rels: list[Path]) -> None:
         """Write the private mapping of the given relative sources (pseudonym → source)."""
@@ -565,6 +566,20 @@ class PreprocessDeidentifier:
         ]
         if rows:
             write_mapping(self.mapping, rows)
+
+
+def preprocess_text_mask(
+    frames: list[np.ndarray], found: np.ndarray | None, use_ocr: bool | str
+) -> np.ndarray | None:
+    """Text mask of a source for ``preprocess --deidentify``: ``found`` (the pipeline's own
+    OCR mask, or None) united with :func:`clip_ocr_mask` of its uint8 frames (grown), when
+    ``use_ocr`` is not False; else ``found`` unchanged. Shape (H, W) bool."""
+    from usfm_core.preprocess.region import to_gray
+
+    if use_ocr is False or not frames:
+        return found
+    mask = _grow(clip_ocr_mask(np.stack([to_gray(f) for f in frames])))
+    return mask if found is None else mask | found
 
 
 # --------------------------------------------------------------------------- whole run
