@@ -545,3 +545,169 @@ def test_lazy_frames_with_dask() -> None:
     arr = da.from_array(LazyFrames(src, data.shape, data.dtype), chunks=(1, 5, 4))
     np.testing.assert_array_equal(arr[4].compute(), data[4])
     assert set(src.reads) == {4}
+
+
+# --------------------------------------------------------------------------- hardening (#15)
+def _raw_element(path: Path, keyword: str, vr: str, text: str) -> Path:
+    """Store ``text`` verbatim (unvalidated) as DICOM element ``keyword`` of ``path``."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(path)
+    tag = Tag(pydicom.datadict.tag_for_keyword(keyword))
+    data = text.encode("latin1")
+    data += b" " * (len(data) % 2)
+    ds._dict[tag] = RawDataElement(tag, vr, len(data), data, 0, False, True)
+    ds.save_as(path)
+    return path
+
+
+def test_nan_and_inf_frames_are_repaired_with_a_warning(tmp_path: Path) -> None:
+    from usfm_core.errors import ScanWarning
+    from usfm_core.preprocess.intensity import percentile_rescale
+
+    frames = np.random.default_rng(0).uniform(10, 20, (3, 8, 9)).astype(np.float32)
+    frames[1, :2] = np.nan
+    frames[1, 5, 5] = np.inf
+    frames[2] = np.nan
+    tif = write_tiff(tmp_path / "nan.tif", frames)
+    with pytest.warns(ScanWarning, match=r"nan\.tif: frame 1: 19 of 72 pixels are NaN/inf"):
+        frame1 = load_scan(tif).frame(1)
+    finite = frames[1][np.isfinite(frames[1])]
+    assert np.isfinite(frame1).all()
+    np.testing.assert_array_equal(frame1[:2], np.full((2, 9), finite.min(), np.float32))
+    assert frame1[5, 5] == finite.max()
+    np.testing.assert_array_equal(frame1[2:5], frames[1][2:5])  # untouched pixels unchanged
+    # Not a black frame downstream: the rescaled frame spans [0, 1].
+    rescaled = percentile_rescale(frame1)
+    assert np.isfinite(rescaled).all() and rescaled.max() == 1.0
+    with pytest.warns(ScanWarning, match="frame 2 holds no finite value"):
+        assert not load_scan(tif).frame(2).any()
+    vol = write_nifti(tmp_path / "nan.nii.gz", frames, (1.0, 0.5, 0.5))
+    with pytest.warns(ScanWarning, match=r"nan\.nii\.gz: frame 1: 19 of 72"):
+        assert np.isfinite(load_scan(vol).frames[:]).all()
+
+
+def test_implausible_calibration_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    from usfm_core.errors import ScanWarning
+
+    dcm = write_dicom(tmp_path / "s.dcm", smooth_gray(3), spacing_mm=(0.1, 0.1), fps=20.0)
+    _edit(dcm, SequenceOfUltrasoundRegions=None, CineRate=None, RecommendedDisplayFrameRate=None)
+    _raw_element(dcm, "PixelSpacing", "DS", "inf\\inf")
+    _raw_element(dcm, "FrameTime", "DS", "-5")
+    with pytest.warns(ScanWarning, match=r"s\.dcm: ignoring implausible DICOM PixelSpacing"):
+        scan = load_scan(dcm)
+    assert scan.spacing_mm is None and scan.fps is None
+    tif = write_tiff(tmp_path / "t.tif", smooth_gray(3), spacing_mm=(1e-7, 1e-7), fps=1e6)
+    with pytest.warns(ScanWarning, match=r"t\.tif: ignoring implausible pixel spacing"):
+        scan = load_scan(tif)
+    assert scan.spacing_mm is None and scan.fps is None
+    nii = write_nifti(tmp_path / "v.nii", smooth_gray(3), (2.0, 0.5, 0.5))
+    data = bytearray(nii.read_bytes())
+    data[80:92] = np.array([0.0, -1.0, 1e9], "<f4").tobytes()  # pixdim[1:4] = dx, dy, dz
+    nii.write_bytes(bytes(data))
+    with pytest.warns(ScanWarning, match=r"v\.nii: ignoring implausible"):
+        scan = load_scan(nii)
+    assert scan.spacing_mm is None and scan.slice_spacing_mm is None
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mp4"])
+def test_one_frame_video(tmp_path: Path, suffix: str) -> None:
+    frame = smooth_gray(1)[0]
+    path = tmp_path / f"one{suffix}"
+    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if suffix == ".avi" else "mp4v"))
+    writer = cv2.VideoWriter(str(path), fourcc, 10.0, (frame.shape[1], frame.shape[0]))
+    writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    scan = load_scan(path)
+    assert (scan.kind, scan.shape) == ("image", (1, *frame.shape))
+    for _ in range(2):  # re-reading frame 0 needs a seek, which FFmpeg refuses here
+        assert np.abs(scan.frame(0).astype(int) - frame).max() < 12
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "text", "message"),
+    [
+        ("NumberOfFrames", "IS", "abc", "DICOM field NumberOfFrames is malformed"),
+        ("NumberOfFrames", "IS", "3.5", "DICOM field NumberOfFrames is malformed"),
+        ("BitsAllocated", "US", "\x0c\x00", "unsupported BitsAllocated 12"),
+        ("PhotometricInterpretation", "CS", "PALETTE COLOR", "unsupported photometric"),
+    ],
+)
+def test_malformed_dicom_required_field_is_a_clear_error(
+    tmp_path: Path, keyword: str, vr: str, text: str, message: str
+) -> None:
+    path = _raw_element(write_dicom(tmp_path / "m.dcm", smooth_gray(3)), keyword, vr, text)
+    with pytest.raises(ScanReadError, match=rf"m\.dcm: {message}"):
+        load_scan(path)
+
+
+def test_malformed_dicom_optional_fields_are_ignored_with_a_warning(tmp_path: Path) -> None:
+    from usfm_core.errors import ScanWarning
+
+    path = write_dicom(tmp_path / "o.dcm", smooth_gray(3), spacing_mm=(0.2, 0.2), fps=25.0)
+    _edit(path, SequenceOfUltrasoundRegions=None, CineRate=None, RecommendedDisplayFrameRate=None)
+    _raw_element(path, "PixelSpacing", "DS", "0.1")
+    _raw_element(path, "FrameTime", "DS", "fast")
+    with pytest.warns(ScanWarning) as caught:
+        scan = load_scan(path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "malformed DICOM field FrameTime ('fast')" in messages
+    assert "malformed DICOM field PixelSpacing" in messages and "o.dcm" in messages
+    assert scan.spacing_mm is None and scan.fps is None
+    np.testing.assert_array_equal(scan.frames[:], smooth_gray(3))
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares ``width x height`` gray pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1 << 16)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b""))
+    return path
+
+
+def test_decoded_size_limit_is_checked_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    from usfm_core.errors import DecodedSizeError, USFMError
+    from usfm_core.io import decoded_limits, set_decoded_limits
+
+    png = _png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    assert png.stat().st_size < 2000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodedSizeError) as info:
+            load_scan(png)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20  # refused from the header: nothing near 381 MB allocated
+    text = str(info.value)
+    assert "bomb.png" in text and "381 MB" in text and "limit of 256 MB per frame" in text
+    assert "USFM_MAX_FRAME_MB" in text  # says how to raise it
+    monkeypatch.setenv("USFM_MAX_FRAME_MB", "50")
+    with pytest.raises(DecodedSizeError, match=r"over the limit of 50 MB per frame"):
+        load_scan(_png_declaring(tmp_path / "b2.png", 8000, 8000))  # 61 MB, default would pass
+    monkeypatch.setenv("USFM_MAX_FRAME_MB", "abc")
+    with pytest.raises(USFMError, match="USFM_MAX_FRAME_MB='abc' is not a positive number"):
+        load_scan(png)
+    monkeypatch.delenv("USFM_MAX_FRAME_MB")
+    old = set_decoded_limits(total_mb=0.005)
+    try:
+        assert decoded_limits()[0] == 0.005
+        with pytest.raises(
+            DecodedSizeError, match=r"3 frames of 48x64 .* limit of 0.005 MB per scan"
+        ):
+            load_scan(write_dicom(tmp_path / "c.dcm", smooth_gray(3)))
+    finally:
+        set_decoded_limits(*old)
+    assert decoded_limits() == (2048.0, 256.0)

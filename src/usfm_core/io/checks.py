@@ -2,8 +2,9 @@
 
 * **Decoded-size limit**: before a reader allocates pixels it calls :func:`check_decoded_size`
   with the frame count and frame shape read from the header. A scan whose single frame would
-  decode to more than ``USFM_MAX_FRAME_MB`` (default 512 MB) or whose frames together would
-  need more than ``USFM_MAX_DECODED_MB`` (default 2048 MB) is refused with a
+  decode to more than ``USFM_MAX_FRAME_MB`` (default 256 MB; ultrasound frames are < 10 MB)
+  or whose frames together would need more than ``USFM_MAX_DECODED_MB`` (default 2048 MB) is
+  refused with a
   :class:`~usfm_core.errors.DecodedSizeError` naming the file, the size, the limit and how to
   raise it. The limits are read from the environment on every check and can be overridden
   in-process with :func:`set_decoded_limits`.
@@ -31,7 +32,7 @@ from usfm_core.errors import DecodedSizeError, ScanWarning, USFMError
 ENV_MAX_DECODED_MB = "USFM_MAX_DECODED_MB"
 ENV_MAX_FRAME_MB = "USFM_MAX_FRAME_MB"
 DEFAULT_MAX_DECODED_MB = 2048.0
-DEFAULT_MAX_FRAME_MB = 512.0
+DEFAULT_MAX_FRAME_MB = 256.0
 
 # Physically plausible pixel size / slice step (mm) and frame rate (frames per second).
 MIN_SPACING_MM = 1e-4
