@@ -140,7 +140,7 @@ def test_segment_cli_dicom_cine_roundtrip(tmp_path):
     # The CSV agrees with measuring the written masks directly.
     for t in range(4):
         expect = measure_mask(stack.frame(t), (0.2, 0.3))["total_area"]
-        got = sum(float(r["area"]) for r in cine_rows if int(r["frame"]) == t)
+        got = sum(float(r["area_mm2"]) for r in cine_rows if int(r["frame"]) == t)
         assert got == pytest.approx(expect, rel=1e-3, abs=1e-3)
 
 

@@ -1,17 +1,28 @@
 """``usfm-core segment``: run a fine-tuned segmenter over scans, write masks + measurements.
 
-Every input any :func:`usfm_core.io.load_scan` reader opens works (image, cine, volume slice by
-slice). Frames are streamed: masks are written as they are produced, so memory stays flat.
-Single images give ``<name>_mask.png``, stacks ``<name>_mask.tif`` (same H × W, one page per
-frame, calibrated like the scan); binary masks are 0/255, multi-class masks hold class indices.
-``measurements.csv`` lists every object of every frame, in mm when the scan is calibrated.
+Every input any usfm_core.io.load_scan reader opens works (image, cine, volume slice by slice).
+A folder is a batch of independent images, each segmented and named by its file: the images
+listed by its manifest.csv (image or png column) when it has one, else every scan file directly
+inside it (not its sub-folders). Frames are streamed: masks are written as they are produced,
+so memory stays flat. Single images give <name>_mask.png, stacks <name>_mask.tif (same H x W,
+one page per frame, calibrated like the scan); binary masks are 0/255, multi-class masks hold
+class indices.
+
+measurements.csv has one row per object of every frame (objects numbered 1, 2, ... largest
+first, as in the napari Segment table), with the units in the column names: area_mm2,
+max_diameter_mm, circumference_mm, centroid_y_mm / centroid_x_mm when the pixel size is known,
+and the same in pixels (area_px2, *_px) always. The pixel size comes from the scan itself
+(DICOM, TIFF, NIfTI), else from a manifest.csv beside or above an image that lists it
+(pixel_size_mm, or preprocess's spacing_dy_mm / spacing_dx_mm), else from --pixel-size. The
+file's own calibration wins over --pixel-size (a warning says when they disagree).
 
 Arguments and inputs are checked before the model is loaded (missing or unreadable paths, an
 output folder that is an input, an output that would replace an input). Inputs with the same
-file name get distinct outputs (``a/scan.png``, ``b/scan.png`` → ``OUT/a/scan_mask.png``,
-``OUT/b/scan_mask.png``). One input that cannot be read or segmented does not stop the batch:
+file name get distinct outputs (a/scan.png, b/scan.png -> OUT/a/scan_mask.png,
+OUT/b/scan_mask.png). One input that cannot be read or segmented does not stop the batch:
 every good input is segmented and measured, the failures are listed at the end and the exit
-code is 1 when anything failed.
+code is 1 when anything failed. Progress: a bar with rate and ETA on a terminal, a plain line
+every 30 s and a summary in logs (usfm_core.progress).
 """
 
 from __future__ import annotations
@@ -21,19 +32,9 @@ import csv
 import sys
 from pathlib import Path
 
-# Per-object values from usfm_core.finetune.infer.measure_mask, in CSV column order.
-OBJECT_FIELDS = (
-    "label",
-    "area",
-    "max_diameter",
-    "ellipse_major",
-    "ellipse_minor",
-    "circumference",
-    "centroid_y",
-    "centroid_x",
-    "n_pixels",
-)
-MEASURE_FIELDS = ("file", "frame", "object", "unit", *OBJECT_FIELDS, "note")
+# Files never taken from a folder input (tables, notes, configs beside the images).
+SKIP_SUFFIXES = frozenset({".csv", ".txt", ".json", ".md", ".yaml", ".yml", ".xml", ".log", ".py"})
+MAX_WARNINGS_SHOWN = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,13 +48,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "model", type=str, help="model name (usfm-core models), model folder or run folder"
     )
-    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="scans to segment")
+    p.add_argument(
+        "inputs", type=Path, nargs="+", metavar="INPUT", help="scans, or folders of images"
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--pixel-size",
+        type=_pixel_size,
+        default=None,
+        metavar="MM|DY,DX",
+        help="mm per pixel for inputs without calibration (PNG/JPG); a scan's own "
+        "calibration or a manifest's pixel_size_mm wins (with a warning if they disagree)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="frames per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--min-pixels", type=int, default=5, help="ignore smaller objects")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress display")
     p.set_defaults(func=run)
+
+
+def _pixel_size(text: str) -> tuple[float, float]:
+    """argparse type of ``--pixel-size`` (see :func:`usfm_core.calibration.parse_pixel_size`)."""
+    from usfm_core.calibration import parse_pixel_size
+
+    try:
+        return parse_pixel_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_inputs(paths: list[Path]) -> list[Path]:
@@ -87,8 +108,56 @@ def check_inputs(paths: list[Path]) -> list[Path]:
     return [p.expanduser() for p in paths]
 
 
-def plan_outputs(inputs: list[Path], out_dir: Path) -> dict[Path, str]:
-    """Each input's output name (posix stem, may hold sub-folders), checked against the inputs.
+def folder_scans(folder: Path) -> list[Path]:
+    """The independent images of a folder input: those its ``manifest.csv`` lists (``image`` or
+    ``png`` column, in order), else its non-hidden files (not sub-folders; tables and notes
+    skipped), naturally sorted. Raises :class:`~usfm_core.errors.USFMError` when empty."""
+    from usfm_core.calibration import manifest_images
+    from usfm_core.errors import USFMError
+    from usfm_core.io.images import natural_key
+
+    listed = manifest_images(folder)
+    if listed is None:
+        listed = sorted(
+            (
+                p
+                for p in folder.iterdir()
+                if p.is_file()
+                and not p.name.startswith(".")
+                and p.suffix.lower() not in SKIP_SUFFIXES
+            ),
+            key=lambda p: natural_key(p.name),
+        )
+    if not listed:
+        raise USFMError(
+            "folder holds no scans to segment",
+            path=folder,
+            hint="put image / scan files directly in it (sub-folders are not searched)",
+        )
+    return listed
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Inputs as independent scan files: folders → :func:`folder_scans`; a file given twice
+    (also through its folder) is segmented once."""
+    import os
+
+    seen: set[str] = set()
+    files = []
+    for path in paths:
+        for file in folder_scans(path) if path.is_dir() else [path]:
+            key = os.path.normcase(os.path.abspath(file))
+            if key not in seen:
+                seen.add(key)
+                files.append(file)
+    return files
+
+
+def plan_outputs(
+    inputs: list[Path], out_dir: Path, given: list[Path] | None = None
+) -> dict[Path, str]:
+    """Each input file's output name (posix stem, may hold sub-folders), checked against the
+    inputs (``given``: the paths as passed, folders included; default ``inputs``).
 
     Names come from :func:`usfm_core.outputs.relative_keys` + :func:`output_stems`: unique
     ignoring case; ``OUT/<stem>_mask.png|tif`` and ``OUT/measurements.csv`` must not replace an
@@ -96,30 +165,34 @@ def plan_outputs(inputs: list[Path], out_dir: Path) -> dict[Path, str]:
     """
     from usfm_core.outputs import check_out_dir, check_outputs, output_stems, relative_keys
 
-    check_out_dir(out_dir, inputs)
+    given = list(given) if given is not None else list(inputs)
+    check_out_dir(out_dir, given)
     keys = relative_keys(inputs)
     stems = output_stems(keys)
     plan = {path: stems[key] for path, key in zip(inputs, keys)}
     targets = [out_dir / "measurements.csv"]
     for stem in plan.values():
         targets += [out_dir / f"{stem}_mask.png", out_dir / f"{stem}_mask.tif"]
-    check_outputs(targets, inputs)
+    check_outputs(targets, [*given, *(p for p in inputs if p not in given)])
     return plan
 
 
 def run(args: argparse.Namespace) -> int:
     """Segment every input; returns 0 when all succeeded, 1 when any failed."""
+    from usfm_core.calibration import Calibrator
     from usfm_core.errors import USFMError
+    from usfm_core.finetune.infer import MEASUREMENT_COLUMNS
     from usfm_core.finetune.models import load_finetuned
     from usfm_core.outputs import atomic_path, clean_stale_temporaries
+    from usfm_core.progress import progress_bar
     from usfm_core.utils import resolve_device
 
     if args.batch_size < 1:
         raise USFMError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.min_pixels < 0:
         raise USFMError(f"--min-pixels must be >= 0, got {args.min_pixels}")
-    inputs = check_inputs(list(args.inputs))
-    plan = plan_outputs(inputs, args.out)
+    given = check_inputs(list(args.inputs))
+    plan = plan_outputs(expand_inputs(given), args.out, given)
     device = resolve_device(args.device)
     model, meta = load_finetuned(args.model, device=device)
     if meta["task"] != "segmentation":
@@ -131,36 +204,46 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for folder in {(args.out / stem).parent for stem in plan.values()} | {args.out}:
         clean_stale_temporaries(folder)  # left by a killed run (e.g. a big stack's temporary)
+    calibrator = Calibrator(getattr(args, "pixel_size", None))
     rows: list[dict] = []
     failures: list[tuple[Path, str]] = []
-    n_done = 0
-    for path, stem in plan.items():
-        scan_rows: list[dict] = []
-        try:
-            segment_scan(
-                model,
-                path,
-                args.out,
-                scan_rows,
-                stem=stem,
-                batch_size=args.batch_size,
-                device=device,
-                min_pixels=args.min_pixels,
-                progress=not args.no_progress,
-            )
-        except USFMError as exc:
-            failures.append((path, str(exc).splitlines()[0]))
-            continue
-        except Exception as exc:  # one broken scan must not stop a batch (Ctrl-C still does)
-            failures.append((path, f"{type(exc).__name__}: {exc}"))
-            continue
-        rows += scan_rows
-        n_done += 1
+    warnings: list[str] = []
+    # Frames are counted as 1 per input until each scan is opened (exact for image folders).
+    bar = progress_bar(len(plan), desc="segment", unit="frame", enabled=not args.no_progress)
+    with bar:
+        for path, stem in plan.items():
+            scan_rows: list[dict] = []
+            try:
+                _, calibration = segment_scan(
+                    model,
+                    path,
+                    args.out,
+                    scan_rows,
+                    stem=stem,
+                    batch_size=args.batch_size,
+                    device=device,
+                    min_pixels=args.min_pixels,
+                    calibrator=calibrator,
+                    bar=bar,
+                )
+            except USFMError as exc:
+                failures.append((path, str(exc).splitlines()[0]))
+                continue
+            except Exception as exc:  # one broken scan must not stop a batch (Ctrl-C still does)
+                failures.append((path, f"{type(exc).__name__}: {exc}"))
+                continue
+            if calibration.warning:
+                warnings.append(calibration.warning)
+            rows += scan_rows
     with atomic_path(args.out / "measurements.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MEASURE_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=MEASUREMENT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {n_done} mask(s) and {args.out / 'measurements.csv'}")
+    for line in warnings[:MAX_WARNINGS_SHOWN]:
+        print(f"warning: {line}", file=sys.stderr)
+    if len(warnings) > MAX_WARNINGS_SHOWN:
+        print(f"warning: ... and {len(warnings) - MAX_WARNINGS_SHOWN} more", file=sys.stderr)
+    print(f"wrote {len(plan) - len(failures)} mask(s) and {args.out / 'measurements.csv'}")
     if failures:
         print(f"{len(failures)} of {len(plan)} input(s) failed:", file=sys.stderr)
         for path, reason in failures:
@@ -179,77 +262,89 @@ def segment_scan(
     batch_size: int = 4,
     device: str = "cpu",
     min_pixels: int = 5,
-    progress: bool = True,
-) -> Path:
+    calibrator=None,
+    bar=None,
+):
     """Segment one scan: stream masks to ``out_dir/<stem>_mask.png|tif`` (atomically) and
-    append its measurement rows to ``rows``; returns the mask path.
+    append its measurement rows (:func:`usfm_core.finetune.infer.measurement_rows`) to
+    ``rows``; returns ``(mask path, Calibration)``.
 
-    ``stem`` (default: the file's stem) may hold sub-folders (``a/scan``). On an error nothing
-    of this scan is written and ``rows`` is unchanged.
+    ``stem`` (default: the file's stem) may hold sub-folders (``a/scan``). ``calibrator``
+    (:class:`usfm_core.calibration.Calibrator`) picks the pixel size (default: the scan's own).
+    ``bar`` (:func:`usfm_core.progress.progress_bar`) counts frames; it is expected to hold one
+    frame for this scan, and its total is corrected once the scan's frame count is known. On an
+    error nothing of this scan is written and ``rows`` is unchanged.
     """
     import cv2
     import numpy as np
     import tifffile
-    from tqdm import tqdm
 
-    from usfm_core.finetune.infer import measure_mask, segment_frames
+    from usfm_core.calibration import Calibrator
+    from usfm_core.finetune.infer import measurement_rows, segment_frames
     from usfm_core.io import load_scan
+    from usfm_core.progress import progress_bar
     from usfm_core.utils import atomic_path
 
-    scan = load_scan(path)
-    spacing = scan.spacing_mm
-    note = "" if spacing else "uncalibrated scan: pixel units"
-    binary = model.n_classes == 1
-    if stem is None:
-        stem = path.stem if path.is_file() else path.name
-    single = scan.n_frames == 1
-    target = out_dir / f"{stem}_mask.{'png' if single else 'tif'}"
-    new_rows: list[dict] = []
-    bar = tqdm(total=scan.n_frames, desc=stem, unit="frame", disable=not progress)
-    masks = segment_frames(
-        model,
-        scan.iter_frames(),
-        batch_size=batch_size,
-        device=device,
-        progress=lambda n: bar.update(n - bar.n),
-    )
+    bar = bar if bar is not None else progress_bar(1, enabled=False)
+    counted, planned = 0, 1
+
+    def count(n_done: int) -> None:
+        nonlocal counted
+        bar.update(n_done - counted)
+        counted = n_done
+
     try:
-        with atomic_path(target) as tmp:
-            tif = None if single else tifffile.TiffWriter(tmp)
-            try:
-                for i, mask in enumerate(masks):
-                    stored = (mask * 255).astype(np.uint8) if binary else mask
-                    if single:
-                        tmp.write_bytes(cv2.imencode(".png", stored)[1].tobytes())
-                    else:
-                        kw = {}
-                        if spacing:  # pixels per cm, as TIFF readers expect for unit = cm
-                            kw = {
-                                "resolution": (10 / spacing[1], 10 / spacing[0]),
-                                "resolutionunit": "CENTIMETER",
-                            }
-                        tif.write(stored, contiguous=True, photometric="minisblack", **kw)
-                    new_rows += _rows(stem, i, measure_mask(mask, spacing, min_pixels), note)
-            finally:
-                if tif is not None:
-                    tif.close()
+        scan = load_scan(path)
+        bar.total += scan.n_frames - planned
+        planned = scan.n_frames
+        if stem is None:
+            stem = path.stem if path.is_file() else path.name
+        bar.set_postfix_str(stem, refresh=False)
+        calibration = (calibrator or Calibrator()).lookup(path, scan.spacing_mm)
+        spacing = calibration.spacing
+        note = "" if spacing else "uncalibrated scan: pixel units (see --pixel-size)"
+        binary = model.n_classes == 1
+        single = scan.n_frames == 1
+        target = out_dir / f"{stem}_mask.{'png' if single else 'tif'}"
+        new_rows: list[dict] = []
+        masks = segment_frames(
+            model, scan.iter_frames(), batch_size=batch_size, device=device, progress=count
+        )
+        try:
+            with atomic_path(target) as tmp:
+                tif = None if single else tifffile.TiffWriter(tmp)
+                try:
+                    for i, mask in enumerate(masks):
+                        stored = (mask * 255).astype(np.uint8) if binary else mask
+                        if single:
+                            tmp.write_bytes(cv2.imencode(".png", stored)[1].tobytes())
+                        else:
+                            tif.write(stored, contiguous=True, photometric="minisblack",
+                                      **_tiff_resolution(spacing))  # fmt: skip
+                        new_rows += measurement_rows(
+                            mask,
+                            spacing,
+                            file=stem,
+                            source=str(path),
+                            frame=i,
+                            min_pixels=min_pixels,
+                            calibration=calibration.source,
+                            note=note,
+                        )
+                finally:
+                    if tif is not None:
+                        tif.close()
+        finally:
+            scan.close()
     finally:
-        bar.close()
-        scan.close()
+        bar.total += counted - planned  # no-op on success; drops a failed scan's frames
+        bar.refresh()
     rows += new_rows
-    return target
+    return target, calibration
 
 
-def _rows(name: str, frame: int, meas: dict, note: str) -> list[dict]:
-    """One CSV row per object (or one empty row for a frame without objects)."""
-    base = {"file": name, "frame": frame, "unit": meas["unit"], "note": note}
-    if not meas["objects"]:
-        return [{**base, "object": "", "area": 0.0}]
-    return [
-        {**base, "object": k, **{key: _fmt(obj[key]) for key in OBJECT_FIELDS}}
-        for k, obj in enumerate(meas["objects"])
-    ]
-
-
-def _fmt(value: float) -> float | int:
-    return round(value, 4) if isinstance(value, float) else value
+def _tiff_resolution(spacing: tuple[float, float] | None) -> dict:
+    """tifffile keywords storing ``(dy, dx)`` mm as pixels per cm (what TIFF readers expect)."""
+    if not spacing:
+        return {}
+    return {"resolution": (10 / spacing[1], 10 / spacing[0]), "resolutionunit": "CENTIMETER"}

@@ -151,3 +151,107 @@ def _measure_object(obj: np.ndarray, dy: float, dx: float) -> dict:
             circumference=ramanujan_circumference(major / 2, minor / 2),
         )
     return out
+
+
+# --- measurement rows: the one table behind measurements.csv and the napari Segment table -----
+
+# Lengths measured per object (``measure_mask`` keys), each given as ``<name>_mm`` / ``<name>_px``.
+LENGTH_KEYS = (
+    "max_diameter",
+    "ellipse_major",
+    "ellipse_minor",
+    "circumference",
+    "centroid_y",
+    "centroid_x",
+)
+MEASUREMENT_COLUMNS: tuple[str, ...] = (
+    "file",
+    "source",
+    "frame",
+    "object",
+    "label",
+    "unit",
+    "area_mm2",
+    *(f"{k}_mm" for k in LENGTH_KEYS),
+    "area_px2",
+    *(f"{k}_px" for k in LENGTH_KEYS),
+    "pixel_size_y_mm",
+    "pixel_size_x_mm",
+    "calibration",
+    "note",
+)
+
+
+def summary_columns(unit: str) -> tuple[str, ...]:
+    """The columns a short table shows (napari's Segment table): ``unit`` is ``"mm"`` or
+    ``"px"``; lengths in that unit, the area in its square."""
+    return (
+        "frame",
+        "object",
+        "label",
+        f"area_{unit}2",
+        f"max_diameter_{unit}",
+        f"circumference_{unit}",
+        "unit",
+    )
+
+
+def measurement_rows(
+    mask: np.ndarray,
+    spacing_mm: Sequence[float] | None = None,
+    *,
+    file: str = "",
+    source: str = "",
+    frame: int = 0,
+    min_pixels: int = 5,
+    calibration: str = "",
+    note: str = "",
+    digits: int = 4,
+) -> list[dict]:
+    """Rows of :data:`MEASUREMENT_COLUMNS` for one frame's label map ``(H, W)``.
+
+    One row per object of :func:`measure_mask` (8-connected, ≥ ``min_pixels``), numbered
+    ``object`` = 1, 2, … largest first within the frame (all classes together; ``label`` is
+    the class value). ``*_px`` columns are always filled (lengths in pixels, area in px²,
+    centroid as row / column pixel index); ``*_mm`` columns (area in mm², lengths and the
+    centroid from the top-left pixel's centre in mm, with ``spacing_mm = (dy, dx)``) only when
+    calibrated, else empty. A frame without objects gives one row with an empty ``object`` and
+    zero area. Floats are rounded to ``digits`` decimals.
+    """
+    unit = "mm" if spacing_mm is not None else "px"
+    dy, dx = (float(spacing_mm[0]), float(spacing_mm[1])) if spacing_mm is not None else (0, 0)
+    base = {
+        "file": file,
+        "source": source,
+        "frame": int(frame),
+        "unit": unit,
+        "pixel_size_y_mm": _round(dy, 8) if unit == "mm" else "",
+        "pixel_size_x_mm": _round(dx, 8) if unit == "mm" else "",
+        "calibration": calibration or ("none" if unit == "px" else ""),
+        "note": note,
+    }
+    px = measure_mask(mask, None, min_pixels)["objects"]
+    mm = measure_mask(mask, (dy, dx), min_pixels)["objects"] if unit == "mm" else [None] * len(px)
+    if not px:
+        empty = {"object": "", "label": "", "area_px2": 0}
+        return [{**base, **empty, **({"area_mm2": 0.0} if unit == "mm" else {})}]
+    rows = []
+    for k, (obj_px, obj_mm) in enumerate(zip(px, mm), start=1):
+        row = {**base, "object": k, "label": obj_px["label"], "area_px2": obj_px["n_pixels"]}
+        for key in LENGTH_KEYS:
+            row[f"{key}_px"] = _round(obj_px[key], digits)
+        if obj_mm is not None:
+            assert obj_mm["n_pixels"] == obj_px["n_pixels"]  # same objects, same order
+            row["area_mm2"] = _round(obj_mm["area"], digits)
+            for key in LENGTH_KEYS[:4]:
+                row[f"{key}_mm"] = _round(obj_mm[key], digits)
+            row["centroid_y_mm"] = _round(obj_px["centroid_y"] * dy, digits)
+            row["centroid_x_mm"] = _round(obj_px["centroid_x"] * dx, digits)
+        rows.append(row)
+    return rows
+
+
+def _round(value: float, digits: int) -> float:
+    """``round`` that keeps nan (an ellipse needs 5 contour points) as nan."""
+    value = float(value)
+    return value if math.isnan(value) else round(value, digits)
