@@ -306,3 +306,20 @@ def test_real_scans_lose_their_label_not_their_tissue(shared_data, tmp_path):
         after = load_scan(tmp_path / "out" / names[name]).to_gray(0)
         # Measured: 0.3 % of the pixels on average over 24 BUSI/HC18 images, 2.6 % at most.
         assert np.mean(after != before) < 0.05
+
+
+@needs_tesseract
+def test_coloured_burned_in_text_is_removed():
+    from usfm_core.preprocess.deidentify import brightness, scrub_frames
+
+    rgb = np.repeat(_clean_frame()[..., None], 3, axis=-1)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(rgb, f"MRN {MRN_DIGITS}", (115, 200), font, 0.7, (0, 255, 0), 2, cv2.LINE_AA)
+    cv2.putText(rgb, "SMITHFIELD", (115, 268), font, 0.7, (0, 220, 255), 2, cv2.LINE_AA)
+    before = _ocr_text(brightness(rgb[None])[0])
+    assert MRN_DIGITS in before and "SMITHFIELD" in before
+    clean, n_px = scrub_frames(rgb[None], use_ocr=True)
+    assert clean.shape == (1, *rgb.shape) and n_px > 0
+    for view in (brightness(clean)[0], cv2.cvtColor(clean[0], cv2.COLOR_RGB2GRAY)):
+        after = _ocr_text(view)
+        assert "2345" not in after and "SMITH" not in after

@@ -201,6 +201,12 @@ def _uint8_view(frames: np.ndarray) -> np.ndarray:
     return (np.clip(np.nan_to_num(scaled), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def brightness(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W) uint8 brightest channel of (T, H, W[, 3]) uint8 frames: text in any light
+    colour (yellow, green, cyan labels) is as bright here as white text, unlike in grey."""
+    return frames.max(axis=-1) if frames.ndim == 4 else frames
+
+
 def _sample(n: int, k: int) -> list[int]:
     """Up to ``k`` evenly spaced indices of ``range(n)``, first and last included."""
     return sorted({round(float(i)) for i in np.linspace(0, n - 1, min(n, k))})
@@ -343,7 +349,7 @@ def scrub_frames(frames: np.ndarray, *, use_ocr: bool) -> tuple[np.ndarray, int]
     gray = np.stack([to_gray(f) for f in view])
     step = max(1, len(view) // 16)
     region = scan_region_mask(view[0] if len(view) == 1 else view[::step])
-    static = clip_ocr_mask(gray) if use_ocr else np.zeros(gray.shape[1:], bool)
+    static = clip_ocr_mask(brightness(view)) if use_ocr else np.zeros(gray.shape[1:], bool)
     out = np.empty_like(frames)
     masks = []
     for t in range(len(frames)):
@@ -353,7 +359,7 @@ def scrub_frames(frames: np.ndarray, *, use_ocr: bool) -> tuple[np.ndarray, int]
     # OCR the cleaned frames: what inpainting left readable is removed again (only where OCR
     # read text at all: what it could not read before inpainting it cannot read after).
     for _ in range(OCR_VERIFY_PASSES if use_ocr and static.any() else 0):
-        left = clip_ocr_mask(np.stack([to_gray(f) for f in _uint8_view(out)]))
+        left = clip_ocr_mask(brightness(_uint8_view(out)))
         if not left.any():
             break
         left = _grow(left)
@@ -574,11 +580,9 @@ def preprocess_text_mask(
     """Text mask of a source for ``preprocess --deidentify``: ``found`` (the pipeline's own
     OCR mask, or None) united with :func:`clip_ocr_mask` of its uint8 frames (grown), when
     ``use_ocr`` is not False; else ``found`` unchanged. Shape (H, W) bool."""
-    from usfm_core.preprocess.region import to_gray
-
     if use_ocr is False or not frames:
         return found
-    mask = _grow(clip_ocr_mask(np.stack([to_gray(f) for f in frames])))
+    mask = _grow(clip_ocr_mask(brightness(np.stack(frames))))
     return mask if found is None else mask | found
 
 
