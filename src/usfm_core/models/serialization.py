@@ -1,9 +1,13 @@
 """Saving and loading models as a folder: ``model.safetensors`` + ``config.json``.
 
-``config.json`` holds ``{"model_type", "config", "usfm_version", "extra"}``; weights are read
-with safetensors only (never pickle), so a checkpoint from an untrusted source cannot run code.
-Every failure a user can cause raises :class:`~usfm_core.errors.CheckpointError` naming the file
-and the fix.
+``config.json`` holds ``{"model_type", "config", "usfm_version", "extra", "weights_sha256"}``
+and is written last; weights are read with safetensors only (never pickle), so a checkpoint
+from an untrusted source cannot run code. Loading order: ``config.json`` (size/depth bounded),
+the config validated and its parameter count capped before anything is built
+(:func:`validate_config`, bounds in :mod:`usfm_core.models.limits`), the weights' header
+(names, shapes) checked against the model before any tensor is read, the sha256, then every
+tensor checked for NaN/inf. Every failure a user can cause raises
+:class:`~usfm_core.errors.CheckpointError` naming the file and the fix.
 """
 
 from __future__ import annotations
