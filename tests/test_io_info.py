@@ -64,3 +64,66 @@ def test_global_threads_option_sets_torch_threads(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         main(["--threads", "0", "info"])
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_info_prints_no_patient_identifiers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pydicom
+
+    path = _cine(tmp_path)
+    ds = pydicom.dcmread(path)
+    phi = {
+        "PatientName": "DOE^JANE",
+        "PatientID": "MRN55501234",
+        "PatientBirthDate": "19650412",
+        "StudyDate": "20240102",
+        "SeriesDate": "20240103",
+        "AccessionNumber": "ACC4242",
+        "InstitutionName": "Example General Hospital",
+        "ReferringPhysicianName": "HOUSE^GREGORY",
+        "SeriesDescription": "breast DOE JANE left",
+        "StudyDescription": "follow-up MRN55501234",
+        "OperatorsName": "SONO^SAM",
+    }
+    for name, value in phi.items():
+        setattr(ds, name, value)
+    ds.save_as(path)
+    for argv in (["info", str(path)], ["info", str(path), "--json"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "Manufacturer" in out and "transfer_syntax" in out  # technical fields stay
+        for value in phi.values():
+            for token in value.replace("^", " ").split():
+                if len(token) > 3 and token not in ("breast", "left", "follow-up"):
+                    assert token not in out, (token, argv)
+    assert "StudyDate" not in out and "SeriesDescription" not in out
+
+
+def test_info_malformed_and_huge_inputs_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    path = _cine(tmp_path)
+    ds = pydicom.dcmread(path)
+    tag = pydicom.tag.Tag("NumberOfFrames")
+    ds._dict[tag] = RawDataElement(tag, "IS", 4, b"abc ", 0, False, True)
+    ds.save_as(path)
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "cine.dcm: DICOM field NumberOfFrames is malformed" in err
+    assert "Traceback" not in err
+    huge = tmp_path / "huge.png"
+    # PNG header declaring 30000 x 30000 RGB (2.5 GB decoded) on a 60-byte file.
+    import struct
+    import zlib
+
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    huge.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    )
+    assert main(["info", str(huge)]) == 1
+    err = capsys.readouterr().err
+    assert "huge.png: one frame (30000x30000x3" in err and "USFM_MAX_FRAME_MB" in err

@@ -95,3 +95,35 @@ def test_manifest_points_to_reader() -> None:
     [reader] = manifest.contributions.readers
     assert commands[reader.command] == "napari_usfm._reader:get_reader"
     assert reader.accepts_directories
+
+
+def _raw(path: Path, keyword: str, vr: str, value: bytes) -> Path:
+    """Store ``value`` verbatim as DICOM element ``keyword`` (no validation)."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    ds = pydicom.dcmread(path)
+    tag = pydicom.tag.Tag(keyword)
+    ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+    ds.save_as(path)
+    return path
+
+
+def test_bad_calibration_gives_a_finite_pixel_scale(tmp_path: Path) -> None:
+    from usfm_core.errors import ScanWarning
+
+    path = write_dicom(
+        tmp_path / "c.dcm", _frames(3), fps=20, spacing_in="pixel_spacing", spacing_mm=(0.2, 0.2)
+    )
+    _raw(path, "PixelSpacing", "DS", b"inf\\inf ")
+    with pytest.warns(ScanWarning, match=r"c\.dcm: ignoring implausible DICOM PixelSpacing"):
+        [(data, kwargs, _)] = get_reader(path)(path)
+    assert kwargs["scale"] == (1.0, 1.0, 1.0) and kwargs["units"] == ("pixel", "pixel", "pixel")
+    assert kwargs["metadata"]["spacing_mm"] is None and data.shape == (3, 24, 32)
+
+
+def test_malformed_dicom_is_a_readable_error(tmp_path: Path) -> None:
+    path = _raw(write_dicom(tmp_path / "bad.dcm", _frames(3)), "NumberOfFrames", "IS", b"abc ")
+    reader = get_reader(path)
+    with pytest.raises(ScanReadError, match=r"bad\.dcm: DICOM field NumberOfFrames is malformed"):
+        reader(path)
