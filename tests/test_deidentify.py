@@ -235,8 +235,11 @@ def test_header_profile_reaches_nested_sequences_and_sweeps_values():
     ds.StudyInstanceUID = "1.2.3.4"
     ds.ImageComments = "scan of Johanna, see chart"  # X in the profile
     ds.AcquisitionContextDescription = "for Smithfield"  # not in the table: swept by value
+    ds.FrameTimeVector = [0, 33.3, 33.4]
+    ds.CineRate = 30
     item = Dataset()
     item.PatientID = "PID99887766"  # nested identifier in a kept sequence
+    item.PhysicalDeltaX = 0.02
     item.ReferencedSOPInstanceUID = "1.2.3.4"
     ds.SequenceOfUltrasoundRegions = [item]
     key = b"k" * 32
@@ -247,6 +250,8 @@ def test_header_profile_reaches_nested_sequences_and_sweeps_values():
     assert ds.StudyInstanceUID == hashed_uid(key, "1.2.3.4")
     assert ds.SequenceOfUltrasoundRegions[0].ReferencedSOPInstanceUID == ds.StudyInstanceUID
     assert "BurnedInAnnotation" not in ds  # not claimed without OCR
+    assert [float(v) for v in ds.FrameTimeVector] == [0, 33.3, 33.4] and ds.CineRate == 30
+    assert ds.SequenceOfUltrasoundRegions[0].PhysicalDeltaX == 0.02
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ research export needs:
   profile) in ``DeidentificationMethodCodeSequence``; ``BurnedInAnnotation = NO`` only when the
   pixels were scrubbed with OCR.
 
-Kept (not in the profile's table, needed for measurements): ``PixelSpacing``,
-``SequenceOfUltrasoundRegions`` (physical deltas and region boxes), ``FrameTime``,
-``FrameTimeVector``, ``CineRate``, ``RecommendedDisplayFrameRate``, the pixel-module attributes.
+Kept (not in the profile's table, and forced to K by ``KEEP_KEYWORDS`` should an edition add
+them): ``PixelSpacing``, ``SequenceOfUltrasoundRegions`` (physical deltas and region boxes),
+``FrameTime``, ``FrameTimeVector``, ``CineRate``, ``RecommendedDisplayFrameRate``, the
+enhanced-volume pixel measures, the pixel-module attributes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ IDENTIFIER_KEYWORDS: tuple[str, ...] = (
     "RequestingPhysician",
     "StationName",
     "DeviceSerialNumber",
+)
+# What measurements need, kept whatever the table edition says (none is in the 2026c table;
+# this guards against a future edition or library version).
+KEEP_KEYWORDS: tuple[str, ...] = (
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "SequenceOfUltrasoundRegions",
+    "FrameTime",
+    "FrameTimeVector",
+    "FrameIncrementPointer",
+    "CineRate",
+    "RecommendedDisplayFrameRate",
+    "SpacingBetweenSlices",
+    "SliceThickness",
+    "SharedFunctionalGroupsSequence",
+    "PixelMeasuresSequence",
+    "NumberOfFrames",
+    "SOPClassUID",
+    "Modality",
 )
 # Identifier fragments shorter than this are not swept (they would match innocent text).
 MIN_IDENTIFIER_CHARS = 4
@@ -144,13 +164,18 @@ def deidentify_dataset(ds: Any, key: bytes, *, pixels_scrubbed_with_ocr: bool) -
         pixels_scrubbed_with_ocr: the caller removed burned-in text with OCR; only then is
             ``BurnedInAnnotation`` set to ``NO``.
     """
-    from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions
+    from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions, keep
+    from pydicom.datadict import tag_for_keyword
     from pydicom.dataset import Dataset
 
     identifiers = _identifier_strings(ds)
 
     def rules() -> dict:
-        return initialize_actions(PROFILE_TABLE)
+        actions = initialize_actions(PROFILE_TABLE)
+        for keyword in KEEP_KEYWORDS:
+            tag = tag_for_keyword(keyword)
+            actions[(tag >> 16, tag & 0xFFFF)] = keep
+        return actions
 
     with _keyed_uids(key):
         anonymize_dataset(ds, None, True, rules)
