@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -163,3 +164,169 @@ def test_segment_cli_rejects_classifier(tmp_path, capsys):
         ]
     )
     assert rc == 1 and "classification" in capsys.readouterr().err
+
+
+# --- calibration, folders of independent images, CSV columns with units (issue 14 item 5) -----
+
+
+def _save_tiny(tmp_path) -> str:
+    model = _tiny_segmenter(1)
+    save_finetuned(model, tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def _run_segment(model: str, *inputs, out, extra=()) -> int:
+    from usfm_core.cli import main
+
+    args = ["segment", model, *map(str, inputs), "--out", str(out), "--device", "cpu"]
+    return main([*args, "--no-progress", *extra])
+
+
+def test_parse_pixel_size():
+    from usfm_core.calibration import parse_pixel_size
+
+    assert parse_pixel_size("0.15") == (0.15, 0.15)
+    assert parse_pixel_size(" 0.2 , 0.3") == (0.2, 0.3)
+    for bad in ("", "abc", "0", "-1", "nan", "inf", "1,2,3", "0.1,"):
+        with pytest.raises(ValueError, match="pixel"):
+            parse_pixel_size(bad)
+
+
+def test_measurement_rows_units_numbering_and_centroids():
+    from usfm_core.finetune.infer import MEASUREMENT_COLUMNS, measurement_rows
+
+    dy, dx = 0.2, 0.25
+    mask = _ellipse((200, 240), (120, 100), (round(20 / dx), round(12 / dy)))
+    mask[5:10, 5:10] = 2  # a smaller second object of another class
+    rows = measurement_rows(mask, (dy, dx), file="a", source="in/a.png", frame=3)
+    assert [r["object"] for r in rows] == [1, 2] and [r["label"] for r in rows] == [1, 2]
+    assert all(set(r) <= set(MEASUREMENT_COLUMNS) for r in rows)
+    big = rows[0]
+    assert big["unit"] == "mm" and big["frame"] == 3 and big["source"] == "in/a.png"
+    assert big["area_mm2"] == pytest.approx(math.pi * 20 * 12, rel=0.02)
+    assert big["area_mm2"] == pytest.approx(big["area_px2"] * dy * dx, rel=1e-4)
+    assert big["circumference_mm"] == pytest.approx(ramanujan_circumference(20, 12), rel=0.02)
+    assert big["max_diameter_mm"] == pytest.approx(40, rel=0.02)
+    # Centroid: pixel index (row 100, column 120) and its position in mm.
+    assert (big["centroid_y_px"], big["centroid_x_px"]) == pytest.approx((100, 120), abs=0.5)
+    assert big["centroid_y_mm"] == pytest.approx(100 * dy, abs=0.1)
+    assert big["centroid_x_mm"] == pytest.approx(120 * dx, abs=0.1)
+    assert rows[1]["area_px2"] == 25 and rows[1]["area_mm2"] == pytest.approx(25 * dy * dx)
+    # Uncalibrated: pixel columns only, the mm ones absent (empty in the CSV).
+    px = measurement_rows(mask)
+    assert px[0]["unit"] == "px" and "area_mm2" not in px[0] and px[0]["calibration"] == "none"
+    assert px[0]["area_px2"] == big["area_px2"]
+    empty = measurement_rows(np.zeros((8, 8), np.uint8), (0.1, 0.1), frame=1)
+    assert len(empty) == 1 and empty[0]["object"] == "" and empty[0]["area_mm2"] == 0
+
+
+def test_segment_folder_of_images_with_pixel_size(tmp_path):
+    """A folder of differently sized PNGs: one mask per image, named by file, mm from
+    --pixel-size; the CSV agrees with measuring the written masks."""
+    from usfm_core.finetune.infer import measurement_rows
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    shapes = {"b_2.png": (60, 80), "a_10.png": (72, 50), "c.jpg": (64, 64)}
+    for name, shape in shapes.items():
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, shape, np.uint8))
+    (folder / "notes.txt").write_text("not a scan")
+    out = tmp_path / "out"
+    assert (
+        _run_segment(_save_tiny(tmp_path), folder, out=out, extra=["--pixel-size", "0.2,0.3"]) == 0
+    )
+    masks = {p.name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in out.glob("*_mask.png")}
+    assert {k: m.shape for k, m in masks.items()} == {
+        f"{Path(n).stem}_mask.png": s for n, s in shapes.items()
+    }
+    rows = list(csv.DictReader(open(out / "measurements.csv")))
+    assert {r["file"] for r in rows} == {"a_10", "b_2", "c"}
+    assert {r["source"] for r in rows} == {str(folder / n) for n in shapes}
+    assert all(r["unit"] == "mm" and r["calibration"] == "--pixel-size" for r in rows)
+    assert all((r["pixel_size_y_mm"], r["pixel_size_x_mm"]) == ("0.2", "0.3") for r in rows)
+    for name in shapes:
+        stem = Path(name).stem
+        expect = measurement_rows(masks[f"{stem}_mask.png"] > 0, (0.2, 0.3), min_pixels=5)
+        got = [r for r in rows if r["file"] == stem]
+        assert [float(r["area_mm2"]) for r in got] == pytest.approx(
+            [float(r["area_mm2"]) for r in expect], abs=1e-3
+        )
+
+
+def _labelled_copy(shared_data, tmp_path, n: int = 2) -> tuple[Path, list[dict]]:
+    """A labelled folder (images/ + manifest.csv with pixel_size_mm) of ``n`` HC18 images."""
+    import shutil
+
+    src = shared_data / "hc18"
+    rows = list(csv.DictReader(open(src / "manifest.csv")))[:n]
+    root = tmp_path / "hc"
+    (root / "images").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(src / r["image"], root / r["image"])
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "pixel_size_mm"])
+        writer.writeheader()
+        writer.writerows({"image": r["image"], "pixel_size_mm": r["pixel_size_mm"]} for r in rows)
+    return root, rows
+
+
+def test_segment_labelled_folder_uses_manifest_pixel_size(shared_data, tmp_path, capsys):
+    root, ref = _labelled_copy(shared_data, tmp_path)
+    model = _save_tiny(tmp_path)
+    out = tmp_path / "out"
+    assert _run_segment(model, root, out=out) == 0
+    rows = list(csv.DictReader(open(out / "measurements.csv")))
+    for r in ref:
+        stem = Path(r["image"]).stem
+        assert (out / f"{stem}_mask.png").is_file()
+        mine = [row for row in rows if row["file"] == stem]
+        assert mine and all(row["calibration"] == "manifest" for row in mine)
+        assert float(mine[0]["pixel_size_y_mm"]) == pytest.approx(float(r["pixel_size_mm"]))
+        for row in mine:
+            if row["object"]:
+                px = float(r["pixel_size_mm"])
+                assert float(row["area_mm2"]) == pytest.approx(
+                    int(row["area_px2"]) * px * px, rel=1e-3
+                )
+    # One image given directly finds the manifest above it; a disagreeing --pixel-size is
+    # overruled by the manifest, with a warning.
+    image = root / ref[0]["image"]
+    out2 = tmp_path / "out2"
+    assert _run_segment(model, image, out=out2, extra=["--pixel-size", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "--pixel-size 0.5 mm disagrees" in err and "manifest.csv" in err
+    rows = list(csv.DictReader(open(out2 / "measurements.csv")))
+    assert all(r["calibration"] == "manifest" for r in rows)
+    assert float(rows[0]["pixel_size_x_mm"]) == pytest.approx(float(ref[0]["pixel_size_mm"]))
+
+
+def test_segment_file_calibration_wins_over_pixel_size(tmp_path, capsys):
+    from usfm_core.io import write_dicom
+
+    frames = np.random.default_rng(1).integers(0, 255, (2, 64, 72), np.uint8)
+    write_dicom(tmp_path / "cine.dcm", frames, spacing_mm=(0.2, 0.3), fps=10)
+    out = tmp_path / "out"
+    model = _save_tiny(tmp_path)
+    assert _run_segment(model, tmp_path / "cine.dcm", out=out, extra=["--pixel-size", "0.1"]) == 0
+    err = capsys.readouterr().err
+    assert "disagrees with the file's pixel size 0.2,0.3 mm; using 0.2,0.3 mm" in err
+    rows = list(csv.DictReader(open(out / "measurements.csv")))
+    assert {(r["calibration"], r["pixel_size_y_mm"], r["pixel_size_x_mm"]) for r in rows} == {
+        ("file", "0.2", "0.3")
+    }
+    # Agreeing values: no warning.
+    assert (
+        _run_segment(model, tmp_path / "cine.dcm", out=out, extra=["--pixel-size", "0.2,0.3"]) == 0
+    )
+    assert "disagrees" not in capsys.readouterr().err
+
+
+def test_segment_pixel_size_rejected_before_anything(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((32, 32), np.uint8))
+    with pytest.raises(SystemExit):
+        _run_segment(
+            "no-model", tmp_path / "a.png", out=tmp_path / "o", extra=["--pixel-size", "0"]
+        )
+    assert "pixel size must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
