@@ -127,3 +127,22 @@ def test_info_malformed_and_huge_inputs_are_one_line_errors(
     assert main(["info", str(huge)]) == 1
     err = capsys.readouterr().err
     assert "huge.png: one frame (30000x30000x3" in err and "USFM_MAX_FRAME_MB" in err
+
+
+def test_info_reports_reader_warnings_as_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    path = _cine(tmp_path)
+    ds = pydicom.dcmread(path)
+    del ds.CineRate, ds.RecommendedDisplayFrameRate
+    tag = pydicom.tag.Tag("FrameTime")
+    ds._dict[tag] = RawDataElement(tag, "DS", 4, b"fast", 0, False, True)
+    ds.save_as(path)
+    assert main(["info", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "fps:         -" in captured.out
+    [line] = [x for x in captured.err.splitlines() if "FrameTime" in x]
+    assert line.startswith("usfm-core info: warning: ") and "cine.dcm: ignoring malformed" in line

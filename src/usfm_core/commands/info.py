@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from typing import Any
+
+from usfm_core.errors import ScanWarning
 
 # Metadata values longer than this are shortened in the text output (lists of files, affines).
 _MAX_VALUE_CHARS = 120
@@ -136,8 +140,21 @@ def _print_text(scan: dict[str, Any] | None, compute: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the report; returns the exit code (bad files raise ScanReadError -> exit 1)."""
-    scan = scan_report(args.file) if args.file else None
+    """Print the report; returns the exit code (bad files raise ScanReadError -> exit 1).
+
+    Reader warnings (dropped calibration, malformed optional fields) are printed to stderr as
+    one line each, ``usfm-core info: warning: <file>: <what>``.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ScanWarning)
+        scan = scan_report(args.file) if args.file else None
+    for warning in caught:
+        if issubclass(warning.category, ScanWarning):
+            print(f"usfm-core info: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     compute = compute_report()
     if args.json:
         print(json.dumps({"scan": scan, "compute": compute}, indent=1, default=str))
