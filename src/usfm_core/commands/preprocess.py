@@ -68,7 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers", type=_positive_int, default=1, help="parallel worker processes (default: 1)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress display (default: a bar with rate and ETA on a terminal, a plain "
+        "line every 30 s and a summary when the output is a log)",
+    )
     p.set_defaults(func=run)
 
 

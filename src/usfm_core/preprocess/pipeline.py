@@ -382,7 +382,7 @@ def run_preprocessing(
     Unreadable files are logged, listed in ``summary.failures`` and skipped; sources finished by
     an earlier run with the same options (and unchanged files) are skipped.
     """
-    from tqdm.auto import tqdm
+    from usfm_core.progress import progress_bar
 
     start = time.perf_counter()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -420,7 +420,9 @@ def run_preprocessing(
             rows_by_source[rel] = rows
             summary.n_processed += 1
 
-    bar = tqdm(total=len(sources), initial=summary.n_skipped, disable=not progress, unit="scan")
+    bar = progress_bar(  # a bar on a terminal, plain lines in logs (usfm_core.progress)
+        len(sources), initial=summary.n_skipped, enabled=progress, unit="scan", desc="preprocess"
+    )
     with bar:
         if workers == 1 or len(todo) <= 1:
             for src, rel in todo:
