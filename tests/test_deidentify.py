@@ -328,3 +328,21 @@ def test_coloured_burned_in_text_is_removed():
     for view in (brightness(clean)[0], cv2.cvtColor(clean[0], cv2.COLOR_RGB2GRAY)):
         after = _ocr_text(view)
         assert "2345" not in after and "SMITH" not in after
+
+
+def test_a_file_the_profile_cannot_handle_is_reported_not_copied(tmp_path, monkeypatch, capsys):
+    from usfm_core.preprocess import annotations, dicom_deid
+
+    monkeypatch.setattr(annotations, "tesseract_available", lambda: False)
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("Not anonymized. VR OF not yet implemented.")
+
+    monkeypatch.setattr(dicom_deid, "deidentify_dataset", broken)
+    src = tmp_path / "in"
+    write_dicom(src / "Doe.dcm", simulate_frame(seed=2, height=64, width=64).image)
+    write_image(src / "ok.png", simulate_frame(seed=2, height=64, width=64).image)
+    args = ["deidentify", str(src), str(tmp_path / "out"), "--salt", "x", "--allow-no-ocr"]
+    assert main(args) == 1
+    assert "not written: Doe.dcm: NotImplementedError" in capsys.readouterr().out
+    assert [p.suffix for p in (tmp_path / "out").glob("scan-*")] == [".png"]

@@ -691,6 +691,10 @@ def run_deidentify(
         except USFMError as exc:
             summary.failures.append((rel, str(exc)))
             continue
+        except Exception as exc:  # one odd file must not stop a batch, nor be copied
+            log.exception("unexpected error on %s", rel)
+            summary.failures.append((rel, f"{type(exc).__name__}: {exc}"))
+            continue
         rows.append(row)
         mapping_rows.append({"pseudonym": names[rel], "source": rel, "output": row["file"]})
         summary.n_written += 1
