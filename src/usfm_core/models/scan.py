@@ -14,11 +14,18 @@ Backends:
 
 * ``"reference"``: a plain loop over ``L`` (the test oracle).
 * ``"torch"``: a chunked scan for any device (see :mod:`usfm_core.models._scan_chunked`);
-  a few ``2·√L`` small kernel launches instead of ``L``, with a hand-written backward.
+  a few ``2·√L`` small kernel launches instead of ``L``, with a hand-written backward.  The
+  fallback when numba is missing, and the second reference.
+* ``"numba"``: a fused CPU kernel compiled with numba (:mod:`usfm_core.models._scan_numba`):
+  one pass forward, one backward, parallel over batch × channels, softplus / delta bias /
+  ``D`` skip / ``z`` gate inside.  The first call in a fresh install compiles it (tens of
+  seconds per dtype on a busy 2-core machine); the machine code is cached on disk, so later
+  processes start in a few seconds.
 * ``"cuda"``: mamba-ssm's fused kernel, only for CUDA tensors when ``mamba_ssm`` imports.
 
-``"auto"`` picks ``cuda`` when possible, else ``torch``.  The choice can be forced per call
-(``backend=``), process-wide (:func:`set_default_backend`) or by the environment variable
+``"auto"`` picks ``cuda`` for CUDA tensors when mamba_ssm imports, ``numba`` for CPU tensors
+when numba imports, else ``torch``.  The choice can be forced per call (``backend=``),
+process-wide (:func:`set_default_backend`) or by the environment variable
 ``USFM_SCAN_BACKEND``.  The scan always runs in float32 (float64 inputs stay float64): inputs
 are cast up, autocast is switched off inside, and the output is cast back to ``u``'s dtype.
 """
@@ -49,7 +56,7 @@ __all__ = [
     "tune_cpu_allocator",
 ]
 
-BACKENDS = ("reference", "torch", "cuda")
+BACKENDS = ("reference", "torch", "numba", "cuda")
 ENV_VAR = "USFM_SCAN_BACKEND"
 _default_backend: str | None = None
 
@@ -63,6 +70,18 @@ def _mamba_ssm_status() -> tuple[bool, str]:
     except Exception as exc:  # ImportError, or a broken CUDA extension (OSError, ...)
         return False, f"mamba_ssm does not import ({type(exc).__name__}: {exc})"
     return True, "mamba_ssm imports"
+
+
+@lru_cache(maxsize=1)
+def _numba_status() -> tuple[bool, str]:
+    """Whether the numba CPU kernel imports (numba installed and working), and why not."""
+    try:
+        import numba
+
+        from usfm_core.models import _scan_numba  # noqa: F401
+    except Exception as exc:  # ImportError, or numba/llvmlite broken for this numpy
+        return False, f"numba backend unavailable ({type(exc).__name__}: {exc})"
+    return True, f"numba {numba.__version__} imports"
 
 
 def set_default_backend(name: str | None) -> None:
@@ -91,15 +110,19 @@ def get_default_backend() -> str:
 
 
 def available_backends() -> list[str]:
-    """Backends usable in this process (``cuda`` needs mamba_ssm and a CUDA device)."""
+    """Backends usable in this process (``numba`` needs numba; ``cuda`` needs mamba_ssm and a
+    CUDA device)."""
     names = ["reference", "torch"]
+    if _numba_status()[0]:
+        names.append("numba")
     if _mamba_ssm_status()[0] and torch.cuda.is_available():
         names.append("cuda")
     return names
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Concrete backend for tensors on ``device``; ``auto`` never picks ``cuda`` for CPU."""
+    """Concrete backend for tensors on ``device``; ``auto`` never picks ``cuda`` for CPU or
+    ``numba`` for CUDA tensors."""
     name = get_default_backend() if backend == "auto" else backend
     if name not in ("auto", *BACKENDS):
         raise ValueError(
@@ -107,7 +130,15 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         )
     on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return "cuda" if on_cuda and _mamba_ssm_status()[0] else "torch"
+        if on_cuda:
+            return "cuda" if _mamba_ssm_status()[0] else "torch"
+        return "numba" if _numba_status()[0] else "torch"
+    if name == "numba":
+        if on_cuda:
+            raise ValueError("scan backend 'numba' needs CPU tensors; use 'cuda' or 'torch'")
+        ok, why = _numba_status()
+        if not ok:
+            raise ValueError(f"scan backend 'numba' unavailable: {why}; pip install numba")
     if name == "cuda":
         if not on_cuda:
             raise ValueError("scan backend 'cuda' needs CUDA tensors; use 'torch' for CPU tensors")
@@ -119,6 +150,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def backend_report() -> dict[str, Any]:
     """What ``auto`` would pick on CPU and on CUDA, and why (for ``usfm-core info``)."""
+    numba_ok, numba_why = _numba_status()
     ok, why = _mamba_ssm_status()
     cuda_ok = torch.cuda.is_available()
     if ok and cuda_ok:
@@ -131,7 +163,8 @@ def backend_report() -> dict[str, Any]:
         "default": get_default_backend(),
         "env": os.environ.get(ENV_VAR),
         "available": available_backends(),
-        "auto_cpu": "torch",
+        "auto_cpu": "numba" if numba_ok else "torch",
+        "cpu_reason": numba_why,
         "auto_cuda": cuda_pick,
         "cuda_available": cuda_ok,
         "mamba_ssm": ok,
@@ -283,7 +316,7 @@ def selective_scan(
         D: skip weights ``(D,)``; z: gate ``(B, D, L)``; delta_bias: ``(D,)``.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state ``(B, D, N)``.
-        backend: ``"auto" | "reference" | "torch" | "cuda"``.
+        backend: ``"auto" | "reference" | "torch" | "numba" | "cuda"``.
 
     Returns:
         ``y (B, D, L)`` in ``u``'s dtype, or ``(y, last_state)``.
@@ -294,6 +327,15 @@ def selective_scan(
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
 
     with torch.autocast(device_type=u.device.type, enabled=False):
+        if name == "numba":  # fused: bias, softplus, D and z inside the kernel
+            from usfm_core.models._scan_numba import numba_scan
+
+            cast = [None if t is None else t.to(work) for t in (u, delta, A, B, C, D, z)]
+            bias = None if delta_bias is None else delta_bias.to(work)
+            out = numba_scan(*cast, bias, delta_softplus, return_last_state)
+            y, last = out if return_last_state else (out, None)
+            y = y.to(out_dtype)
+            return (y, last) if return_last_state else y
         u32, delta32, A32, B32, C32 = (t.to(work) for t in (u, delta, A, B, C))
         if delta_bias is not None:
             delta32 = delta32 + delta_bias.to(work).unsqueeze(-1)
