@@ -12,8 +12,9 @@ Pseudonyms are ``scan-`` + the first 16 hex digits of HMAC-SHA256(key, relative 
 same file gets the same name in every run with the same key (or ``--salt``), and the name
 reveals nothing without the key. Files that cannot be read are *not* copied.
 
-Pixels: burned-in text is found with Tesseract OCR (word boxes on the frame, the temporal
-median and up to ``OCR_SAMPLE_FRAMES`` frames of a cine) united with the glyph heuristic of
+Pixels: burned-in text is found with Tesseract OCR (word boxes on the brightest channel and on
+its binarised bright strokes, of up to ``OCR_SAMPLE_FRAMES`` frames of a cine and their temporal
+median) united with the glyph heuristic of
 :mod:`usfm_core.preprocess.annotations` inside the scan region and its permissive variant
 outside it, then inpainted. Without Tesseract the run refuses unless ``allow_no_ocr``.
 """
@@ -96,7 +97,7 @@ class Pseudonymizer:
         """Key read from ``path`` (64 hex digits), created there (mode 0600) if missing."""
         path = Path(path)
         if path.exists():
-            text = path.read_text(encoding="utf-8").strip()
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
             try:
                 key = bytes.fromhex(text)
             except ValueError:
