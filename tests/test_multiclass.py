@@ -345,3 +345,26 @@ def test_time_budget_stops_training(phantoms, tmp_path):
     assert res.steps == 1 and res.best_epoch == 1
     with pytest.raises(ConfigError, match="val_every"):
         finetune("seg", phantoms, tmp_path / "u", backbone=ConvBackbone(), val_every=0)
+
+
+def test_backbone_by_name_and_scratch_like_it(tmp_path, monkeypatch):
+    """A model of kind ``backbone`` in the model index (here imported into the user model
+    directory, as a shipped one would be listed) is found by name; ``build_like`` rebuilds its
+    exact config (drop-path included) with fresh weights."""
+    from usfm_core.finetune.models import build_like, load_backbone
+    from usfm_core.models import zoo
+    from usfm_core.models.serialization import save_model
+    from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+    monkeypatch.setenv("USFM_MODEL_DIR", str(tmp_path / "models"))
+    cfg = VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    save_model(VMamba(cfg), tmp_path / "bb")
+    zoo.import_model(tmp_path / "bb", name="my-backbone")
+    assert [e.name for e in zoo.list_models(kind="backbone")] == ["my-backbone"]
+    loaded = load_backbone("my-backbone")
+    assert loaded.config.to_dict() == cfg.to_dict()
+    fresh = build_like(loaded, seed=1)
+    assert fresh.config.to_dict() == cfg.to_dict()
+    a, b = loaded.state_dict(), fresh.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
