@@ -136,8 +136,9 @@ class LabelledSet:
             if it.label is None:
                 it.label = int(bool(vals - {0}))
         fg = sorted(found - {0})
-        if len(fg) <= 1:  # binary: 0/1 or 0/255 (read_mask maps 255 to 1)
-            self.set_mask_classes([0, 1], ["background", "foreground"], "mask values (binary)")
+        if len(fg) <= 1:  # binary: 0/1, 0/255 or 0/any one value
+            values = [0, *(fg or [1])]
+            self.set_mask_classes(values, ["background", "foreground"], f"mask values {values}")
         else:
             self.set_mask_classes([0, *fg], None, f"mask values {[0, *fg]}")
         return self.mask_classes
