@@ -406,6 +406,11 @@ def _write_dicom(
     if "SOPInstanceUID" not in ds:
         ds.SOPInstanceUID = hashed_uid(key, "file:" + rel)
     deidentify_dataset(ds, key, pixels_scrubbed_with_ocr=ocr)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        # Stored inverted from now on: windows and padding given in MONOCHROME1 values lie.
+        for name in ("WindowCenter", "WindowWidth", "VOILUTSequence", "PixelPaddingValue"):
+            if name in ds:
+                del ds[name]
     for name in (
         "PixelData",
         "ExtendedOffsetTable",
