@@ -11,8 +11,9 @@
 - disabled (``enabled=False``, ``--no-progress``): nothing at all.
 
 ``$USFM_PROGRESS`` (``bar`` | ``plain`` | ``off``) overrides the automatic choice, e.g.
-``USFM_PROGRESS=plain`` for a terminal multiplexer that records its output. Core code only:
-no napari / Qt.
+``USFM_PROGRESS=plain`` for a terminal multiplexer that records its output;
+``$USFM_PROGRESS_INTERVAL`` (seconds, default 30) sets the time between plain lines. Core code
+only: no napari / Qt.
 """
 
 from __future__ import annotations
@@ -56,13 +57,16 @@ def progress_bar(
     enabled: bool = True,
     stream: IO[str] | None = None,
     mode: str = "auto",
-    interval_s: float = DEFAULT_INTERVAL_S,
+    interval_s: float | None = None,
 ) -> Any:
     """A progress display for ``total`` items (None: unknown) written to ``stream`` (stderr).
 
     See the module docstring for the three behaviours. ``interval_s`` is the least time between
-    two plain lines (the first comes after ``interval_s`` too: short runs print only the summary).
+    two plain lines (the first comes after ``interval_s`` too: short runs print only the summary;
+    default ``$USFM_PROGRESS_INTERVAL`` or 30 s).
     """
+    if interval_s is None:
+        interval_s = _env_interval()
     chosen = "off" if not enabled else progress_mode(stream, mode)
     if chosen == "bar":
         from tqdm import tqdm
@@ -79,6 +83,15 @@ def progress_bar(
         total, desc=desc, unit=unit, initial=initial, stream=stream,
         interval_s=interval_s, silent=chosen == "off",
     )  # fmt: skip
+
+
+def _env_interval() -> float:
+    """``$USFM_PROGRESS_INTERVAL`` as seconds ≥ 0, else :data:`DEFAULT_INTERVAL_S`."""
+    try:
+        value = float(os.environ.get("USFM_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
+    except ValueError:
+        return DEFAULT_INTERVAL_S
+    return value if value >= 0 else DEFAULT_INTERVAL_S
 
 
 def format_seconds(seconds: float) -> str:
