@@ -40,6 +40,7 @@ import numpy as np
 from usfm_core.errors import ConfigError, ScanReadError, USFMError
 
 LABEL_RATIOS: tuple[float, ...] = (0.01, 0.05, 0.10, 0.20, 0.40, 0.60, 1.0)
+MAX_FOUND_CLASSES = 32  # more distinct mask values than this are gray levels, not classes
 
 
 @dataclass
@@ -136,6 +137,14 @@ class LabelledSet:
             if it.label is None:
                 it.label = int(bool(vals - {0}))
         fg = sorted(found - {0})
+        if len(fg) > MAX_FOUND_CLASSES:
+            raise ConfigError(
+                f"the masks hold {len(fg)} distinct non-zero values ({fg[:6]} ...): gray levels "
+                "(e.g. JPEG or resized masks), not class values",
+                path=self.root,
+                hint="store lossless masks with one value per class (PNG, 0 = background), "
+                "or declare the classes in classes.json",
+            )
         if len(fg) <= 1:  # binary: 0/1, 0/255 or 0/any one value
             values = [0, *(fg or [1])]
             self.set_mask_classes(values, ["background", "foreground"], f"mask values {values}")
