@@ -131,6 +131,20 @@ def test_binary_0_255_and_manifest_classes_column(tmp_path):
     assert read_mask(ds.items[0]).max() == 1
 
 
+def test_masks_found_classes_and_gray_level_masks_refused():
+    """In-memory masks (the napari path): values 3 and 7 become classes 1 and 2; a mask of
+    gray levels (a resized or JPEG mask) is refused rather than read as 200 classes."""
+    masks = np.zeros((2, 16, 16), np.uint8)
+    masks[:, :4], masks[1, 8:] = 3, 7
+    ds = LabelledSet.from_arrays(np.zeros((2, 16, 16), np.uint8), masks=masks)
+    assert ds.resolve_mask_classes() == ["background", "class3", "class7"]
+    np.testing.assert_array_equal(read_mask(ds.items[1]), (masks[1] == 3) + 2 * (masks[1] == 7))
+    gray = np.arange(2 * 16 * 16, dtype=np.int64).reshape(2, 16, 16) % 200
+    ds = LabelledSet.from_arrays(np.zeros((2, 16, 16), np.uint8), masks=gray.astype(np.uint8))
+    with pytest.raises(ConfigError, match="gray levels"):
+        ds.resolve_mask_classes()
+
+
 def test_simulated_structures_are_two_classes_of_lesions():
     image, mask = simulate_structures(3, size=64)
     assert image.shape == mask.shape == (64, 64) and image.dtype == np.uint8
