@@ -282,6 +282,20 @@ def test_multiclass_beats_union_per_class_and_test_items_never_train(
     assert [int(r["step"]) for r in rows] == [60, 120, 180, 240, 300]  # --val-every 60
     assert {"val_dice_cyst", "val_dice_echogenic"} <= set(rows[0])
 
+    # The saved model is the selected one (validated mid-epoch, every 60 steps).
+    from usfm_core.finetune.data import SupervisedDataset
+    from usfm_core.finetune.models import load_finetuned
+    from usfm_core.finetune.train import evaluate_split
+
+    assert res.best_step in (60, 120, 180, 240, 300)
+    ds.resolve_mask_classes()
+    index = {it.key: i for i, it in enumerate(ds.items)}
+    val_idx = [index[k] for k in run_splits["splits"]["val"]]
+    val_ds = SupervisedDataset(ds, val_idx, "segmentation", 64)
+    saved, _ = load_finetuned(res.model_dir)
+    again = evaluate_split(saved, val_ds, "segmentation", 8, "cpu")
+    assert again["dice"] == pytest.approx(res.val_metrics["dice"], abs=1e-6)
+
     report = evaluate_model_dir(res.model_dir, phantoms, tmp_path / "report")  # test split
     assert report["n"] == 12 and report["splits_file"].endswith("splits.json")
     per_class = report["clean"]["per_class"]

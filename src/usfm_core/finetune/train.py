@@ -81,6 +81,7 @@ class FinetuneResult:
     cancelled: bool = False
     split_rule: str = ""
     steps: int = 0
+    best_step: int = 0
     classes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -281,7 +282,7 @@ def finetune(
     best_epoch, best_state, best_val = 0, None, {}
     history: list[dict[str, Any]] = []
     step, stale, cancelled, epoch, last_val_step = 0, 0, False, 0, 0
-    last_save, saved_epoch = time.monotonic(), 0
+    last_save, saved_at, best_at = time.monotonic(), -1, 0  # steps of the saved / best model
     t_start = time.monotonic()
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -289,7 +290,7 @@ def finetune(
     def validate(epoch: int) -> None:
         """Score the validation split, log a history row, keep the best model."""
         nonlocal best, best_epoch, best_state, best_val, stale, last_val_step, losses, t0
-        nonlocal last_save, saved_epoch
+        nonlocal last_save, saved_at, best_at
         val = evaluate_split(model, val_ds, task, batch_size, dev)
         row = {
             "epoch": epoch,
@@ -312,7 +313,7 @@ def finetune(
         )
         score = selection_score(task, val)
         if score > best:
-            best, best_epoch, best_val, stale = score, epoch, val, 0
+            best, best_epoch, best_val, stale, best_at = score, epoch, val, 0, step
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             # Checkpoint the best model at most once a minute (disk syncs are slow); the
             # final best is always written below.
@@ -320,7 +321,7 @@ def finetune(
                 save_finetuned(
                     model, out_dir / "model", _extra(task, label_ratio, seed, epoch, extra)
                 )
-                last_save, saved_epoch = time.monotonic(), epoch
+                last_save, saved_at = time.monotonic(), step
         else:
             stale += 1
         last_val_step, losses, t0 = step, [], time.perf_counter()
@@ -367,7 +368,7 @@ def finetune(
             hint="raise max_steps/epochs or do not cancel immediately",
         )
     model.load_state_dict(best_state)
-    if saved_epoch != best_epoch:
+    if saved_at != best_at:
         save_finetuned(model, out_dir / "model", _extra(task, label_ratio, seed, best_epoch, extra))
     test_ds = SupervisedDataset(dataset, splits["test"], task, input_size)
     test = evaluate_split(model, test_ds, task, batch_size, dev) if len(test_ds) else {}
@@ -387,6 +388,7 @@ def finetune(
         cancelled=cancelled,
         split_rule=split_rule,
         steps=step,
+        best_step=best_at,
         classes=list(model.classes),
     )
     from usfm_core.utils import atomic_write_text
