@@ -193,7 +193,7 @@ def test_segment_widget_streams_labels_and_measurements(
         assert widget.rows and widget.rows[0]["unit"] == "mm"
         widget._csv.value = tmp_path / "m.csv"
         path = widget.save_measurements()
-        assert path is not None and path.read_text().startswith("frame,object,area")
+        assert path is not None and path.read_text().startswith("file,source,frame,object")
 
 
 @pytest.mark.gui
@@ -331,7 +331,7 @@ def test_main_job_segments_the_real_samples_with_the_shipped_models(
         assert dice > floor, f"{model} on the {sample} sample: Dice {dice:.2f}"
         if sample == "hc18":  # head circumference in mm, reference 169.7 mm
             assert seg.rows[0]["unit"] == "mm"
-            assert seg.rows[0]["circumference"] == pytest.approx(169.7, abs=10.0)
+            assert seg.rows[0]["circumference_mm"] == pytest.approx(169.7, abs=10.0)
     finally:
         viewer.close()
 

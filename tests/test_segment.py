@@ -330,3 +330,41 @@ def test_segment_pixel_size_rejected_before_anything(tmp_path, capsys):
         )
     assert "pixel size must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gui
+def test_napari_table_and_csv_match_the_cli_rows(make_napari_viewer, qtbot, tmp_path):
+    """The Segment widget's rows are measurement_rows of its masks: same columns, units and
+    object numbering as usfm-core segment's measurements.csv."""
+    pytest.importorskip("napari")
+    from napari_usfm._widgets import SegmentWidget
+    from usfm_core.finetune.infer import MEASUREMENT_COLUMNS, measurement_rows
+
+    frames = np.random.default_rng(2).integers(0, 255, (3, 64, 80), np.uint8)
+    viewer = make_napari_viewer()
+    viewer.add_image(frames, name="cine", scale=(1, 0.2, 0.3), units=("s", "mm", "mm"))
+    widget = SegmentWidget(viewer)
+    widget._model_path.value = _save_tiny(tmp_path)
+    widget._scope.value = "all frames"
+    widget._device_choice.value = "cpu"
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is not None and not widget.busy, timeout=120_000)
+    assert widget.error is None, widget.error
+    labels = viewer.layers["cine segmentation"].data
+    expect = [
+        row
+        for t in range(3)
+        for row in measurement_rows(
+            labels[t], (0.2, 0.3), file="cine", frame=t, calibration="layer scale"
+        )
+    ]
+    assert widget.rows == expect
+    assert list(widget._table.column_headers)[3:6] == [
+        "area_mm2",
+        "max_diameter_mm",
+        "circumference_mm",
+    ]
+    widget._csv.value = tmp_path / "m.csv"
+    saved = list(csv.DictReader(open(widget.save_measurements())))
+    assert list(saved[0]) == list(MEASUREMENT_COLUMNS) and len(saved) == len(expect)
+    assert [r["object"] for r in saved] == [str(r["object"]) for r in expect]

@@ -210,17 +210,28 @@ class _Base(Container):
 
 
 def _segment_job(
-    model_path: str, device: str, get: Any, indices: list[int], spacing: tuple[float, float] | None
+    model_path: str,
+    device: str,
+    get: Any,
+    indices: list[int],
+    spacing: tuple[float, float] | None,
+    names: tuple[str, str] = ("", ""),
 ):
-    """Worker: load a fine-tuned segmenter, yield ``(frame, mask (H, W) uint8, measures)``."""
+    """Worker: load a fine-tuned segmenter, yield ``(frame, mask (H, W) uint8, rows)`` with the
+    rows of ``measurements.csv`` (``usfm_core.finetune.infer.measurement_rows``; ``names``: the
+    layer name and its source file)."""
     _limit_threads()
-    from usfm_core.finetune.infer import measure_mask, segment_frames
+    from usfm_core.finetune.infer import measurement_rows, segment_frames
     from usfm_core.finetune.models import load_finetuned
 
     model, _ = load_finetuned(model_path, device=device)
     frames = (get(i) for i in indices)
+    calibration = "layer scale" if spacing else "none"
     for i, mask in zip(indices, segment_frames(model, frames, batch_size=1, device=device)):
-        yield i, mask, measure_mask(mask, spacing)
+        rows = measurement_rows(
+            mask, spacing, file=names[0], source=names[1], frame=i, calibration=calibration
+        )
+        yield i, mask, rows
 
 
 class SegmentWidget(_Base):
@@ -246,16 +257,9 @@ class SegmentWidget(_Base):
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self.progress = _progress_bar("frames")
-        self._table = Table(
-            value={
-                "frame": [],
-                "object": [],
-                "area": [],
-                "max diameter": [],
-                "circumference": [],
-                "unit": [],
-            }
-        )
+        # Same rows and numbering as usfm-core segment's measurements.csv (units in the names).
+        self._columns = _summary_columns("mm")
+        self._table = Table(value={key: [] for key in self._columns})
         self._csv = _file_edit(
             label="save to", mode="w", filter="*.csv", value="measurements.csv"
         )
@@ -343,6 +347,8 @@ class SegmentWidget(_Base):
         self._table_updated = 0.0
         self._labels_refreshed = 0.0
         spacing = _layers.spacing_mm(layer)
+        self._columns = _summary_columns("mm" if spacing else "px")
+        source = str(getattr(getattr(layer, "source", None), "path", None) or "")
         self.progress.max, self.progress.value, self.progress.visible = len(indices), 0, True
         return self._start(
             _segment_job,
@@ -351,6 +357,7 @@ class SegmentWidget(_Base):
             _layers.frame_getter(layer),
             indices,
             spacing,
+            (layer.name, source),
             total=len(indices),
             desc="Segment",
             on_yield=self._on_frame,
@@ -388,17 +395,7 @@ class SegmentWidget(_Base):
         if shown or now - self._labels_refreshed > 0.25:
             self.labels_layer.refresh()
             self._labels_refreshed = now
-        for k, obj in enumerate(measures["objects"]):
-            self.rows.append(
-                {
-                    "frame": index,
-                    "object": k + 1,
-                    "area": obj["area"],
-                    "max diameter": obj["max_diameter"],
-                    "circumference": obj["circumference"],
-                    "unit": measures["unit"],
-                }
-            )
+        self.rows.extend(measures)
         # Rebuilding the table is O(rows): do it at most twice a second (and once at the end).
         now = time.perf_counter()
         if now - self._table_updated > 0.5:
@@ -407,8 +404,7 @@ class SegmentWidget(_Base):
 
     def _update_table(self) -> None:
         self._table.value = {
-            key: [round(r[key], 3) if isinstance(r[key], float) else r[key] for r in self.rows]
-            for key in self._table.column_headers
+            key: [_shown(r.get(key, "")) for r in self.rows] for key in self._columns
         }
 
     def _segment_done(self) -> None:
@@ -417,17 +413,33 @@ class SegmentWidget(_Base):
         self._notice(f"segmented {len(self.frames_done)} frame(s), {len(self.rows)} object(s)")
 
     def save_measurements(self, *_: Any) -> Path | None:
-        """Write the measurements table as CSV (areas in unit², lengths in unit)."""
+        """Write the measurements as CSV: the columns of ``usfm-core segment``'s
+        ``measurements.csv`` (units in the names: ``area_mm2``, ``circumference_mm``, …)."""
+        from usfm_core.finetune.infer import MEASUREMENT_COLUMNS
+        from usfm_core.utils import atomic_path
+
         if not self.rows:
             self._notice("nothing to save yet: run Segment first")
             return None
         path = Path(self._csv.value)
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(self.rows[0]))
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MEASUREMENT_COLUMNS)
             writer.writeheader()
             writer.writerows(self.rows)
         self._notice(f"saved {path}")
         return path
+
+
+def _summary_columns(unit: str) -> tuple[str, ...]:
+    """Columns of the Segment table (``usfm_core.finetune.infer.summary_columns``)."""
+    from usfm_core.finetune.infer import summary_columns
+
+    return summary_columns(unit)
+
+
+def _shown(value: Any) -> Any:
+    """A table cell: floats with 3 decimals."""
+    return round(value, 3) if isinstance(value, float) else value
 
 
 # --------------------------------------------------------------------------- Fine-tune
