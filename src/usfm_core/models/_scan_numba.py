@@ -255,11 +255,15 @@ def _prep_decay(a_d, dtb, tl, ab):  # type: ignore[no-untyped-def]
 
 # --------------------------------------------------------------------------- kernels
 @njit(**_JIT)
-def _forward_kernel(u, delta, A, Bm, Cm, Dv, bias, z, has_z, softplus, y, last, ckpt):  # type: ignore[no-untyped-def]
+def _forward_kernel(  # type: ignore[no-untyped-def]
+    u, delta, A, Bm, Cm, Dv, bias, z, has_z, softplus, y, last, ckpt, store, dts, sgs, hs
+):  # fmt: skip
     """Forward over all rows.
 
     ``u, delta, z, y (B, D, L)``; ``A (D, N)``; ``Bm, Cm (B, G, N, L)``; ``Dv, bias (D,)``;
     outputs ``y``, ``last (B, D, N)`` and ``ckpt (B, D, nc, N)`` (state entering each chunk).
+    If ``store`` (``N = 1`` only), also ``dts, sgs (B, D, L)`` (Δ and ∂Δ/∂δ) and the states
+    ``hs (B, D, L)`` (float64) for the backward, which then recomputes nothing.
     """
     bsz, dim, length = u.shape
     n = A.shape[1]
@@ -282,15 +286,21 @@ def _forward_kernel(u, delta, A, Bm, Cm, Dv, bias, z, has_z, softplus, y, last, 
             t0 = k * CHUNK
             tl = min(CHUNK, length - t0)
             ckpt[b, d, k, :] = h
-            _prep_delta(xr, ur, bias[d], softplus, False, t0, tl, dtb, dub, sgb)
+            _prep_delta(xr, ur, bias[d], softplus, store, t0, tl, dtb, dub, sgb)
             _prep_decay(A[d], dtb, tl, ab)
             if n == 1:
                 h0 = h[0]
                 b0, c0, a0 = Br[0], Cr[0], ab[0]
                 for i in range(tl):
                     h0 = a0[i] * h0 + dub[i] * b0[t0 + i]
-                    yb[i] = c0[t0 + i] * h0
+                    yb[i] = h0
                 h[0] = h0
+                if store:
+                    hs[b, d, t0 : t0 + tl] = yb[:tl]
+                    dts[b, d, t0 : t0 + tl] = dtb[:tl]
+                    sgs[b, d, t0 : t0 + tl] = sgb[:tl]
+                for i in range(tl):
+                    yb[i] *= c0[t0 + i]
             else:
                 for i in range(tl):
                     acc = _like(yb[i], 0)
@@ -313,7 +323,7 @@ def _forward_kernel(u, delta, A, Bm, Cm, Dv, bias, z, has_z, softplus, y, last, 
 @njit(**_JIT)
 def _backward_kernel(  # type: ignore[no-untyped-def]
     u, delta, A, Bm, Cm, Dv, bias, z, has_z, softplus, ckpt, gy, glast, parts,
-    gu, gdelta, gz, gA, gD, gbias, gBp, gCp,
+    gu, gdelta, gz, gA, gD, gbias, gBp, gCp, store, dts, sgs, hs,
 ):  # fmt: skip
     """Backward over ``parts`` channel blocks per ``(b, g)`` (one task each).
 
@@ -355,10 +365,26 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
             for k in range(nc - 1, -1, -1):
                 t0 = k * CHUNK
                 tl = min(CHUNK, length - t0)
-                _prep_delta(xr, ur, bias[d], softplus, True, t0, tl, dtb, dub, sgb)
-                _prep_decay(a_d, dtb, tl, ab)
-                hb[:, 0] = ckpt[b, d, k]
-                if n == 1:  # recompute the chunk's states (scalar state)
+                if store:  # N = 1 with Δ, ∂Δ/∂δ and the states kept by the forward
+                    dtb[:tl] = dts[b, d, t0 : t0 + tl]
+                    sgb[:tl] = sgs[b, d, t0 : t0 + tl]
+                    for i in range(tl):
+                        dub[i] = dtb[i] * ur[t0 + i]
+                    _prep_decay(a_d, dtb, tl, ab)
+                    hb0 = hb[0]
+                    hb0[0] = hs[b, d, t0 - 1] if t0 > 0 else 0.0
+                    hb0[1 : tl + 1] = hs[b, d, t0 : t0 + tl]
+                    if has_z:
+                        c0 = Cr[0]
+                        for i in range(tl):
+                            yb[i] = c0[t0 + i] * hb0[i + 1] + d_skip * ur[t0 + i]
+                else:
+                    _prep_delta(xr, ur, bias[d], softplus, True, t0, tl, dtb, dub, sgb)
+                    _prep_decay(a_d, dtb, tl, ab)
+                    hb[:, 0] = ckpt[b, d, k]
+                if store:
+                    pass
+                elif n == 1:  # recompute the chunk's states (scalar state)
                     h0 = hb[0, 0]
                     a0, hb0, b0, c0 = ab[0], hb[0], Br[0], Cr[0]
                     for i in range(tl):
@@ -452,10 +478,11 @@ def _parts(bsz: int, groups: int, dg: int, threads: int) -> int:
 
 
 class _NumbaScan(torch.autograd.Function):
-    """``(u, delta, A, B, C, D, z, delta_bias) -> (y, last)`` with softplus flag; B, C 4-D."""
+    """``(u, delta, A, B, C, D, z, delta_bias) -> (y, last)``; B, C 4-D; flags: softplus, and
+    whether a backward will follow (then ``N = 1`` keeps Δ, its slope and the states)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, bias, softplus):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, bias, softplus, grad):  # type: ignore[override]
         bsz, dim, length = u.shape
         n = A.shape[1]
         nc = -(-length // CHUNK)
@@ -465,20 +492,28 @@ class _NumbaScan(torch.autograd.Function):
         y = u.new_empty(bsz, dim, length)
         last = u.new_empty(bsz, dim, n)
         ckpt = u.new_empty(bsz, dim, nc, n, dtype=torch.float64)
+        # N = 1: keeping Δ, its slope and h (3 numbers per element) is cheaper than recomputing
+        # them (softplus, sigmoid, exp and the sequential recurrence) in the backward.
+        store = n == 1 and bool(grad)
+        shape = (bsz, dim, length) if store else (1, 1, 1)
+        dts, sgs = u.new_empty(shape), u.new_empty(shape)
+        hs = u.new_empty(shape, dtype=torch.float64)
         set_threads_from_torch()
         _forward_kernel(
             _np(u), _np(delta), _np(A), _np(B), _np(C), _np(Dv), _np(bv), _np(zv),
             z is not None, bool(softplus), y.numpy(), last.numpy(), ckpt.numpy(),
+            store, dts.numpy(), sgs.numpy(), hs.numpy(),
         )  # fmt: skip
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(u, delta, A, B, C, Dv, bv, zv, ckpt)
+        ctx.save_for_backward(u, delta, A, B, C, Dv, bv, zv, ckpt, dts, sgs, hs)
+        ctx.store = store
         ctx.flags = (D is not None, z is not None, bias is not None, bool(softplus))
         return y, last
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_last):  # type: ignore[override]
-        u, delta, A, B, C, Dv, bv, zv, ckpt = ctx.saved_tensors
+        u, delta, A, B, C, Dv, bv, zv, ckpt, dts, sgs, hs = ctx.saved_tensors
         has_d, has_z, has_bias, softplus = ctx.flags
         bsz, dim, _ = u.shape
         groups = B.shape[1]
@@ -499,7 +534,7 @@ class _NumbaScan(torch.autograd.Function):
             _np(u), _np(delta), _np(A), _np(B), _np(C), _np(Dv), _np(bv), _np(zv), has_z,
             softplus, _np(ckpt), _np(gy), _np(gl), parts,
             gu.numpy(), gdelta.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gbias.numpy(),
-            gBp.numpy(), gCp.numpy(),
+            gBp.numpy(), gCp.numpy(), ctx.store, _np(dts), _np(sgs), _np(hs),
         )  # fmt: skip
         dtype = u.dtype
         return (
@@ -511,6 +546,7 @@ class _NumbaScan(torch.autograd.Function):
             gD.sum(0).to(dtype) if has_d else None,
             gz if has_z else None,
             gbias.sum(0).to(dtype) if has_bias else None,
+            None,
             None,
         )
 
@@ -535,5 +571,7 @@ def numba_scan(
     """
     B4 = B.unsqueeze(1) if B.dim() == 3 else B
     C4 = C.unsqueeze(1) if C.dim() == 3 else C
-    y, last = _NumbaScan.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus)
+    inputs = (u, delta, A, B4, C4, D, z, delta_bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, last = _NumbaScan.apply(*inputs, delta_softplus, grad)
     return (y, last) if return_last_state else y
