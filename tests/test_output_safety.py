@@ -397,3 +397,11 @@ def test_models_import_overwrite_replaces_only_model_folders(
     assert "not a model folder" in capsys.readouterr().err
     assert (notmodel / "thesis.txt").read_text() == "years of work"
     assert sorted(p.name for p in model_dir.iterdir()) == ["m", "notes"]  # no temporaries
+
+
+def test_models_import_refuses_a_shipped_name(tiny_model, model_dir, capsys):
+    """A user copy named like a shipped model could never be reached by name: refused."""
+    rc = main(["models", "import", str(tiny_model), "--name", "sim-lesion"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "shipped model" in err and "--name my-sim-lesion" in err
+    assert list(model_dir.iterdir()) == []

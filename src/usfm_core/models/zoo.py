@@ -287,6 +287,13 @@ def import_model(src: str | Path, name: str | None = None, *, overwrite: bool = 
     if name is None:
         name = entry.name or Path(src).resolve().name
     check_name(name, what="model name")
+    if name in _builtin_index():
+        # A shipped name always resolves to the shipped model: the copy could never be reached.
+        raise CheckpointError(
+            f"'{name}' is the name of a shipped model",
+            path=src,
+            hint=f"import it under another name: --name my-{name}",
+        )
     root = user_model_dir()
     dest = root / name
     if dest.exists() or dest.is_symlink():
