@@ -711,3 +711,43 @@ def test_decoded_size_limit_is_checked_before_decoding(
     finally:
         set_decoded_limits(*old)
     assert decoded_limits() == (2048.0, 256.0)
+
+
+def test_compressed_dicom_claiming_2e9_frames_is_refused_before_allocation(
+    tmp_path: Path,
+) -> None:
+    import tracemalloc
+
+    from usfm_core.errors import DecodedSizeError
+
+    path = write_dicom(tmp_path / "many.dcm", smooth_gray(2), transfer_syntax="jpeg_baseline")
+    _raw_element(path, "NumberOfFrames", "IS", "2000000000")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodedSizeError, match=r"many\.dcm: 2000000000 frames of 48x64"):
+            load_scan(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+
+
+def test_folder_stays_lazy_with_header_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from usfm_core.io import images
+
+    frames = smooth_gray(12, 16, 16)
+    for i, frame in enumerate(frames):
+        write_image(tmp_path / f"f{i}.png", frame)
+    decoded: list[str] = []
+    real = images.decode_image
+
+    def counting(path: Path) -> np.ndarray:
+        decoded.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(images, "decode_image", counting)
+    scan = load_scan(tmp_path)
+    np.testing.assert_array_equal(scan.frame(7), frames[7])
+    assert decoded == ["f0.png", "f7.png"]  # the first (dtype, colour) and the one asked for
