@@ -396,3 +396,24 @@ def test_backbone_by_name_and_scratch_like_it(tmp_path, monkeypatch):
     assert fresh.config.to_dict() == cfg.to_dict()
     a, b = loaded.state_dict(), fresh.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_painted_frames_with_two_label_values_train_a_softmax_model(tmp_path):
+    """The napari Fine-tune path: in-memory frames whose masks hold values 1 and 2."""
+    from usfm_core.finetune.train import finetune
+
+    frames = [simulate_structures(s, 64) for s in range(4)]
+    images = np.stack([f[0] for f in frames])
+    masks = np.stack([f[1] for f in frames])
+    res = finetune(
+        "seg",
+        (images, masks),
+        tmp_path / "painted",
+        backbone=ConvBackbone(ConvCfg(width=4)),
+        epochs=1,
+        batch_size=4,
+        input_size=64,
+    )
+    assert res.classes == ["background", "class1", "class2"]
+    assert {"dice_class1", "dice_class2"} <= set(res.val_metrics)
+    assert json.loads((res.model_dir / "config.json").read_text())["config"]["n_classes"] == 3
