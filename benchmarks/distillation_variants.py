@@ -41,6 +41,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "τ_s 0.1, τ_t 0.04→0.07, per-batch standardisation in the head",
         ["heads.batch_norm=true"],
     ),
+    "head_bn_low_teacher": (
+        "per-batch standardisation in the head, τ_s 0.1, τ_t 0.04→0.04",
+        ["heads.batch_norm=true", "loss.teacher_temp=0.04"],
+    ),
     "head_bn_sinkhorn": (
         "head standardisation + Sinkhorn–Knopp",
         ["heads.batch_norm=true", "loss.centering=sinkhorn"],
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--work", default=None, help="keep runs here (default: a temp dir)")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON written here")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="distill_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -191,7 +196,8 @@ def main() -> None:
             f"{r['entropy_ratio_patch']:.2f} | {r['mi_cls']:.2f} / {r['mi_patch']:.2f} | "
             f"{r['cls_loss']:.2f} | {r['patch_loss']:.2f} |"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "backbone": args.backbone,
         "batch": args.batch,
@@ -199,7 +205,7 @@ def main() -> None:
         "tail_rows": args.tail,
         "variants": results,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2))
+    results_path.write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ def test_tiny_losses_are_finite_and_fall_on_a_fixed_batch(tiny_data):
     assert last < first, totals
     rec = [p["rec_global"] for p in parts]
     assert rec[-1] < rec[0], rec  # the reconstruction loss falls on a fixed batch
+    # Distillation, not only the total: the teacher's targets are sharper than uniform and
+    # differ between the images, and the student moves towards them.
+    for p in parts:
+        assert 0.0 < p["teacher_entropy_ratio_patch"] <= 1.0 + 1e-6
+        assert 0.0 < p["teacher_entropy_ratio_cls"] <= 1.0 + 1e-6
+    assert parts[-1]["teacher_entropy_ratio"] < 0.95, parts[-1]
+    assert parts[-1]["teacher_mi"] > 0.1, parts[-1]
+    cls = [p["cls"] for p in parts]
+    assert sum(cls[-3:]) < sum(cls[:3]), cls
 
 
 @pytest.mark.slow
@@ -93,6 +102,7 @@ def test_resume_continues_exactly_and_exports_backbone(tiny_data, tmp_path):
     assert out.global_token.shape == (1, backbone.embed_dim)
     header = (part / "log.csv").read_text().splitlines()[0].split(",")
     assert {"step", "loss", "cls", "patch", "rec_global", "alpha", "r", "img_per_s"} <= set(header)
+    assert {"teacher_entropy_ratio", "teacher_mi", "teacher_entropy_ratio_patch"} <= set(header)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):

@@ -14,7 +14,8 @@
 # wall-clock budget of this sitting, default none), --out DIR (OUT, default
 # $HOME/usfm_runs/pretrain-small-fast-i12: outside the checkout, which may be replaced between
 # sessions), --data DIR (DATA, default $HOME/usfm_runs/data), SHARED (default ../shared/data),
-# THREADS (default 2), SAVE_EVERY (default 50), extra `--set key=value` passed through.
+# THREADS (default 2), SAVE_EVERY (default 50), extra `--set key=value` and `--max-steps N`
+# passed through.
 # When done: OUT/backbone is the backbone; OUT/log.csv has teacher_entropy_ratio/teacher_mi.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --dry-run) dry="--dry-run"; shift ;;
+    --max-steps) extra+=(--max-steps "$2"); shift 2 ;;  # stop early (trials), schedules unchanged
     --set) extra+=(--set "$2"); shift 2 ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
     esac

@@ -375,8 +375,15 @@ def _preset_tiny() -> dict[str, Any]:
     return {
         "backbone": {"preset": "tiny"},
         "views": {"n_global": 2, "n_local": 2, "global_size": 64, "local_size": 32},
-        "heads": {"out_dim": 256, "patch_out_dim": 256, "hidden": 64, "bottleneck": 32},
-        "loss": {"warmup_teacher_temp_epochs": 1},
+        "heads": {
+            "out_dim": 256,
+            "patch_out_dim": 256,
+            "hidden": 64,
+            "bottleneck": 32,
+            "batch_norm": True,
+        },
+        # The CPU recipe (issue 12): head standardisation + a teacher at 0.04 throughout.
+        "loss": {"warmup_teacher_temp_epochs": 1, "teacher_temp": 0.04},
         "optim": {"warmup_epochs": 0, "freeze_last_layer_epochs": 0},
         # Baselines (method=mae / jepa): small decoder / predictor, τ fitting a 64² view.
         # 32-px mask cells: a 2×2 grid on the 64² views (tests; the demo sets 16).
@@ -395,8 +402,16 @@ def _preset_small_cpu() -> dict[str, Any]:
     return {
         "backbone": {"preset": "small-cpu"},
         "views": {"n_global": 2, "n_local": 4, "global_size": 128, "local_size": 64},
-        "heads": {"out_dim": 4096, "patch_out_dim": 4096, "hidden": 1024, "bottleneck": 256},
-        "loss": {"warmup_teacher_temp_epochs": 10},
+        "heads": {
+            "out_dim": 4096,
+            "patch_out_dim": 4096,
+            "hidden": 1024,
+            "bottleneck": 256,
+            # Live distillation at batch 8-32 (docs/pretraining.md, "Distillation health").
+            "batch_norm": True,
+        },
+        # τ_t 0.04 throughout (DINO code's default): with 0.07 the teacher entropy stays ≈ 0.9 ln K.
+        "loss": {"warmup_teacher_temp_epochs": 10, "teacher_temp": 0.04},
         "masking": {"cell": 16},
         "optim": {"warmup_epochs": 5},
         "epochs": 50,
@@ -416,8 +431,16 @@ def _preset_small_fast() -> dict[str, Any]:
     return {
         "backbone": {"preset": "small-fast"},
         "views": {"n_global": 2, "n_local": 4, "global_size": 128, "local_size": 64},
-        "heads": {"out_dim": 2048, "patch_out_dim": 2048, "hidden": 512, "bottleneck": 128},
-        "loss": {"warmup_teacher_temp_epochs": 2},
+        "heads": {
+            "out_dim": 2048,
+            "patch_out_dim": 2048,
+            "hidden": 512,
+            "bottleneck": 128,
+            # Live distillation at batch 8-32 (docs/pretraining.md, "Distillation health").
+            "batch_norm": True,
+        },
+        # τ_t 0.04 throughout (DINO code's default): with 0.07 the teacher entropy stays ≈ 0.9 ln K.
+        "loss": {"warmup_teacher_temp_epochs": 2, "teacher_temp": 0.04},
         "masking": {"cell": 16},
         # lr is scaled by batch / 256: 3e-3 gives 1.9e-4 at batch 16. The paper's 5e-4 would
         # give 3e-5, too little for a 2000-step run to move the weights much.
