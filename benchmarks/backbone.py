@@ -3,18 +3,22 @@
 Usage::
 
     python benchmarks/backbone.py                       # tiny, small-cpu, vmamba-t; batch 1, 8
-    python benchmarks/backbone.py --presets vmamba-t --batch-sizes 1 --repeats 5
+    python benchmarks/backbone.py --presets vmamba-t --batch-sizes 1 --repeats 5 \
+        --backends numba torch --threads 1 2            # scan backends side by side
 
 Prints a table and writes ``benchmarks/results/backbone.json``. Also reports where the forward
 time of each preset goes (batch 1): selective scan vs convolutions vs linear layers vs layer
 norms vs the rest (cross-scan/merge, einsum projections, activations), measured with wall-clock
-hooks (CPU ops are synchronous).
+hooks (CPU ops are synchronous).  With several ``--backends`` / ``--threads``, every
+combination runs in the same process (same model weights), each row recording the load
+average (``os.getloadavg``) at its start.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -88,19 +92,35 @@ def forward_breakdown(model: VMamba, x: torch.Tensor, repeats: int) -> dict[str,
     return out
 
 
-def bench_preset(name: str, batch_sizes: list[int], size: int, repeats: int, train: bool):
-    """Rows of results (one per batch size) for one preset."""
+def bench_preset(
+    name: str,
+    batch_sizes: list[int],
+    size: int,
+    repeats: int,
+    train: bool,
+    backend: str = "auto",
+    threads: int | None = None,
+    breakdown: bool = True,
+):
+    """Rows of results (one per batch size) for one preset, scan backend and thread count."""
     torch.manual_seed(0)
     model = VMamba(VMambaConfig.preset(name))
     params = sum(p.numel() for p in model.parameters())
+    scan_module.set_default_backend(backend)
+    if threads:
+        torch.set_num_threads(threads)
     rows = []
     for bs in batch_sizes:
         x = torch.randn(bs, 3, size, size)
         model.eval()
+        load = os.getloadavg()[0]
         with torch.inference_mode():
             fwd = median_time(lambda x=x: model(x), repeats)
         row = {
             "preset": name,
+            "scan_backend": scan_module.resolve_backend("auto", "cpu"),
+            "threads": torch.get_num_threads(),
+            "load_1min": round(load, 2),
             "params_m": round(params / 1e6, 2),
             "batch": bs,
             "size": size,
@@ -117,16 +137,16 @@ def bench_preset(name: str, batch_sizes: list[int], size: int, repeats: int, tra
         rows.append(row)
         print_row(row)
     model.eval()
-    breakdown = forward_breakdown(model, torch.randn(1, 3, size, size), repeats)
-    return rows, breakdown
+    parts = forward_breakdown(model, torch.randn(1, 3, size, size), repeats) if breakdown else {}
+    return rows, parts
 
 
 def print_row(row: dict) -> None:
     train = row.get("train_step_s_per_image")
     train_txt = f"{train:9.3f}" if train is not None else "        -"
     print(
-        f"{row['preset']:>10} {row['params_m']:8.2f} {row['batch']:5d} "
-        f"{row['forward_s_per_image']:9.3f} {train_txt}",
+        f"{row['preset']:>10} {row['scan_backend']:>7} {row['threads']:3d} {row['params_m']:8.2f} "
+        f"{row['batch']:5d} {row['forward_s_per_image']:9.3f} {train_txt} {row['load_1min']:5.1f}",
         flush=True,
     )
 
@@ -137,22 +157,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[0], help="torch threads (0: as started)"
+    )
+    parser.add_argument(
+        "--backends", nargs="+", default=["auto"], help="scan backends (auto, numba, torch)"
+    )
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the time breakdown")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    scan_module.tune_cpu_allocator()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, scan backend auto")
-    print(f"{'preset':>10} {'params M':>8} {'batch':>5} {'fwd s/img':>9} {'train s/img':>9}")
+    print(f"torch {torch.__version__}, load average {os.getloadavg()}")
+    print(
+        f"{'preset':>10} {'backend':>7} thr {'params M':>8} {'batch':>5} {'fwd s/img':>9} "
+        f"{'train s/img':>9} load"
+    )
     results, breakdowns = [], {}
-    for name in args.presets:
-        rows, breakdown = bench_preset(
-            name, args.batch_sizes, args.size, args.repeats, not args.no_train
-        )
-        results += rows
-        breakdowns[name] = breakdown
+    try:
+        for name in args.presets:
+            for threads in args.threads:
+                for backend in args.backends:
+                    rows, breakdown = bench_preset(
+                        name, args.batch_sizes, args.size, args.repeats, not args.no_train,
+                        backend, threads or None, not args.no_breakdown,
+                    )  # fmt: skip
+                    results += rows
+                    breakdowns[f"{name}/{rows[0]['scan_backend']}/{rows[0]['threads']}t"] = (
+                        breakdown
+                    )
+    finally:
+        scan_module.set_default_backend(None)
     print("\nforward time per 224² image, batch 1 (s):")
     for name, parts in breakdowns.items():
         text = ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
@@ -160,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
-        "scan_backend": scan_module.resolve_backend("auto", "cpu"),
+        "scan_backends": args.backends,
+        "load_end": os.getloadavg(),
         "results": results,
         "forward_breakdown_batch1_s": breakdowns,
     }

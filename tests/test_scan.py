@@ -458,6 +458,7 @@ def test_numba_no_grad_threads_and_dtypes():
         with torch.no_grad():
             y = selective_scan(*[a.requires_grad_() for a in args], delta_softplus=True)
         assert _scan_numba.numba.get_num_threads() == 1
+        assert torch.get_num_threads() == 1  # numba's OpenMP pool must not raise torch's
     finally:
         torch.set_num_threads(before)
     assert y.grad_fn is None

@@ -32,7 +32,9 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -467,6 +469,22 @@ def set_threads_from_torch() -> int:
     return n
 
 
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[int]:
+    """Run a kernel with torch's thread count, and give torch that count back afterwards.
+
+    numba's OpenMP layer and torch can share one libgomp; starting numba's pool sets the
+    OpenMP default to numba's pool size, which silently raised torch from 1 to all threads
+    (and made every later torch op on a busy machine many times slower).
+    """
+    before = torch.get_num_threads()
+    try:
+        yield set_threads_from_torch()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _np(t: Tensor) -> np.ndarray:
     """Contiguous numpy view of a CPU tensor (no copy when already contiguous)."""
     return t.detach().contiguous().numpy()
@@ -498,12 +516,12 @@ class _NumbaScan(torch.autograd.Function):
         shape = (bsz, dim, length) if store else (1, 1, 1)
         dts, sgs = u.new_empty(shape), u.new_empty(shape)
         hs = u.new_empty(shape, dtype=torch.float64)
-        set_threads_from_torch()
-        _forward_kernel(
-            _np(u), _np(delta), _np(A), _np(B), _np(C), _np(Dv), _np(bv), _np(zv),
-            z is not None, bool(softplus), y.numpy(), last.numpy(), ckpt.numpy(),
-            store, dts.numpy(), sgs.numpy(), hs.numpy(),
-        )  # fmt: skip
+        with _torch_threads_kept():
+            _forward_kernel(
+                _np(u), _np(delta), _np(A), _np(B), _np(C), _np(Dv), _np(bv), _np(zv),
+                z is not None, bool(softplus), y.numpy(), last.numpy(), ckpt.numpy(),
+                store, dts.numpy(), sgs.numpy(), hs.numpy(),
+            )  # fmt: skip
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(u, delta, A, B, C, Dv, bv, zv, ckpt, dts, sgs, hs)
         ctx.store = store
@@ -520,7 +538,7 @@ class _NumbaScan(torch.autograd.Function):
         n = A.shape[1]
         gy = grad_y if grad_y is not None else u.new_zeros(u.shape)
         gl = grad_last if grad_last is not None else u.new_zeros(bsz, dim, n)
-        threads = set_threads_from_torch()
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         parts = _parts(bsz, groups, dim // groups, threads)
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
         gz = torch.empty_like(u) if has_z else u.new_empty(1, 1, 1)
@@ -530,12 +548,13 @@ class _NumbaScan(torch.autograd.Function):
         gbias = torch.empty(bsz, dim, **f64)
         gBp = torch.zeros(parts, *B.shape, **f64)
         gCp = torch.zeros(parts, *C.shape, **f64)
-        _backward_kernel(
-            _np(u), _np(delta), _np(A), _np(B), _np(C), _np(Dv), _np(bv), _np(zv), has_z,
-            softplus, _np(ckpt), _np(gy), _np(gl), parts,
-            gu.numpy(), gdelta.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gbias.numpy(),
-            gBp.numpy(), gCp.numpy(), ctx.store, _np(dts), _np(sgs), _np(hs),
-        )  # fmt: skip
+        with _torch_threads_kept():
+            _backward_kernel(
+                _np(u), _np(delta), _np(A), _np(B), _np(C), _np(Dv), _np(bv), _np(zv), has_z,
+                softplus, _np(ckpt), _np(gy), _np(gl), parts,
+                gu.numpy(), gdelta.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gbias.numpy(),
+                gBp.numpy(), gCp.numpy(), ctx.store, _np(dts), _np(sgs), _np(hs),
+            )  # fmt: skip
         dtype = u.dtype
         return (
             gu,
