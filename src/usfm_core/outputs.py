@@ -174,21 +174,48 @@ def check_outputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
     file directly inside it would change what it holds). Call before writing anything.
     """
     inputs = [Path(p) for p in inputs]
-    folders = [p for p in inputs if p.is_dir()]
+    files = _identities(inputs)  # O(outputs + inputs): thousands of inputs stay fast
+    folders = _identities([p for p in inputs if p.is_dir()])
     for out in outputs:
         out = Path(out)
-        for src in inputs:
-            if _same(out, src):
-                raise USFMError(
-                    f"the output {out} would overwrite the input {src}",
-                    hint="write to another --out folder, or rename the input",
-                )
-        for folder in folders:
-            if _same(out.parent, folder):
-                raise USFMError(
-                    f"the output {out} would be written into the input folder {folder}",
-                    hint="write to another --out folder",
-                )
+        src = _find_same(out, files)
+        if src is not None:
+            raise USFMError(
+                f"the output {out} would overwrite the input {src}",
+                hint="write to another --out folder, or rename the input",
+            )
+        folder = _find_same(out.parent, folders)
+        if folder is not None:
+            raise USFMError(
+                f"the output {out} would be written into the input folder {folder}",
+                hint="write to another --out folder",
+            )
+
+
+def _identities(paths: list[Path]) -> dict[object, Path]:
+    """Each path under its resolved name and, when it exists, its ``(device, inode)``: the two
+    ways :func:`_same` recognises a file (links, case, ``..`` included)."""
+    out: dict[object, Path] = {}
+    for p in paths:
+        try:
+            out.setdefault(p.resolve(), p)
+            st = p.stat()
+            out.setdefault((st.st_dev, st.st_ino), p)
+        except OSError:
+            pass
+    return out
+
+
+def _find_same(path: Path, identities: dict[object, Path]) -> Path | None:
+    """The path of ``identities`` that names the same file as ``path``, else None."""
+    try:
+        hit = identities.get(path.resolve())
+        if hit is None and path.exists():
+            st = path.stat()
+            hit = identities.get((st.st_dev, st.st_ino))
+    except OSError:
+        return None
+    return hit
 
 
 def check_out_dir(out_dir: Path, inputs: Iterable[Path]) -> None:
