@@ -200,13 +200,12 @@ def _seg_scorer(
 
 
 def structure_names(model) -> list[str]:
-    """Names of the scored (foreground) classes of a segmenter: ``classes[1:]`` of a softmax
-    model whose ``classes`` name every output, else ``["foreground"]`` / ``class<k>``."""
-    k = int(getattr(model, "n_classes", 1))
-    names = list(getattr(model, "classes", []) or [])
-    if k > 1:
-        return names[1:] if len(names) == k else [f"class{c}" for c in range(1, k)]
-    return [names[1]] if len(names) == 2 and names[0] == "background" else ["foreground"]
+    """Names of the scored (foreground) classes of a segmenter, in class order
+    (:func:`usfm_core.finetune.infer.label_names`)."""
+    from usfm_core.finetune.infer import label_names
+
+    names = label_names(model)
+    return [names[c] for c in sorted(names) if c != 255]
 
 
 def circumference_error_mm(pred: np.ndarray, pixel_size_mm: float, reference_mm: float) -> float:

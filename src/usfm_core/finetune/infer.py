@@ -9,7 +9,7 @@ is known.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -170,6 +170,7 @@ MEASUREMENT_COLUMNS: tuple[str, ...] = (
     "frame",
     "object",
     "label",
+    "class",
     "unit",
     "area_mm2",
     *(f"{k}_mm" for k in LENGTH_KEYS),
@@ -180,6 +181,22 @@ MEASUREMENT_COLUMNS: tuple[str, ...] = (
     "calibration",
     "note",
 )
+
+
+def label_names(model: torch.nn.Module) -> dict[int, str]:
+    """Label value → class name of a segmenter's masks (as ``segment`` writes them).
+
+    A softmax model whose ``classes`` name every output gives ``{1: classes[1], ...}``; a
+    one-structure model ``{1: name}`` when its classes are ``["background", name]``, else
+    ``{1: "foreground"}`` (older models saved the image classes of their data set there).
+    Binary masks are stored 0/255, so 255 gets the same name.
+    """
+    k = int(getattr(model, "n_classes", 1))
+    names = list(getattr(model, "classes", []) or [])
+    if k > 1:
+        return {c: names[c] if len(names) == k else f"class{c}" for c in range(1, k)}
+    name = names[1] if len(names) == 2 and names[0] == "background" else "foreground"
+    return {1: name, 255: name}
 
 
 def summary_columns(unit: str) -> tuple[str, ...]:
@@ -207,6 +224,7 @@ def measurement_rows(
     calibration: str = "",
     note: str = "",
     digits: int = 4,
+    class_names: Mapping[int, str] | None = None,
 ) -> list[dict]:
     """Rows of :data:`MEASUREMENT_COLUMNS` for one frame's label map ``(H, W)``.
 
@@ -216,7 +234,8 @@ def measurement_rows(
     centroid as row / column pixel index); ``*_mm`` columns (area in mm², lengths and the
     centroid from the top-left pixel's centre in mm, with ``spacing_mm = (dy, dx)``) only when
     calibrated, else empty. A frame without objects gives one row with an empty ``object`` and
-    zero area. Floats are rounded to ``digits`` decimals.
+    zero area. Floats are rounded to ``digits`` decimals. ``class_names`` (label value → name,
+    e.g. :func:`label_names` of the model) fills the ``class`` column.
     """
     unit = "mm" if spacing_mm is not None else "px"
     dy, dx = (float(spacing_mm[0]), float(spacing_mm[1])) if spacing_mm is not None else (0, 0)
@@ -238,6 +257,7 @@ def measurement_rows(
     rows = []
     for k, (obj_px, obj_mm) in enumerate(zip(px, mm), start=1):
         row = {**base, "object": k, "label": obj_px["label"], "area_px2": obj_px["n_pixels"]}
+        row["class"] = (class_names or {}).get(int(obj_px["label"]), "")
         for key in LENGTH_KEYS:
             row[f"{key}_px"] = _round(obj_px[key], digits)
         if obj_mm is not None:
