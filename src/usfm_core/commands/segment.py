@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             if calibration.warning:
                 warnings.append(calibration.warning)
             rows += scan_rows
+        bar.set_postfix_str("", refresh=False)  # the summary line names no file
     with atomic_path(args.out / "measurements.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MEASUREMENT_COLUMNS)
         writer.writeheader()
