@@ -417,3 +417,31 @@ def test_painted_frames_with_two_label_values_train_a_softmax_model(tmp_path):
     assert res.classes == ["background", "class1", "class2"]
     assert {"dice_class1", "dice_class2"} <= set(res.val_metrics)
     assert json.loads((res.model_dir / "config.json").read_text())["config"]["n_classes"] == 3
+
+
+def test_class_names_in_measurements_and_napari_labels(tmp_path):
+    """label_names maps label values to class names (softmax and one-structure models, model
+    or config.json); the napari Segment layer gets them as features (shown on hover)."""
+    from usfm_core.finetune.infer import label_names, measurement_rows
+    from usfm_core.finetune.models import Segmenter, save_finetuned
+
+    model = Segmenter(ConvBackbone(ConvCfg(width=4)), 3, "conv")
+    model.classes = ["background", "cyst", "echogenic"]
+    save_finetuned(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert label_names(model) == label_names(config) == {1: "cyst", 2: "echogenic"}
+    binary = Segmenter(ConvBackbone(ConvCfg(width=4)), 1, "conv")
+    binary.classes = ["benign", "malignant", "normal"]  # older models: the image classes
+    assert label_names(binary) == {1: "foreground", 255: "foreground"}
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:6, :6], mask[10:, 10:] = 2, 1
+    rows = measurement_rows(mask, class_names=label_names(model))
+    assert {(r["label"], r["class"]) for r in rows} == {(1, "cyst"), (2, "echogenic")}
+
+    napari = pytest.importorskip("napari")
+    from napari_usfm._widgets import _name_classes
+
+    layer = napari.layers.Labels(mask)
+    _name_classes(layer, str(tmp_path / "m"))
+    assert list(layer.features["class"]) == ["background", "cyst", "echogenic"]
+    assert "class: echogenic" in layer.get_status((2, 2), world=True)["value"]

@@ -234,6 +234,20 @@ def _segment_job(
         yield i, mask, rows
 
 
+def _name_classes(labels: Any, model_ref: str) -> None:
+    """Put the model's class names in the Labels layer's features (napari shows the class of
+    the label under the cursor); a model whose config cannot be read is left unnamed."""
+    from usfm_core.finetune.infer import label_names
+    from usfm_core.models.zoo import find_model
+
+    try:
+        names = {k: v for k, v in label_names(find_model(model_ref).config).items() if k != 255}
+    except Exception:  # naming is a convenience: never block segmentation on it
+        return
+    ids = sorted(names)
+    labels.features = {"index": [0, *ids], "class": ["background", *(names[i] for i in ids)]}
+
+
 class SegmentWidget(_Base):
     """Run a segmentation model on the current frame, all frames or a frame range."""
 
@@ -342,6 +356,7 @@ class SegmentWidget(_Base):
             return None
         indices = self._indices(layer)
         self.labels_layer = self._ensure_labels(layer)
+        _name_classes(self.labels_layer, model_path)
         self.rows = []
         self.frames_done: list[int] = []
         self._table_updated = 0.0

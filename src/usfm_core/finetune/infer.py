@@ -183,16 +183,21 @@ MEASUREMENT_COLUMNS: tuple[str, ...] = (
 )
 
 
-def label_names(model: torch.nn.Module) -> dict[int, str]:
+def label_names(model: torch.nn.Module | dict) -> dict[int, str]:
     """Label value → class name of a segmenter's masks (as ``segment`` writes them).
 
-    A softmax model whose ``classes`` name every output gives ``{1: classes[1], ...}``; a
-    one-structure model ``{1: name}`` when its classes are ``["background", name]``, else
-    ``{1: "foreground"}`` (older models saved the image classes of their data set there).
-    Binary masks are stored 0/255, so 255 gets the same name.
+    ``model`` is a segmenter or its saved ``config.json`` (parsed). A softmax model whose
+    ``classes`` name every output gives ``{1: classes[1], ...}``; a one-structure model
+    ``{1: name}`` when its classes are ``["background", name]``, else ``{1: "foreground"}``
+    (older models saved the image classes of their data set there). Binary masks are stored
+    0/255 by ``usfm-core segment``, so 255 gets the same name.
     """
-    k = int(getattr(model, "n_classes", 1))
-    names = list(getattr(model, "classes", []) or [])
+    if isinstance(model, dict):
+        cfg = model.get("config", model)
+        k, names = int(cfg.get("n_classes", 1)), list(cfg.get("classes") or [])
+    else:
+        k = int(getattr(model, "n_classes", 1))
+        names = list(getattr(model, "classes", []) or [])
     if k > 1:
         return {c: names[c] if len(names) == k else f"class{c}" for c in range(1, k)}
     name = names[1] if len(names) == 2 and names[0] == "background" else "foreground"
