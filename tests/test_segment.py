@@ -369,3 +369,29 @@ def test_napari_table_and_csv_match_the_cli_rows(make_napari_viewer, qtbot, tmp_
     saved = list(csv.DictReader(open(widget.save_measurements())))
     assert list(saved[0]) == list(MEASUREMENT_COLUMNS) and len(saved) == len(expect)
     assert [r["object"] for r in saved] == [str(r["object"]) for r in expect]
+
+
+def test_segment_preprocessed_folder_takes_the_manifest_spacing(tmp_path):
+    """preprocess writes PNG frames (no calibration) + manifest spacing; segment of that folder
+    measures in mm with the manifest's spacing_dy_mm / spacing_dx_mm."""
+    from usfm_core.cli import main
+    from usfm_core.io import write_dicom
+
+    frames = np.random.default_rng(3).integers(0, 255, (2, 60, 80), np.uint8)
+    write_dicom(tmp_path / "raw" / "cine.dcm", frames, spacing_mm=(0.2, 0.3), fps=10)
+    prep = tmp_path / "prep"
+    args = ["preprocess", str(tmp_path / "raw"), str(prep), "--no-text-removal", "--no-crop"]
+    assert main([*args, "--fps", "100", "--no-progress"]) == 0
+    manifest = list(csv.DictReader(open(prep / "manifest.csv")))
+    assert len(manifest) == 2
+    out = tmp_path / "out"
+    assert _run_segment(_save_tiny(tmp_path), prep, out=out) == 0
+    assert sorted(p.name for p in out.glob("*_mask.png")) == sorted(
+        f"{Path(r['png']).stem}_mask.png" for r in manifest
+    )
+    rows = list(csv.DictReader(open(out / "measurements.csv")))
+    spacing = {(r["spacing_dy_mm"], r["spacing_dx_mm"]) for r in manifest}
+    assert {(float(r["pixel_size_y_mm"]), float(r["pixel_size_x_mm"])) for r in rows} == {
+        (float(dy), float(dx)) for dy, dx in spacing
+    }
+    assert all(r["calibration"] == "manifest" and r["unit"] == "mm" for r in rows)
