@@ -4,10 +4,13 @@ For each preset (``tiny``, ``small-cpu``, optionally ``openus-s`` at batch 2) on
 step on random views is split into: teacher forward, scan-attention map (teacher forward
 with the attention read-out minus without), mask generation, student forward (+ losses),
 backward, and the selective scan's share of the forward passes. Prints a table and writes
-``benchmarks/results/pretrain.json``. ``--methods`` adds a side-by-side table of full training
+``benchmarks/results/pretrain.json``. ``--backends`` runs each preset once per selective-scan
+backend in the same process (rows keyed by preset and backend; the load average is recorded
+per row). ``--methods`` adds a side-by-side table of full training
 steps (images/s) of each pretraining method (openus, ibot, mae, jepa) on one preset.
 
     python benchmarks/pretrain.py [--presets tiny small-cpu openus-s] [--steps 3]
+    python benchmarks/pretrain.py --presets small-fast --backends numba torch --threads 1
     python benchmarks/pretrain.py --presets --methods openus ibot mae jepa --method-preset tiny
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -135,8 +139,16 @@ def time_steps(method: str, cfg, batch_size: int, steps: int):
     return model, batch, (time.perf_counter() - t0) / steps
 
 
-def bench(name: str, batch_size: int | None, steps: int) -> dict[str, float | str | int]:
-    """Time ``steps`` full OpenUS training steps (after one warm-up) and one profiled step."""
+def bench(
+    name: str, batch_size: int | None, steps: int, backend: str = "auto"
+) -> dict[str, float | str | int]:
+    """Time ``steps`` full OpenUS training steps (after one warm-up) and one profiled step,
+    with selective-scan backend ``backend``."""
+    import usfm_core.models.scan as scan
+
+    scan.set_default_backend(backend)
+    torch.manual_seed(0)
+    load = os.getloadavg()[0]
     cfg = preset(name)
     bs = batch_size or cfg.batch_size
     model, batch, per_step = time_steps("openus", cfg, bs, steps)
@@ -144,6 +156,8 @@ def bench(name: str, batch_size: int | None, steps: int) -> dict[str, float | st
     v = cfg.views
     return {
         "preset": name,
+        "scan_backend": scan.resolve_backend("auto", "cpu"),
+        "load_1min": round(load, 2),
         "batch": bs,
         "views": f"{v.n_global}x{v.global_size}² + {v.n_local}x{v.local_size}²",
         "params_student_M": round(sum(p.numel() for p in model.student.parameters()) / 1e6, 2),
@@ -181,15 +195,19 @@ def main() -> None:
     )
     parser.add_argument("--method-preset", default="tiny")
     parser.add_argument("--method-batch", type=int, default=8)
+    parser.add_argument(
+        "--backends", nargs="+", default=["auto"], help="scan backends to time (auto, numba, torch)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = {
         "device": "cpu",
+        "backends": args.backends,
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "note": "seconds per step part; shared 2-core CI box",
+        "note": "seconds per step part; shared 2-core box (load average per row)",
     }
     # Keep earlier results of presets not re-run now (openus-s takes minutes on CPU).
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -203,8 +221,11 @@ def main() -> None:
             print(" | ".join(str(v) for v in r.values()), flush=True)
     rows = [r for r in old if r["preset"] not in args.presets]
     for name in args.presets:
-        # openus-s (VMamba-S at 224²) only with batch 2: its per-process batch 32 is GPU-sized.
-        rows.append(bench(name, 2 if name == "openus-s" else 4, args.steps))
+        for backend in args.backends:
+            # openus-s (VMamba-S at 224²) only with batch 2: its per-process batch 32 is
+            # GPU-sized.
+            rows.append(bench(name, 2 if name == "openus-s" else 4, args.steps, backend))
+        _speedups(rows, name)
         _print_table(rows)
         # Written after every preset so a long openus-s run does not lose the others.
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -219,14 +240,24 @@ def main() -> None:
     print(f"wrote {RESULTS}")
 
 
+def _speedups(rows: list[dict], name: str) -> None:
+    """Add ``step_speedup_vs_torch`` to this preset's non-torch rows of the same run."""
+    base = [r for r in rows if r["preset"] == name and r.get("scan_backend") == "torch"]
+    if base:
+        for r in rows:
+            if r["preset"] == name and r.get("scan_backend") != "torch":
+                r["step_speedup_vs_torch"] = round(base[-1]["step_s"] / r["step_s"], 2)
+
+
 def _print_table(rows: list[dict]) -> None:
     cols = [
-        "preset", "batch", "views", "params_student_M", "step_s", "images_per_s",
+        "preset", "scan_backend", "load_1min", "batch", "views", "params_student_M", "step_s",
+        "images_per_s", "step_speedup_vs_torch",
         "teacher_fwd", "attention_map", "mask_gen", "student_fwd", "backward", "scan_share_fwd",
     ]  # fmt: skip
     print(" | ".join(cols))
     for r in rows:
-        print(" | ".join(str(r[c]) for c in cols), flush=True)
+        print(" | ".join(str(r.get(c, "-")) for c in cols), flush=True)
 
 
 if __name__ == "__main__":
