@@ -231,10 +231,14 @@ def _prep_delta(delta, u, bias_d, softplus, slope, t0, tl, dtb, dub, sgb):  # ty
     """Chunk ``[t0, t0+tl)`` of one row: ``dtb = Δ`` (after bias/softplus), ``dub = Δ·u`` and,
     if ``slope``, ``sgb = ∂Δ/∂δ`` (sigmoid, or 1); vectorised loops."""
     if softplus and slope:
-        for i in range(tl):
+        for i in range(tl):  # one exp for both: e = exp(-|x|)
             x = delta[t0 + i] + bias_d
-            dtb[i] = _softplus(x)
-            sgb[i] = _sigmoid(x) if x <= 20 else _like(x, 1)
+            one = _like(x, 1)
+            e = _vexp(-abs(x))
+            sp = max(x, _like(x, 0)) + _vlog1p_unit(e)
+            inv = one / (one + e)
+            dtb[i] = x if x > 20 else sp
+            sgb[i] = one if x > 20 else (inv if x >= 0 else e * inv)
     elif softplus:
         for i in range(tl):
             dtb[i] = _softplus(delta[t0 + i] + bias_d)
