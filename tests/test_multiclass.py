@@ -333,7 +333,7 @@ def test_cli_splits_val_every_from_scratch_like_and_evaluate(phantoms, tmp_path,
     history = list(csv.DictReader(open(tmp_path / "a" / "history.csv")))
     assert [r["step"] for r in history] == ["1", "2"]
 
-    like = ["--from-scratch-like", str(tmp_path / "a" / "model"), "--max-steps", "1"]
+    like = ["--from-scratch-like", str(tmp_path / "a"), "--max-steps", "1"]  # a run folder
     assert main(["finetune", *common, *like, "--out", str(tmp_path / "b")]) == 0
     second, meta_b = load_finetuned(tmp_path / "b")
     assert second.backbone.config.to_dict() == first.backbone.config.to_dict()

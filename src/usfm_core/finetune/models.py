@@ -413,7 +413,8 @@ def load_backbone(ckpt_dir: str | Path) -> nn.Module:
 
     ``ckpt_dir`` may be a model name (``usfm-core models``): a shipped or imported model of
     kind ``backbone``, or a fine-tuned model whose encoder is reused. A ``usfm-core pretrain``
-    run folder is accepted too (its ``backbone/`` sub-folder is used).
+    run folder is accepted too (its ``backbone/`` sub-folder is used), and a ``usfm-core
+    finetune`` run folder (its ``model/``).
 
     Wrappers are unwrapped through ``.backbone``, ``.student`` / ``.encoder`` or
     ``.teacher`` attributes (a teacher-student pretrain model yields its teacher if present,
@@ -428,8 +429,10 @@ def load_backbone(ckpt_dir: str | Path) -> nn.Module:
     from usfm_core.models.zoo import resolve_model_dir
 
     ckpt_dir = resolve_model_dir(ckpt_dir)  # a path, or a shipped / user model's name
-    if (ckpt_dir / "backbone" / "config.json").is_file() and not _is_model_folder(ckpt_dir):
-        ckpt_dir = ckpt_dir / "backbone"  # a pretrain run folder: its exported backbone
+    for sub in ("backbone", "model"):  # a pretrain / finetune run folder: its saved model
+        if (ckpt_dir / sub / "config.json").is_file() and not _is_model_folder(ckpt_dir):
+            ckpt_dir = ckpt_dir / sub
+            break
     model, _meta = load_model(ckpt_dir)
     for attr in ("teacher", "backbone", "encoder", "student"):
         inner = getattr(model, attr, None)
