@@ -631,7 +631,8 @@ def _print_plan(
         "student / teacher params": f"{n_student / 1e6:.2f} M / {n_teacher / 1e6:.2f} M",
         "weights+optimiser memory": f"{state_bytes / 2**20:.0f} MiB",
         "pixels per step": f"{pixels / 1e6:.2f} M (activations scale with this)",
-        "masking": f"{config.masking.generator}, ratio {config.masking.ratio}",
+        "masking": f"{config.masking.generator}, ratio {config.masking.ratio}, "
+        f"{config.masking.cell}-px cells ({v.global_size // config.masking.cell}² per global view)",
     }
     if info.is_main:
         print("pretraining plan (dry run, nothing written):\n" + _format_plan(plan))
