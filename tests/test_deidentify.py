@@ -346,3 +346,57 @@ def test_a_file_the_profile_cannot_handle_is_reported_not_copied(tmp_path, monke
     assert main(args) == 1
     assert "not written: Doe.dcm: NotImplementedError" in capsys.readouterr().out
     assert [p.suffix for p in (tmp_path / "out").glob("scan-*")] == [".png"]
+
+
+def _preprocess_args(src: Path, out: Path, *extra: str) -> list[str]:
+    """``usfm-core preprocess --deidentify`` on ``src`` (2 frames per scan, no progress bar)."""
+    args = ["preprocess", str(src), str(out), "--deidentify", "--no-progress", "--max-frames"]
+    return [*args, "2", *extra, *([] if HAVE_TESSERACT else ["--allow-no-ocr"])]
+
+
+def test_preprocess_deidentify_pseudonymises_names_and_pixels(tmp_path):
+    src = tmp_path / "raw"
+    ds = _write_phi_dicom(src / "Smithfield_Johanna" / "Smithfield_Johanna.dcm")
+    (src / "Quackenbush_Wilma.dcm").write_bytes(b"not a scan")  # its failure is reported
+    out = tmp_path / "prepared"
+    assert main(_preprocess_args(src, out)) == 1  # one source failed
+    mapping = tmp_path / "prepared.mapping.csv"
+    assert stat.S_IMODE(mapping.stat().st_mode) == 0o600
+    pseudonym = next(
+        line.split(",")[0] for line in mapping.read_text().splitlines() if "Smithfield" in line
+    )
+    assert pseudonym.startswith("scan-")
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.parent.name == "frames" for p in files)
+    assert "not a DICOM" in (out / "summary.json").read_text()  # the failure, redacted
+    for path in files:  # frames, region masks, manifest, summary, completion markers
+        rel = path.relative_to(out).as_posix().lower()
+        assert "smithfield" not in rel and "johanna" not in rel
+        data = path.read_bytes().lower()
+        for phi in _phi_strings(ds):
+            assert phi.lower().encode() not in data, f"{phi!r} survives in {rel}"
+    import csv
+
+    with open(out / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {row["source"] for row in rows} == {pseudonym}
+    assert all(row["png"].startswith(f"frames/{pseudonym}_f") for row in rows)
+    if HAVE_TESSERACT:
+        for row in rows:
+            frame = cv2.imread(str(out / row["png"]), cv2.IMREAD_GRAYSCALE)
+            read = _ocr_text(frame)
+            assert "2345" not in read and "SMITH" not in read
+
+
+def test_preprocess_deidentify_refuses_without_tesseract(tmp_path, monkeypatch, capsys):
+    from usfm_core.preprocess import annotations
+
+    monkeypatch.setattr(annotations, "tesseract_available", lambda: False)
+    src = tmp_path / "raw"
+    write_image(src / "Doe_Jane.png", _frame_with_burned_in_text())
+    args = ["preprocess", str(src), str(tmp_path / "out"), "--deidentify", "--no-progress"]
+    assert main(args) == 1
+    assert "apt-get install tesseract-ocr" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "frames").exists()
+    assert main([*args, "--allow-no-ocr"]) == 0
+    assert not any("doe" in p.name.lower() for p in (tmp_path / "out").rglob("*"))

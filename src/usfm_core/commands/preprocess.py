@@ -74,12 +74,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="no progress display (default: a bar with rate and ETA on a terminal, a plain "
         "line every 30 s and a summary when the output is a log)",
     )
+    from usfm_core.commands.deidentify import add_preprocess_arguments
+
+    add_preprocess_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run :func:`usfm_core.preprocess.pipeline.run_preprocessing` and print a summary."""
+    from usfm_core.commands.deidentify import preprocess_deidentifier
     from usfm_core.preprocess.pipeline import PreprocessOptions, run_preprocessing
+
+    deidentify = preprocess_deidentifier(args)  # None without --deidentify
 
     options = PreprocessOptions(
         target_fps=args.fps,
@@ -90,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
         use_ocr=False if args.no_ocr else "auto",
     )
     summary = run_preprocessing(
-        args.in_dir, args.out_dir, options, workers=args.workers, progress=not args.no_progress
+        args.in_dir,
+        args.out_dir,
+        options,
+        workers=args.workers,
+        progress=not args.no_progress,
+        deidentify=deidentify,
     )
     print(
         f"preprocessed {summary.n_sources} sources ({summary.n_processed} now, "
@@ -98,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.n_frames} frames in {summary.seconds:.1f} s"
     )
     print(f"manifest: {summary.manifest}")
+    if deidentify is not None:
+        print(f"pseudonym mapping (private): {deidentify.mapping}")
     for source, reason in summary.failures:
         print(f"  failed: {source}: {reason.splitlines()[0]}")
     # Failure policy (same as segment): every good source is done, failures are listed, and

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +89,7 @@ class PreprocessOptions:
     crop: bool = True
     size: int | None = None
     use_ocr: bool | Literal["auto"] = "auto"
+    deidentify: bool = False  # names are pseudonyms; OCR text mask of preprocess.deidentify
 
 
 @dataclass
@@ -230,6 +231,10 @@ def process_source(
     static_text = None
     if options.remove_text and options.use_ocr is not False and len(frames) > 1:
         static_text = text_mask(to_gray(frames[0]), region, options.use_ocr)
+    if options.deidentify:
+        from usfm_core.preprocess.deidentify import preprocess_text_mask
+
+        static_text = preprocess_text_mask(frames, static_text, options.use_ocr)
     rows = []
     for index, frame in zip(indices, frames):
         image, n_annotation = _prepare_frame(frame, region, bbox, options, static_text)
@@ -376,8 +381,12 @@ def run_preprocessing(
     *,
     workers: int = 1,
     progress: bool = True,
+    deidentify: Any = None,
 ) -> PreprocessSummary:
     """Preprocess every scan under ``in_dir`` into ``out_dir``; see the module docstring.
+
+    ``deidentify``: a :class:`~usfm_core.preprocess.deidentify.PreprocessDeidentifier`; every
+    name written (frames, masks, markers, manifest ``source``, failures) is then a pseudonym.
 
     Unreadable files are logged, listed in ``summary.failures`` and skipped; sources finished by
     an earlier run with the same options (and unchanged files) are skipped.
@@ -401,6 +410,13 @@ def run_preprocessing(
     _remove_stale_temporaries(out_dir)
     rels = [src.relative_to(in_dir) for src in sources]
     stems = output_stems(rels)
+    real: dict[Path, tuple[Path, Path]] = {}  # pseudonym -> (source, relative path)
+    if deidentify is not None:
+        deidentify.write_mapping(rels)
+        options = replace(options, deidentify=True, remove_text=True, use_ocr=deidentify.ocr)
+        real = {Path(deidentify.stem(rel)): (src, rel) for src, rel in zip(sources, rels)}
+        rels = list(real)
+        stems = {rel: rel.as_posix() for rel in rels}
     summary = PreprocessSummary(manifest=out_dir / "manifest.csv", n_sources=len(sources))
     rows_by_source: dict[Path, list[dict[str, Any]]] = {}
     todo = []
@@ -414,6 +430,8 @@ def run_preprocessing(
 
     def record(rel: Path, rows: list[dict[str, Any]] | None, reason: str | None) -> None:
         if rows is None:
+            if rel in real:  # the reason names the file: redact it
+                reason = deidentify.redact(reason or "", *real[rel])
             log.warning("skipped %s: %s", rel, reason)
             summary.failures.append((rel.as_posix(), reason or "unknown error"))
         else:
