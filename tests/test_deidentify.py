@@ -400,3 +400,18 @@ def test_preprocess_deidentify_refuses_without_tesseract(tmp_path, monkeypatch, 
     assert not (tmp_path / "out" / "frames").exists()
     assert main([*args, "--allow-no-ocr"]) == 0
     assert not any("doe" in p.name.lower() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_preprocess_refuses_deidentify_options_that_keep_text(tmp_path, capsys):
+    src = tmp_path / "raw"
+    write_image(src / "Doe_Jane.png", _frame_with_burned_in_text())
+    base = ["preprocess", str(src), str(tmp_path / "out"), "--no-progress"]
+    for extra in (
+        ["--deidentify", "--no-ocr"],
+        ["--deidentify", "--no-text-removal"],
+        ["--salt", "s"],
+    ):
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
