@@ -79,9 +79,16 @@ def run(args: argparse.Namespace) -> int:
             "views.global_size=128",
             "views.local_size=64",
             "masking.cell=16",
+            # One epoch of exactly --steps steps: with the data-derived epoch length the run
+            # stopped early (24 of the 30 steps it announced).
+            "epochs=1",
+            f"steps_per_epoch={args.steps}",
         ],
     )
     run_dir = pretrain(cfg, out / "data", out / "run", max_steps=args.steps)
+    steps_run = _steps_logged(Path(run_dir))
+    if steps_run != args.steps:
+        print(f"    note: {steps_run} of {args.steps} steps ran")
     print(f"    run → {run_dir} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = _step("self-adaptive masking maps of frame 0")
@@ -91,6 +98,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"    figure → {fig_path} ({time.perf_counter() - t0:.1f} s)")
     print(f"done: open {fig_path}; log in {Path(run_dir) / 'log.csv'}")
     return 0
+
+
+def _steps_logged(run_dir: Path) -> int:
+    """The last step number in ``run_dir/log.csv`` (0 when there is no log)."""
+    import csv
+
+    log = run_dir / "log.csv"
+    if not log.exists():
+        return 0
+    with open(log, encoding="utf-8", newline="") as fh:
+        steps = [int(float(row["step"])) for row in csv.DictReader(fh) if row.get("step")]
+    return max(steps, default=0)
 
 
 def _figure(frame, res, path: Path) -> Path:
