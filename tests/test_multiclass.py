@@ -348,6 +348,23 @@ def test_cli_splits_val_every_from_scratch_like_and_evaluate(phantoms, tmp_path,
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["n"] == 4 and set(metrics["clean"]["per_class"]) == {"cyst", "echogenic"}
 
+    # segment: class indices in the mask, each object's class named in measurements.csv (a
+    # model whose head predicts class 2 everywhere: one object, "echogenic")
+    from usfm_core.finetune.models import Segmenter, save_finetuned
+
+    fixed = Segmenter(ConvBackbone(ConvCfg(width=4)), 3, "conv")
+    with torch.no_grad():
+        fixed.decoder.fuse[-1].weight.zero_()
+        fixed.decoder.fuse[-1].bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    fixed.classes, fixed.input_size = ["background", "cyst", "echogenic"], 64
+    save_finetuned(fixed, tmp_path / "fixed")
+    image = phantoms / keys[50]
+    assert main(["segment", str(tmp_path / "fixed"), str(image), "--out", str(tmp_path / "s")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "s" / f"{image.stem}_mask.png"))
+    assert set(np.unique(mask)) == {2}  # class indices, not 0/255
+    rows = list(csv.DictReader(open(tmp_path / "s" / "measurements.csv")))
+    assert [(r["label"], r["class"]) for r in rows] == [("2", "echogenic")]
+
 
 def test_time_budget_stops_training(phantoms, tmp_path):
     """A 0.2 s budget and a first step that takes 0.3 s: exactly one step, then validation."""

@@ -6,7 +6,7 @@ listed by its manifest.csv (image or png column) when it has one, else every sca
 inside it (not its sub-folders). Frames are streamed: masks are written as they are produced,
 so memory stays flat. Single images give <name>_mask.png, stacks <name>_mask.tif (same H x W,
 one page per frame, calibrated like the scan); binary masks are 0/255, multi-class masks hold
-class indices.
+class indices (1, 2, ...; the class column of measurements.csv names them).
 
 measurements.csv has one row per object of every frame (objects numbered 1, 2, ... largest
 first, as in the napari Segment table), with the units in the column names: area_mm2,
@@ -281,7 +281,7 @@ def segment_scan(
     import tifffile
 
     from usfm_core.calibration import Calibrator
-    from usfm_core.finetune.infer import measurement_rows, segment_frames
+    from usfm_core.finetune.infer import label_names, measurement_rows, segment_frames
     from usfm_core.io import load_scan
     from usfm_core.progress import progress_bar
     from usfm_core.utils import atomic_path
@@ -330,6 +330,7 @@ def segment_scan(
                             frame=i,
                             min_pixels=min_pixels,
                             calibration=calibration.source,
+                            class_names=label_names(model),
                             note=note,
                         )
                 finally:
