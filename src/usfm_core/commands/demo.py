@@ -148,7 +148,9 @@ def _figure(frame, res, path: Path) -> Path:
         ax.axis("off")
     fig.suptitle("OpenUS self-adaptive masking on a simulated B-mode frame")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    from usfm_core.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
