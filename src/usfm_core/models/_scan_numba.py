@@ -71,7 +71,7 @@ from numba.extending import intrinsic, overload  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
-__all__ = ["CHUNK", "numba_scan", "set_threads_from_torch"]
+__all__ = ["CHUNK", "numba_scan", "set_threads_from_torch", "unusable_after_fork"]
 
 #: Steps per chunk: border states stored every CHUNK steps; per-chunk buffers stay in L1.
 CHUNK = 128
@@ -464,6 +464,27 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
             gbias[b, d] = gb_acc
 
 
+# --------------------------------------------------------------------------- fork safety
+_state = {"launched": False, "forked_after_launch": False}
+
+
+def _after_fork_in_child() -> None:
+    """GNU OpenMP is not fork-safe: once numba's pool ran, a forked child that launches a
+    parallel kernel is terminated ("fork() called from a process already using GNU OpenMP")."""
+    if _state["launched"]:
+        _state["forked_after_launch"] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def unusable_after_fork() -> bool:
+    """True in a process forked (not spawned) after its parent ran this kernel: the ``auto``
+    backend then falls back to ``torch`` there (e.g. fork-based DataLoader workers)."""
+    return _state["forked_after_launch"]
+
+
 # --------------------------------------------------------------------------- torch glue
 def set_threads_from_torch() -> int:
     """Use as many numba threads as torch uses (capped by numba's pool); returns the count."""
@@ -481,6 +502,12 @@ def _torch_threads_kept() -> Iterator[int]:
     OpenMP default to numba's pool size, which silently raised torch from 1 to all threads
     (and made every later torch op on a busy machine many times slower).
     """
+    if _state["forked_after_launch"]:
+        raise RuntimeError(
+            "the numba scan cannot run in a process forked after its parent used it (GNU "
+            "OpenMP is not fork-safe); use backend='torch' here, or the 'spawn' start method"
+        )
+    _state["launched"] = True
     before = torch.get_num_threads()
     try:
         yield set_threads_from_torch()

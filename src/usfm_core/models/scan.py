@@ -84,6 +84,20 @@ def _numba_status() -> tuple[bool, str]:
     return True, f"numba {numba.__version__} imports"
 
 
+def _numba_usable() -> tuple[bool, str]:
+    """:func:`_numba_status`, and not in a child forked after the parent ran the kernel."""
+    ok, why = _numba_status()
+    if ok:
+        from usfm_core.models import _scan_numba
+
+        if _scan_numba.unusable_after_fork():
+            return False, (
+                "this process was forked after its parent ran the numba kernel (GNU OpenMP is "
+                "not fork-safe); the torch backend is used here"
+            )
+    return ok, why
+
+
 def set_default_backend(name: str | None) -> None:
     """Set the process-wide backend used when ``backend="auto"`` (``None`` resets to auto)."""
     if name is not None and name != "auto" and name not in BACKENDS:
@@ -113,7 +127,7 @@ def available_backends() -> list[str]:
     """Backends usable in this process (``numba`` needs numba; ``cuda`` needs mamba_ssm and a
     CUDA device)."""
     names = ["reference", "torch"]
-    if _numba_status()[0]:
+    if _numba_usable()[0]:
         names.append("numba")
     if _mamba_ssm_status()[0] and torch.cuda.is_available():
         names.append("cuda")
@@ -132,11 +146,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if name == "auto":
         if on_cuda:
             return "cuda" if _mamba_ssm_status()[0] else "torch"
-        return "numba" if _numba_status()[0] else "torch"
+        return "numba" if _numba_usable()[0] else "torch"
     if name == "numba":
         if on_cuda:
             raise ValueError("scan backend 'numba' needs CPU tensors; use 'cuda' or 'torch'")
-        ok, why = _numba_status()
+        ok, why = _numba_usable()
         if not ok:
             raise ValueError(f"scan backend 'numba' unavailable: {why}; pip install numba")
     if name == "cuda":
@@ -150,7 +164,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def backend_report() -> dict[str, Any]:
     """What ``auto`` would pick on CPU and on CUDA, and why (for ``usfm-core info``)."""
-    numba_ok, numba_why = _numba_status()
+    numba_ok, numba_why = _numba_usable()
     ok, why = _mamba_ssm_status()
     cuda_ok = torch.cuda.is_available()
     if ok and cuda_ok:
