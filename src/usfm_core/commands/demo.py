@@ -148,9 +148,8 @@ def _figure(frame, res, path: Path) -> Path:
         ax.axis("off")
     fig.suptitle("OpenUS self-adaptive masking on a simulated B-mode frame")
     fig.tight_layout()
-    from usfm_core.outputs import atomic_path
+    from usfm_core.outputs import save_figure
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path

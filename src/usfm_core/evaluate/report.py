@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from usfm_core.errors import ConfigError
+from usfm_core.outputs import save_figure
 
 MAIN_METRIC = {"segmentation": "dice", "classification": "macro_f1"}
 
@@ -322,7 +323,7 @@ def _plot_robustness(result: dict[str, Any], path: Path) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -347,7 +348,7 @@ def _plot_overlays(model, data, indices: Sequence[int], path: Path, device: str)
         ax.set_axis_off()
     fig.suptitle("ground truth (green) vs prediction (red)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -409,6 +410,6 @@ def label_efficiency_report(
     ax.errorbar([100 * r for r in ratios], means, yerr=stds, marker="o", capsize=3)
     ax.set(xlabel="label ratio (%)", ylabel=f"{key} (%)", title="label efficiency")
     fig.tight_layout()
-    fig.savefig(out_dir / "label_efficiency.png", dpi=120)
+    save_figure(fig, out_dir / "label_efficiency.png", dpi=120)
     plt.close(fig)
     return doc

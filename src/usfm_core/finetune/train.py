@@ -579,6 +579,7 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    tmp.replace(path)
+    from usfm_core.outputs import atomic_path
+
+    with atomic_path(path, fsync=False) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
