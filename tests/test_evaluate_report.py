@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -172,7 +173,9 @@ def test_circumference_error_of_an_ellipse_and_of_a_miss():
     assert circumference_error_mm(np.zeros_like(pred), px, 150.0) == -150.0
 
 
-def test_evaluate_with_a_baseline_and_head_circumference(tmp_path, disc_folder):
+def test_evaluate_with_a_baseline_and_head_circumference(
+    tmp_path, disc_folder, capsys, monkeypatch
+):
     """Two segmenters scored on the same items; HC error appears when the manifest has it."""
     import shutil
 
@@ -197,9 +200,16 @@ def test_evaluate_with_a_baseline_and_head_circumference(tmp_path, disc_folder):
 
     seg(0, "a")
     seg(1, "b")
+    monkeypatch.setenv("USFM_PROGRESS", "plain")  # as in a log file
+    monkeypatch.setenv("USFM_PROGRESS_INTERVAL", "0")
     res = evaluate_model_dir(
         tmp_path / "a", data, tmp_path / "rep", baseline=tmp_path / "b", max_items=6
     )
+    # Progress counts every image read: 6 items × (model + baseline), with rate and ETA.
+    err = capsys.readouterr().err
+    assert "evaluate: 1/12 image" in err and "ETA" in err
+    assert re.search(r"evaluate: 12 image in [\d.]+ s", err)
+    monkeypatch.setenv("USFM_PROGRESS", "off")
     alone = evaluate_model_dir(tmp_path / "b", data, tmp_path / "rep_b", max_items=6)
     assert res["baseline"]["clean"] == alone["clean"]
     assert res["clean"] != alone["clean"]
