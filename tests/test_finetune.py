@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from cnn_backbone import CnnBackbone, CnnCfg
 from usfm_core.errors import CheckpointError, ConfigError
 from usfm_core.finetune.data import LabelledSet, label_subset, make_splits
 from usfm_core.finetune.models import (
@@ -22,54 +21,6 @@ from usfm_core.finetune.models import (
     save_finetuned,
 )
 from usfm_core.finetune.train import finetune, soft_dice_loss
-from usfm_core.models.serialization import register_model
-
-
-@dataclass
-class TinyCfg:
-    width: int = 8
-    in_chans: int = 1
-
-    def to_dict(self) -> dict:
-        return {"width": self.width, "in_chans": self.in_chans}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TinyCfg:
-        return cls(**d)
-
-
-@dataclass
-class _Out:
-    features: list
-    global_token: torch.Tensor
-
-
-class TinyBackbone(nn.Module):
-    """Stand-in backbone: 4 conv stages at strides 4, 8, 16, 32."""
-
-    def __init__(self, cfg: TinyCfg | None = None):
-        super().__init__()
-        self.config = cfg or TinyCfg()
-        w = self.config.width
-        self.out_dims = [w, 2 * w, 4 * w, 8 * w]
-        chans = [self.config.in_chans, *self.out_dims]
-        self.stages = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(chans[i], chans[i + 1], 3, stride=4 if i == 0 else 2, padding=1),
-                nn.GELU(),
-            )
-            for i in range(4)
-        )
-
-    def forward(self, x):
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return _Out(feats, x.mean((2, 3)))
-
-
-register_model("tiny-test", TinyBackbone, TinyCfg)
 
 
 def _labels_groups():
@@ -128,7 +79,7 @@ def test_busi_manifest_and_dup_groups(shared_data):
 @pytest.mark.parametrize("decoder", ["unet", "conv", "vss"])
 @pytest.mark.parametrize("n_classes", [1, 3])
 def test_segmenter_shapes_any_size(decoder, n_classes):
-    model = Segmenter(TinyBackbone(), n_classes, decoder)
+    model = Segmenter(CnnBackbone(), n_classes, decoder)
     out = model(torch.zeros(2, 1, 64, 96))
     assert out.shape == (2, n_classes, 64, 96)
     with pytest.raises(ValueError, match="divisible by 32"):
@@ -136,12 +87,12 @@ def test_segmenter_shapes_any_size(decoder, n_classes):
 
 
 def test_three_channel_backbone_and_classifier():
-    model = Classifier(TinyBackbone(TinyCfg(in_chans=3)), 4)
+    model = Classifier(CnnBackbone(CnnCfg(in_chans=3)), 4)
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
 
 
 def test_save_load_roundtrip(tmp_path):
-    model = Segmenter(TinyBackbone(), 1, "unet").eval()
+    model = Segmenter(CnnBackbone(), 1, "unet").eval()
     model.classes, model.input_size = ["lesion"], 64
     save_finetuned(model, tmp_path / "m")
     loaded, spec = load_finetuned(tmp_path / "m")
@@ -181,7 +132,7 @@ def _easy_classification(n=48, size=64, seed=0):
 def test_linear_probe_beats_chance(tmp_path):
     torch.manual_seed(0)
     images, labels = _easy_classification()
-    backbone = TinyBackbone()
+    backbone = CnnBackbone()
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
     res = finetune(
         "cls",
@@ -220,7 +171,7 @@ def test_cancel_and_progress(tmp_path):
         "cls",
         (images, labels),
         tmp_path / "r",
-        backbone=TinyBackbone(),
+        backbone=CnnBackbone(),
         epochs=50,
         batch_size=4,
         input_size=64,
@@ -234,9 +185,9 @@ def test_cancel_and_progress(tmp_path):
 def test_bad_inputs(tmp_path):
     images, labels = _easy_classification(n=8)
     with pytest.raises(ConfigError, match="task"):
-        finetune("detect", (images, labels), tmp_path, backbone=TinyBackbone())
+        finetune("detect", (images, labels), tmp_path, backbone=CnnBackbone())
     with pytest.raises(ConfigError, match="divisible by 32"):
-        finetune("cls", (images, labels), tmp_path, backbone=TinyBackbone(), input_size=50)
+        finetune("cls", (images, labels), tmp_path, backbone=CnnBackbone(), input_size=50)
 
 
 @pytest.mark.slow
@@ -251,7 +202,7 @@ def test_busi_segmentation_beats_trivial(tmp_path, shared_data):
         "seg",
         ds,
         tmp_path / "seg",
-        backbone=TinyBackbone(TinyCfg(width=8)),
+        backbone=CnnBackbone(CnnCfg(width=8)),
         splits=splits,
         epochs=8,
         lr=3e-3,
@@ -282,7 +233,7 @@ def test_segmentation_from_a_few_in_memory_frames(tmp_path):
         "seg",
         (images, masks),
         tmp_path / "few",
-        backbone=TinyBackbone(),
+        backbone=CnnBackbone(),
         epochs=2,
         batch_size=2,
         input_size=64,
@@ -292,7 +243,7 @@ def test_segmentation_from_a_few_in_memory_frames(tmp_path):
     model, meta = load_finetuned(tmp_path / "few")
     assert meta["task"] == "segmentation" and model.input_size == 64
     with pytest.raises(Exception, match="shape"):
-        finetune("seg", (images, masks[:, :10]), tmp_path / "bad", backbone=TinyBackbone())
+        finetune("seg", (images, masks[:, :10]), tmp_path / "bad", backbone=CnnBackbone())
 
 
 def test_real_vmamba_segmenter_roundtrip_via_serialization(tmp_path):

@@ -8,68 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
+from cnn_backbone import CnnBackbone, CnnCfg
 from usfm_core.errors import ConfigError, USFMError
 from usfm_core.finetune.data import LabelledSet, read_mask, resolve_splits
-from usfm_core.models.serialization import register_model
 from usfm_core.sim.structures import palette_png, simulate_structures, write_structures_folder
-
-
-@dataclass
-class ConvCfg:
-    width: int = 16
-    in_chans: int = 1
-
-    def to_dict(self) -> dict:
-        return {"width": self.width, "in_chans": self.in_chans}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ConvCfg:
-        return cls(**d)
-
-
-@dataclass
-class _Out:
-    features: list
-    global_token: torch.Tensor
-
-
-class ConvBackbone(nn.Module):
-    """Small CNN backbone (4 stages, strides 4–32, two convs each): fast on one CPU thread."""
-
-    def __init__(self, cfg: ConvCfg | None = None):
-        super().__init__()
-        self.config = cfg or ConvCfg()
-        w = self.config.width
-        self.out_dims = [w, 2 * w, 4 * w, 8 * w]
-        chans = [self.config.in_chans, *self.out_dims]
-        self.stages = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(chans[i], chans[i + 1], 3, stride=4 if i == 0 else 2, padding=1),
-                nn.GELU(),
-                nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1),
-                nn.GELU(),
-            )
-            for i in range(4)
-        )
-
-    def forward(self, x):
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return _Out(feats, x.mean((2, 3)))
-
-
-register_model("multiclass-test-conv", ConvBackbone, ConvCfg)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +169,7 @@ def _train_phantoms(phantoms: Path, out: Path, n_classes: int | None, monkeypatc
         "seg",
         phantoms,
         out,
-        backbone=ConvBackbone(ConvCfg(width=16)),
+        backbone=CnnBackbone(CnnCfg(width=16, convs=2)),
         n_classes=n_classes,
         decoder="conv",
         epochs=1000,
@@ -352,7 +301,7 @@ def test_cli_splits_val_every_from_scratch_like_and_evaluate(phantoms, tmp_path,
     # model whose head predicts class 2 everywhere: one object, "echogenic")
     from usfm_core.finetune.models import Segmenter, save_finetuned
 
-    fixed = Segmenter(ConvBackbone(ConvCfg(width=4)), 3, "conv")
+    fixed = Segmenter(CnnBackbone(CnnCfg(width=4, convs=2)), 3, "conv")
     with torch.no_grad():
         fixed.decoder.fuse[-1].weight.zero_()
         fixed.decoder.fuse[-1].bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
@@ -380,7 +329,7 @@ def test_time_budget_stops_training(phantoms, tmp_path):
         "seg",
         phantoms,
         tmp_path / "t",
-        backbone=ConvBackbone(ConvCfg(width=4)),
+        backbone=CnnBackbone(CnnCfg(width=4, convs=2)),
         epochs=100,
         time_budget_s=0.2,
         input_size=64,
@@ -389,7 +338,8 @@ def test_time_budget_stops_training(phantoms, tmp_path):
     )
     assert res.steps == 1 and res.best_epoch == 1
     with pytest.raises(ConfigError, match="val_every"):
-        finetune("seg", phantoms, tmp_path / "u", backbone=ConvBackbone(), val_every=0)
+        backbone = CnnBackbone(CnnCfg(width=16, convs=2))
+        finetune("seg", phantoms, tmp_path / "u", backbone=backbone, val_every=0)
 
 
 def test_backbone_by_name_and_scratch_like_it(tmp_path, monkeypatch):
@@ -426,7 +376,7 @@ def test_painted_frames_with_two_label_values_train_a_softmax_model(tmp_path):
         "seg",
         (images, masks),
         tmp_path / "painted",
-        backbone=ConvBackbone(ConvCfg(width=4)),
+        backbone=CnnBackbone(CnnCfg(width=4, convs=2)),
         epochs=1,
         batch_size=4,
         input_size=64,
@@ -442,12 +392,12 @@ def test_class_names_in_measurements_and_napari_labels(tmp_path):
     from usfm_core.finetune.infer import label_names, measurement_rows
     from usfm_core.finetune.models import Segmenter, save_finetuned
 
-    model = Segmenter(ConvBackbone(ConvCfg(width=4)), 3, "conv")
+    model = Segmenter(CnnBackbone(CnnCfg(width=4, convs=2)), 3, "conv")
     model.classes = ["background", "cyst", "echogenic"]
     save_finetuned(model, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert label_names(model) == label_names(config) == {1: "cyst", 2: "echogenic"}
-    binary = Segmenter(ConvBackbone(ConvCfg(width=4)), 1, "conv")
+    binary = Segmenter(CnnBackbone(CnnCfg(width=4, convs=2)), 1, "conv")
     binary.classes = ["benign", "malignant", "normal"]  # older models: the image classes
     assert label_names(binary) == {1: "foreground", 255: "foreground"}
     mask = np.zeros((16, 16), np.uint8)
