@@ -55,14 +55,7 @@ _TECHNICAL_KEYS = frozenset(
     {
         "transfer_syntax",
         "transfer_syntax_uid",
-        "Modality",
-        "Manufacturer",
-        "ManufacturerModelName",
-        "SOPClassUID",
-        "PhotometricInterpretation",
-        "BitsStored",
-        "TransducerType",
-        "TransducerFrequency",
+        # + usfm_core.io.dicom.TECHNICAL_FIELDS (added where used: --help stays import-free)
         "ultrasound_regions",
         "codec",
         "container",
@@ -82,7 +75,10 @@ _IMAGEJ_KEYS = frozenset(
 
 def technical_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """The subset of a scan's metadata that holds no patient identifiers (allow-list)."""
-    out = {k: v for k, v in metadata.items() if k in _TECHNICAL_KEYS}
+    from usfm_core.io.dicom import TECHNICAL_FIELDS
+
+    keys = _TECHNICAL_KEYS | set(TECHNICAL_FIELDS)
+    out = {k: v for k, v in metadata.items() if k in keys}
     imagej = metadata.get("imagej")
     if isinstance(imagej, dict):
         out["imagej"] = {k: v for k, v in imagej.items() if k in _IMAGEJ_KEYS}
