@@ -395,3 +395,20 @@ def test_segment_preprocessed_folder_takes_the_manifest_spacing(tmp_path):
         (float(dy), float(dx)) for dy, dx in spacing
     }
     assert all(r["calibration"] == "manifest" and r["unit"] == "mm" for r in rows)
+
+
+def test_ellipse_of_a_tiny_speck_is_not_an_ill_conditioned_fit():
+    """A least-squares ellipse through a 5-pixel speck's contour is ill-conditioned (it gave a
+    46-px axis, varying run to run); the measured ellipse never exceeds the object by much."""
+    from usfm_core.finetune.infer import measure_mask
+
+    mask = np.zeros((64, 80), np.uint8)
+    mask[33, 77:80] = mask[34, 78] = mask[32, 78] = 1  # a plus-shaped 5-pixel speck
+    mask[10:30, 10:40] = 1  # a 20×30 block: a well-posed fit
+    block, speck = measure_mask(mask, (0.2, 0.3))["objects"]
+    assert speck["n_pixels"] == 5
+    assert speck["ellipse_major"] <= 1.5 * speck["max_diameter"] + 0.6
+    assert 0 < speck["ellipse_minor"] <= speck["ellipse_major"]
+    # The block keeps the least-squares fit: about its 6 mm × 4 mm extent.
+    assert 6.0 <= block["ellipse_major"] <= 1.5 * block["max_diameter"]
+    assert 3.5 <= block["ellipse_minor"] <= block["ellipse_major"]

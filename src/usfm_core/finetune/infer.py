@@ -142,15 +142,33 @@ def _measure_object(obj: np.ndarray, dy: float, dx: float) -> dict:
         "ellipse_minor": float("nan"),
         "circumference": float("nan"),
     }
-    if len(pts_mm) >= 5:
+    major = minor = float("nan")
+    if len(np.unique(pts_mm, axis=0)) >= 6:
         (_cx, _cy), (w, h), _angle = cv2.fitEllipse(pts_mm)
         major, minor = max(w, h), min(w, h)
-        out.update(
-            ellipse_major=float(major),
-            ellipse_minor=float(minor),
-            circumference=ramanujan_circumference(major / 2, minor / 2),
-        )
+    # A least-squares fit to a few nearly collinear contour points is ill-conditioned: it
+    # returned a 46-px ellipse for a 5-pixel speck, differing run to run in the last bits.
+    # An ellipse much longer than the object itself is such a fit: use the moments instead.
+    if not np.isfinite(major) or major > 1.5 * max_diam + 2 * max(dy, dx):
+        major, minor = _moment_axes(obj, dy, dx)
+    out.update(
+        ellipse_major=float(major),
+        ellipse_minor=float(minor),
+        circumference=ramanujan_circumference(major / 2, minor / 2),
+    )
     return out
+
+
+def _moment_axes(obj: np.ndarray, dy: float, dx: float) -> tuple[float, float]:
+    """Full axes ``(major, minor)`` of the ellipse with the second moments of ``obj`` (H, W),
+    in the units of ``(dy, dx)``: a filled ellipse of semi-axis ``a`` has variance ``a²/4``
+    along it, so the full axis is ``4·√λ`` (+ one pixel, the extent of a pixel centre)."""
+    ys, xs = np.nonzero(obj)
+    coords = np.stack([xs * dx, ys * dy]).astype(np.float64)  # (2, P)
+    cov = np.cov(coords) if coords.shape[1] > 1 else np.zeros((2, 2))
+    lam = np.clip(np.linalg.eigvalsh(np.atleast_2d(cov)), 0.0, None)
+    pixel = min(dy, dx)
+    return 4 * math.sqrt(lam[-1]) + pixel, 4 * math.sqrt(lam[0]) + pixel
 
 
 # --- measurement rows: the one table behind measurements.csv and the napari Segment table -----
