@@ -131,9 +131,11 @@ def test_evaluate_cli_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_classifier_report_with_corruptions(tmp_path, disc_folder):
-    """A saved VMamba classifier scored on a labelled folder without splits.json (all items)."""
+    """A saved VMamba classifier scored on a labelled folder without splits.json: refused for
+    "test" (it cannot tell which items those are), every item with split="all"."""
     import torch
 
+    from usfm_core.errors import ConfigError
     from usfm_core.evaluate.report import evaluate_model_dir
     from usfm_core.finetune.models import Classifier, load_backbone, save_finetuned
     from usfm_core.models.serialization import save_model
@@ -147,8 +149,10 @@ def test_classifier_report_with_corruptions(tmp_path, disc_folder):
     clf = Classifier(backbone, 2)
     clf.classes, clf.input_size = ["big", "small"], 64
     save_finetuned(clf, tmp_path / "clf")
+    with pytest.raises(ConfigError, match="cannot tell which items"):
+        evaluate_model_dir(tmp_path / "clf", disc_folder, tmp_path / "rep")
     res = evaluate_model_dir(
-        tmp_path / "clf", disc_folder, tmp_path / "rep", corruptions=True, max_items=4
+        tmp_path / "clf", disc_folder, tmp_path / "rep", split="all", corruptions=True, max_items=4
     )
     assert res["task"] == "classification" and res["n"] == 4 and res["splits_file"] is None
     for m in [res["clean"], *res["corrupted"]["speckle"].values()]:
@@ -183,7 +187,7 @@ def test_evaluate_with_a_baseline_and_head_circumference(
 
     from usfm_core.errors import ConfigError
     from usfm_core.evaluate.report import evaluate_model_dir
-    from usfm_core.finetune.models import Classifier, Segmenter, save_finetuned
+    from usfm_core.finetune.models import Classifier, Segmenter, load_finetuned, save_finetuned
     from usfm_core.models.vmamba import VMamba, VMambaConfig
 
     data = tmp_path / "data"
@@ -203,20 +207,32 @@ def test_evaluate_with_a_baseline_and_head_circumference(
     monkeypatch.setenv("USFM_PROGRESS", "plain")  # as in a log file
     monkeypatch.setenv("USFM_PROGRESS_INTERVAL", "0")
     res = evaluate_model_dir(
-        tmp_path / "a", data, tmp_path / "rep", baseline=tmp_path / "b", max_items=6
+        tmp_path / "a", data, tmp_path / "rep", baseline=tmp_path / "b", max_items=6, split="all"
     )
     # Progress counts every image read: 6 items × (model + baseline), with rate and ETA.
     err = capsys.readouterr().err
     assert "evaluate: 1/12 image" in err and "ETA" in err
     assert re.search(r"evaluate: 12 image in [\d.]+ s", err)
     monkeypatch.setenv("USFM_PROGRESS", "off")
-    alone = evaluate_model_dir(tmp_path / "b", data, tmp_path / "rep_b", max_items=6)
+    alone = evaluate_model_dir(tmp_path / "b", data, tmp_path / "rep_b", max_items=6, split="all")
     assert res["baseline"]["clean"] == alone["clean"]
     assert res["clean"] != alone["clean"]
     assert {"hc_error_mm", "hc_error_mm_median", "hc_bias_mm"} <= set(res["clean"])
     assert res["clean"]["hc_error_mm"] >= 0
     summary = (tmp_path / "rep" / "summary.md").read_text()
     assert "| a | clean |" in summary and "| b | clean |" in summary and "hc_error_mm" in summary
+
+    # No splits.json, but test items recorded in the model's config.json: exactly those.
+    model_a, _ = load_finetuned(tmp_path / "a")
+    two_items = {"test_items": ["images/5.png", "images/7.png"]}
+    save_finetuned(model_a, tmp_path / "rec", extra=two_items)
+    recorded = evaluate_model_dir(tmp_path / "rec", data, tmp_path / "r_rec")
+    assert recorded["n"] == 2
+    save_finetuned(model_a, tmp_path / "gone", extra={"test_items": ["images/99.png"]})
+    with pytest.raises(ConfigError, match="not in this data folder"):
+        evaluate_model_dir(tmp_path / "gone", data, tmp_path / "r_gone")
+    with pytest.raises(ConfigError, match="cannot tell which items are the 'val' split"):
+        evaluate_model_dir(tmp_path / "rec", data, tmp_path / "r_val", split="val")
 
     # An explicit split file (e.g. a shipped model's, whose folder has no splits.json).
     (tmp_path / "splits.json").write_text(
@@ -235,4 +251,6 @@ def test_evaluate_with_a_baseline_and_head_circumference(
     clf = Classifier(VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)), 2)
     save_finetuned(clf, tmp_path / "clf")
     with pytest.raises(ConfigError, match="classification"):
-        evaluate_model_dir(tmp_path / "a", data, tmp_path / "r3", baseline=tmp_path / "clf")
+        evaluate_model_dir(
+            tmp_path / "a", data, tmp_path / "r3", baseline=tmp_path / "clf", split="all"
+        )

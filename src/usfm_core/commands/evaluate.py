@@ -24,7 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", type=Path, help="labelled folder with manifest.csv")
     p.add_argument("--out", type=Path, required=True, help="report folder")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="items to score (default test: from --splits, the run's splits.json or the test "
+        "items the model recorded; refused when none is known); all = every item",
+    )
     p.add_argument(
         "--corruptions",
         action="store_true",

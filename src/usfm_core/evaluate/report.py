@@ -48,7 +48,8 @@ def evaluate_model_dir(
 
     ``baseline`` (e.g. the same recipe trained from scratch) is scored on exactly the same
     items and shown beside the model in ``summary.md``. The split comes from ``splits_file``,
-    else from the ``splits.json`` of the model's run folder, else the whole data set is used.
+    else from the ``splits.json`` of the model's run folder, else (``split="test"``) from the test
+    items the model recorded; ``split="all"`` scores every item; anything else is refused.
 
     Returns the ``metrics.json`` content: ``{"task", "split", "n", "clean": {...},
     "corrupted": {kind: {severity: {...}}}}`` plus ``"baseline": {"model", "clean",
@@ -73,16 +74,18 @@ def evaluate_model_dir(
             path=splits_path,
             hint="pass the splits.json written by `usfm-core finetune` into its run folder",
         )
-    if splits_path is not None:
+    if split == "all":
+        indices = list(range(len(data)))
+    elif splits_path is not None:
         indices = load_splits(splits_path, data).get(split)
         if indices is None:
             raise ConfigError(
                 f"split {split!r} not in splits.json",
                 path=splits_path,
-                hint="use --split train, val or test",
+                hint="use --split train, val, test or all",
             )
     else:
-        indices = list(range(len(data)))  # no run folder: the whole data set
+        indices = _split_without_file(data, meta, split, model_dir)
     indices = indices[:max_items] if max_items else indices
     if not indices:
         raise ConfigError(f"split {split!r} is empty", path=splits_path)
@@ -145,6 +148,33 @@ def evaluate_model_dir(
     if task == "segmentation":
         _plot_overlays(model, data, indices[:4], out_dir / "overlays.png", device)
     return result
+
+
+def _split_without_file(data, meta: dict[str, Any], split: str, model_dir: Path) -> list[int]:
+    """Item indices of ``split`` when no splits.json is at hand: every item for ``"all"``, the
+    test items the model recorded at fine-tuning for ``"test"``; anything else is refused
+    (scoring every item and calling it "test" would mix training images into the score)."""
+    if split == "all":
+        return list(range(len(data)))
+    recorded = (meta.get("extra") or {}).get("test_items") if split == "test" else None
+    if not recorded:
+        raise ConfigError(
+            f"cannot tell which items are the {split!r} split of this model (no splits.json "
+            "beside it, no test items recorded in its config.json)",
+            path=model_dir,
+            hint="pass --splits FILE (the splits.json of its fine-tuning run), or --split all "
+            "to score every item of the data folder",
+        )
+    index = {item.key: i for i, item in enumerate(data.items)}
+    missing = [key for key in recorded if key not in index]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} of the model's {len(recorded)} recorded test items are not in this "
+            f"data folder (e.g. {missing[0]!r})",
+            path=model_dir,
+            hint="evaluate on the data folder the model was fine-tuned on, or pass --splits FILE",
+        )
+    return [index[key] for key in recorded]
 
 
 def declare_mask_classes(data, meta: dict[str, Any]) -> None:
