@@ -411,6 +411,14 @@ def _missing(name: str, path: Path) -> NoReturn:
     )
 
 
+def _required_int(ds: Any, name: str, path: Path) -> int:
+    """Integer value of a field the pixel decoder needs: absent or malformed -> error."""
+    value = _int_field(ds, name, path, None, required=True)
+    if value is None:
+        _missing(name, path)
+    return value
+
+
 def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
     """``(n_frames, rows, cols, samples, photometric)`` from the header, validated."""
     rows = _int_field(ds, "Rows", path, None, required=True)
@@ -428,9 +436,7 @@ def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
             path=path,
             hint="the header is corrupt or the file holds no image; re-export it",
         )
-    samples = _int_field(ds, "SamplesPerPixel", path, None, required=True)
-    if samples is None:
-        _missing("SamplesPerPixel", path)
+    samples = _required_int(ds, "SamplesPerPixel", path)
     photometric = str(_field(ds, "PhotometricInterpretation", path) or "(missing)").strip()
     if not ((samples == 1 and photometric in _GRAY) or (samples == 3 and photometric in _COLOR)):
         raise ScanReadError(
@@ -443,27 +449,21 @@ def _geometry(ds: Any, path: Path) -> tuple[int, int, int, int, str]:
 
 def _pixel_dtype(ds: Any, path: Path) -> tuple[np.dtype, int]:
     """Decoded dtype from BitsAllocated / PixelRepresentation, and BitsStored."""
-    bits = _int_field(ds, "BitsAllocated", path, None, required=True)
-    if bits is None:
-        _missing("BitsAllocated", path)
+    bits = _required_int(ds, "BitsAllocated", path)
     if bits not in (8, 16, 32):
         raise ScanReadError(
             f"unsupported BitsAllocated {bits} (supported: 8, 16, 32)",
             path=path,
             hint="the header is corrupt, or convert the file (e.g. gdcmconv --raw)",
         )
-    stored = _int_field(ds, "BitsStored", path, None, required=True)
-    if stored is None:
-        _missing("BitsStored", path)
+    stored = _required_int(ds, "BitsStored", path)
     if not 1 <= stored <= bits:
         raise ScanReadError(
             f"BitsStored {stored} does not fit BitsAllocated {bits}",
             path=path,
             hint="the header is corrupt; re-export the file",
         )
-    representation = _int_field(ds, "PixelRepresentation", path, None, required=True)
-    if representation is None:
-        _missing("PixelRepresentation", path)
+    representation = _required_int(ds, "PixelRepresentation", path)
     if representation not in (0, 1):
         raise ScanReadError(
             f"PixelRepresentation {representation} is invalid (0 unsigned, 1 signed)",
