@@ -79,6 +79,14 @@ def run(inputs, backend, use_d=True, use_z=True, use_bias=True, softplus=True, l
 def assert_same(ref, got, atol):
     """Max abs error ≤ atol, scaled by the tensor's magnitude when that exceeds 1 (fp32 has
     only ~7 digits, so a value of 300 cannot be matched to 1e-4 absolutely)."""
+    for name, mine, theirs in _result_pairs(ref, got):
+        err = (mine.double() - theirs.double()).abs().max().item()
+        assert err <= atol * max(1.0, theirs.abs().max().item()), f"{name}: {err:.2e}"
+
+
+def _result_pairs(ref, got):
+    """``(name, got tensor, reference tensor)`` for the output, the last state and every
+    gradient of two ``run`` results; a tensor absent from the reference must be absent."""
     y_r, s_r, g_r = ref
     y_g, s_g, g_g = got
     pairs = [("y", y_g, y_r), ("last_state", s_g, s_r)]
@@ -87,8 +95,7 @@ def assert_same(ref, got, atol):
         if theirs is None:
             assert mine is None, name
             continue
-        err = (mine.double() - theirs.double()).abs().max().item()
-        assert err <= atol * max(1.0, theirs.abs().max().item()), f"{name}: {err:.2e}"
+        yield name, mine, theirs
 
 
 CASES = [
@@ -326,14 +333,7 @@ def assert_rel(ref, got, rtol, floor=0.0, reduced_rtol=None):
     ``floor`` the magnitude counts as at least ``floor`` (small sums of cancelling float32
     terms cannot be relatively exact). ``reduced_rtol`` (default ``rtol``) holds the gradients
     of the per-channel parameters ``A``, ``D`` and ``delta_bias``: float32 sums over B·L terms."""
-    y_r, s_r, g_r = ref
-    y_g, s_g, g_g = got
-    pairs = [("y", y_g, y_r), ("last_state", s_g, s_r)]
-    pairs += [(f"grad {k}", g_g[k], g_r[k]) for k in GRAD_NAMES]
-    for name, mine, theirs in pairs:
-        if theirs is None:
-            assert mine is None, name
-            continue
+    for name, mine, theirs in _result_pairs(ref, got):
         assert mine.shape == theirs.shape, name
         err = (mine.double() - theirs.double()).abs().max().item()
         scale = theirs.abs().max().item()
