@@ -24,6 +24,9 @@ from usfm_core.errors import CheckpointError
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# A pretrained backbone may carry what ``usfm_core.pretrain.inspect`` needs beside it: the
+# student backbone and its reconstruction head (tensors only, never pickled).
+INSPECT = "inspect.safetensors"
 RUN_SUBFOLDERS = ("model", "backbone")
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,12 @@ class ModelEntry:
     sha256: str | None = None
     # A shipped model's index.json record (description, test metrics, recipe); else empty.
     info: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def has_inspect(self) -> bool:
+        """True if the folder carries the student + reconstruction head (:data:`INSPECT`)
+        that the Inspect widget and ``usfm-core demo`` show self-adaptive masking with."""
+        return (self.path / INSPECT).is_file()
 
     @property
     def description(self) -> str:
@@ -119,15 +128,22 @@ def verify_builtin(entry: ModelEntry) -> None:
     """Check a shipped model's files against the sha256s in ``index.json``.
 
     ``sha256`` covers the weights; ``config_sha256`` (models shipped since the first real
-    ones) covers ``config.json`` too, so a hand-edited architecture cannot load silently.
+    ones) covers ``config.json`` too, so a hand-edited architecture cannot load silently;
+    ``inspect_sha256`` (a shipped backbone) covers its :data:`INSPECT` tensors.
     """
     info = _builtin_index().get(entry.name, {})
     if info.get("sha256") is None:
         raise CheckpointError("shipped model has no sha256 in index.json", path=entry.path)
-    for fname, key in ((WEIGHTS, "sha256"), (CONFIG, "config_sha256")):
+    for fname, key in ((WEIGHTS, "sha256"), (CONFIG, "config_sha256"), (INSPECT, "inspect_sha256")):
         expected = info.get(key)
         if expected is None:
             continue
+        if not (entry.path / fname).is_file():
+            raise CheckpointError(
+                f"{fname} is missing",
+                path=entry.path / fname,
+                hint="the installed package is damaged: reinstall napari-usfm",
+            )
         actual = file_sha256(entry.path / fname)
         if actual != expected:
             raise CheckpointError(
@@ -322,7 +338,9 @@ def import_model(src: str | Path, name: str | None = None, *, overwrite: bool = 
     tmp = root / tmp_name(name)
     tmp.mkdir()
     try:
-        for fname in (CONFIG, WEIGHTS):
+        for fname in (CONFIG, WEIGHTS, INSPECT):  # INSPECT only when the model has one
+            if fname == INSPECT and not (entry.path / fname).is_file():
+                continue
             shutil.copyfile(entry.path / fname, tmp / fname)
         replace_folder(tmp, dest)
     finally:

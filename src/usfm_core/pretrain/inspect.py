@@ -6,6 +6,12 @@ scan-attention importance, the student's reconstruction-loss map, their ALP mix 
 the resulting mask at a chosen ratio and easy→hard share r, and the student's reconstruction
 of the masked frame. Used by the napari Inspect widget and by ``usfm-core demo``.
 
+Besides a run folder, a *backbone* that carries the student's reconstruction head works too:
+the shipped ``openus-small-fast`` (written by ``tools/ship_backbone.py``) holds the teacher
+backbone in ``model.safetensors`` and the student backbone + reconstruction head in
+``inspect.safetensors`` (keys ``student.backbone.*`` / ``student.recon.*``), with the
+pretraining config (mask cell, ratio, normalisation) in ``config.json``'s ``extra.pretrain``.
+
 The student loss map of a new frame has no per-image EMA yet, so it is measured directly: two
 student passes with complementary checkerboard masks give every cell a masked-reconstruction
 loss.
@@ -63,13 +69,114 @@ def _checkpoint_dir(run: str | Path) -> Path:
     )
 
 
+INSPECT_FORMAT = "usfm-inspect/1"
+# The parts of an OpenUS module that inspection needs, as stored in inspect.safetensors.
+INSPECT_PREFIXES = ("student.backbone.", "student.recon.")
+
+
 def load_run(run: str | Path, device: str = "cpu") -> torch.nn.Module:
-    """Rebuild the OpenUS module of a pretraining run from its last checkpoint (eval mode)."""
+    """Rebuild the OpenUS module of a pretraining run from its last checkpoint (eval mode).
+
+    ``run`` may also be a backbone folder or model name that carries ``inspect.safetensors``
+    (e.g. the shipped ``"openus-small-fast"``, sha256-checked): its teacher, student backbone
+    and reconstruction head are loaded; the projection heads (unused here) stay untrained.
+    """
+    from usfm_core.models.zoo import INSPECT, resolve_model_dir
+
+    folder = resolve_model_dir(run)  # a path, or a shipped / user model's name
+    if (folder / INSPECT).is_file():
+        return load_inspect_folder(folder, device)
+    return _load_checkpoint(folder, device)
+
+
+def _build(cfg_dict: dict, path: Path, n_items: int = 1) -> torch.nn.Module:
+    """An untrained module of the pretraining method in ``cfg_dict`` (config read from
+    ``path``, named in errors)."""
+    from usfm_core.errors import ConfigError
+    from usfm_core.pretrain.config import PretrainConfig
+    from usfm_core.pretrain.methods import get_method
+
+    try:
+        cfg = PretrainConfig.from_dict(cfg_dict)
+    except (ConfigError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"invalid pretraining config: {exc}", path=path) from None
+    return get_method(cfg.method)(cfg, total_steps=1, steps_per_epoch=1, n_items=n_items)
+
+
+def load_inspect_folder(folder: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """The OpenUS module of a backbone folder with ``inspect.safetensors`` (eval mode).
+
+    ``model.safetensors`` is the teacher backbone (``save_model`` format, any float dtype);
+    ``inspect.safetensors`` holds exactly the ``student.backbone.*`` and ``student.recon.*``
+    tensors; ``config.json`` ``extra.pretrain`` is the run's pretraining config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from usfm_core.models.limits import read_json_file
+    from usfm_core.models.serialization import load_model
+    from usfm_core.models.zoo import INSPECT
+
+    folder = Path(folder)
+    meta = read_json_file(folder / "config.json")
+    extra = meta.get("extra") if isinstance(meta, dict) else None
+    pre = extra.get("pretrain") if isinstance(extra, dict) else None
+    if not isinstance(pre, dict):
+        raise CheckpointError(
+            "config.json lacks extra.pretrain (the pretraining config inspection needs)",
+            path=folder / "config.json",
+            hint="export the backbone with tools/ship_backbone.py",
+        )
+    model = _build(pre, folder / "config.json")
+    teacher, _ = load_model(folder, expected_type=meta.get("model_type"))
+    try:
+        tensors = load_file(str(folder / INSPECT))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {INSPECT}: {exc}", path=folder / INSPECT) from None
+    stray = sorted(k for k in tensors if not k.startswith(INSPECT_PREFIXES))
+    parts = {
+        "teacher.backbone": (model.teacher.backbone, teacher.state_dict()),
+        "student.backbone": (model.student.backbone, _sub(tensors, "student.backbone.")),
+        "student.recon": (model.student.recon, _sub(tensors, "student.recon.")),
+    }
+    try:
+        if stray:
+            raise RuntimeError(f"unexpected tensors {stray[:3]}")
+        for name, (module, state) in parts.items():
+            if module is None:
+                raise RuntimeError(f"the config builds no {name}")
+            for key, value in state.items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise RuntimeError(f"{name}.{key} holds NaN/inf")
+            module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{INSPECT} does not match its config: {exc}",
+            path=folder / INSPECT,
+            hint="re-export the backbone with tools/ship_backbone.py",
+        ) from None
+    return model.to(device).eval()
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _load_checkpoint(run: Path, device: str) -> torch.nn.Module:
+    """The OpenUS module of a pretraining run's last checkpoint (eval mode)."""
     from safetensors.torch import load_file
 
     from usfm_core.pretrain.config import PretrainConfig
     from usfm_core.pretrain.methods import get_method
 
+    if not (run / "checkpoints").is_dir() and _is_saved_model(run):
+        raise CheckpointError(
+            "this model has no student reconstruction head (inspect.safetensors) to inspect",
+            path=run,
+            hint="inspect a pretraining run folder (`usfm-core pretrain --out`) or the "
+            "shipped backbone openus-small-fast",
+        )
     ckpt = _checkpoint_dir(run)
     cfg = PretrainConfig.from_dict(json.loads((ckpt / "config.json").read_text("utf-8")))
     tensors = load_file(str(ckpt / "model.safetensors"))
@@ -86,6 +193,21 @@ def load_run(run: str | Path, device: str = "cpu") -> torch.nn.Module:
             hint="inspect an OpenUS run (method openus)",
         )
     return model.to(device).eval()
+
+
+def _is_saved_model(folder: Path) -> bool:
+    """True if ``folder`` (or its backbone/ or model/ sub-folder) is a saved model."""
+    from usfm_core.models.zoo import RUN_SUBFOLDERS
+
+    for cand in (folder, *(folder / sub for sub in RUN_SUBFOLDERS)):
+        if (cand / "config.json").is_file():
+            try:
+                meta = json.loads((cand / "config.json").read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and ("model_type" in meta or "format" in meta):
+                return True
+    return False
 
 
 def _normalise01(x: torch.Tensor) -> torch.Tensor:
