@@ -29,6 +29,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,9 +40,46 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
+# The proof's cached runs (one JSON each) and its merged summary (``_<setting>.json`` / ``.md``).
+PROOF_RESULTS = RESULTS.with_suffix("")
+SUMMARY = RESULTS.with_name("label_efficiency_full.json")
 REPO = Path(__file__).resolve().parents[1]
 # The real data beside the checkout (as CI has it), or $USFM_SHARED_DATA.
 DATA = Path(os.environ.get("USFM_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    """How every arm of one proof task is trained: the same for all arms and ratios.
+
+    Segmentation: ``steps`` AdamW optimiser steps of ``batch`` images at ``size``², lr
+    ``lr`` (cosine), validated ``n_val`` times at evenly spaced steps (best on val Dice).
+    Classification: a linear probe on frozen features at ``size``² (``batch`` = feature
+    batch; ``steps``, ``lr``, ``n_val`` unused). ``est_s``: seconds per run at one thread
+    with the ``small-fast`` backbone on the 2-core box (the plan's estimate only).
+    """
+
+    size: int
+    steps: int = 0
+    batch: int = 16
+    lr: float = 5e-4
+    n_val: int = 6
+    est_s: float = 60.0
+
+
+@dataclass
+class Proof:
+    """The multi-seed proof grid of a setting (issue 12 item 5).
+
+    ``ratios`` for the openus and scratch arms, ``optional_ratios`` for mae / jepa; ``max_items``
+    (smoke only) keeps that many items of each split.
+    """
+
+    tasks: dict[str, TaskRecipe]
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    optional_ratios: list[float] = field(default_factory=lambda: [0.2])
+    max_items: dict[str, int] | None = None
 
 
 @dataclass
@@ -64,6 +103,20 @@ class Setting:
     # Backbone of both arms: "tiny" (pre-trained here with the settings above) or a preset
     # whose pre-training preset of the same name runs unchanged (or is reused, --pretrained).
     preset: str = "tiny"
+    # The multi-seed proof (``--parts proof``); its backbones come from --backbone.
+    proof: Proof | None = None
+
+
+def _seg_cls(
+    size: int, steps: int, n_val: int, seg_s: float, cls_s: float, cls_size: int | None = None
+) -> dict[str, TaskRecipe]:
+    """The three proof tasks: two segmentations with one recipe, the BUSI linear probe."""
+    seg = TaskRecipe(size=size, steps=steps, batch=16, lr=5e-4, n_val=n_val, est_s=seg_s)
+    return {
+        "busi-seg": seg,
+        "hc18-seg": seg,
+        "busi-cls": TaskRecipe(size=cls_size or size, batch=32, est_s=cls_s),
+    }
 
 
 SETTINGS = {
@@ -78,6 +131,7 @@ SETTINGS = {
         lr=1e-3,
         seeds=[0, 1],
         infer_max_s=30.0,
+        proof=Proof(tasks=_seg_cls(64, 100, 4, 60.0, 30.0), seeds=[0, 1]),
     ),
     "full": Setting(
         name="full",
@@ -89,6 +143,8 @@ SETTINGS = {
         ft_batch=16,
         lr=1e-3,
         seeds=[0, 1, 2],
+        # The proof on the final backbone (whatever --backbone openus= names): 128², 300 steps.
+        proof=Proof(tasks=_seg_cls(128, 300, 6, 300.0, 120.0)),
     ),
     # The shipped models' backbone: VMamba small-fast pre-trained by `usfm-core pretrain
     # --config small-fast` (2000 steps; reuse the shipped run with --pretrained).
@@ -119,6 +175,12 @@ SETTINGS = {
         cine_frames=24,
         cine_side=128,
         infer_max_s=5.0,
+        proof=Proof(
+            tasks=_seg_cls(64, 2, 1, 2.0, 2.0),
+            ratios=[0.2],
+            seeds=[0],
+            max_items={"train": 12, "val": 4, "test": 4},
+        ),
     ),
 }
 
@@ -298,6 +360,682 @@ def label_part(
                 report["runs"].append(rec)
                 report["table"] = summarise(report["runs"])
                 save()
+
+
+# -------------------------------------------------------------------- part 3: multi-seed proof
+# Tasks of the proof (issue 12 item 5) and their primary / secondary test metrics.
+TASK_DATA = {"busi-seg": "busi", "hc18-seg": "hc18", "busi-cls": "busi"}
+TASK_METRICS = {
+    "busi-seg": ("dice", "iou"),
+    "hc18-seg": ("dice", "iou"),
+    "busi-cls": ("macro_f1", "accuracy"),
+}
+ARMS = ("openus", "scratch", "mae", "jepa")
+OPTIONAL_ARMS = ("mae", "jepa")
+PROBE_C = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths of the linear probe, picked on val
+ARM_RE = re.compile(r"^(?P<arm>[a-z]+)=(?P<spec>.+)$")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the proof grid: a (task, arm, label ratio, seed) fine-tuning or probe run."""
+
+    task: str
+    arm: str
+    ratio: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """File stem of the cached result, e.g. ``openus-r0.2-s1``."""
+        return f"{self.arm}-r{self.ratio:g}-s{self.seed}"
+
+    def path(self, results: Path, setting: str) -> Path:
+        """``results/<setting>/<task>/<arm>-r<ratio>-s<seed>.json``."""
+        return results / setting / self.task / f"{self.name}.json"
+
+
+def parse_backbones(specs: list[str]) -> dict[str, str]:
+    """``["openus=RUN", "mae=RUN"]`` → ``{"openus": "RUN", ...}`` (arms: openus, mae, jepa)."""
+    from usfm_core.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        m = ARM_RE.match(spec.strip())
+        if m is None or m["arm"] not in ARMS or m["arm"] == "scratch":
+            raise ConfigError(
+                f"bad --backbone {spec!r}",
+                hint="write ARM=PATH_OR_NAME with ARM one of openus, mae, jepa "
+                "(scratch is built from the openus backbone's architecture)",
+            )
+        out[m["arm"]] = m["spec"]
+    return out
+
+
+def only_filter(patterns: list[str] | None):
+    """A predicate on :class:`RunSpec` from ``--only`` patterns ``task[/arm[/ratio]]``.
+
+    Each part may be ``*``; a run is kept when any pattern matches it.
+    """
+    if not patterns:
+        return lambda spec: True
+    parsed = []
+    for pat in patterns:
+        parts = [*pat.strip("/").split("/"), "*", "*", "*"][:3]
+        ratio = None if parts[2] == "*" else float(parts[2])
+        parsed.append((parts[0], parts[1], ratio))
+
+    def keep(spec: RunSpec) -> bool:
+        return any(
+            t in ("*", spec.task)
+            and a in ("*", spec.arm)
+            and (r is None or math.isclose(r, spec.ratio))
+            for t, a, r in parsed
+        )
+
+    return keep
+
+
+def plan_runs(
+    proof: Proof, tasks: list[str], arms: list[str], seeds: list[int], keep=None
+) -> list[RunSpec]:
+    """Every run of the grid, task → arm → seed → ratio (the probe reuses features across
+    ratios): required arms at every ratio, optional arms (mae, jepa) at ``optional_ratios``."""
+    keep = keep or (lambda spec: True)
+    out = []
+    for task in tasks:
+        for arm in arms:
+            ratios = proof.optional_ratios if arm in OPTIONAL_ARMS else proof.ratios
+            for seed in seeds:
+                for ratio in ratios:
+                    spec = RunSpec(task, arm, float(ratio), int(seed))
+                    if keep(spec):
+                        out.append(spec)
+    return out
+
+
+def hc18_set() -> Any:
+    """HC18 as a :class:`LabelledSet` grouped by subject, as ``tools/shipped_models.py`` groups
+    it (``010_HC`` and ``010_2HC`` are one fetus)."""
+    from usfm_core.finetune.data import LabelledSet
+
+    data = LabelledSet.from_folder(DATA / "hc18", "segmentation")
+    for it in data.items:
+        it.group = re.match(r"\D*(\d+)", Path(it.key).name).group(1)
+    return data
+
+
+def spread_indices(indices: list[int], n: int) -> list[int]:
+    """``n`` of ``indices`` evenly spaced through the list (every class of a sorted set)."""
+    if len(indices) <= n:
+        return list(indices)
+    return sorted({indices[round(i * (len(indices) - 1) / max(n - 1, 1))] for i in range(n)})
+
+
+def task_data(task: str, max_items: dict[str, int] | None = None) -> tuple[Any, dict]:
+    """``(LabelledSet, splits)`` of a task with the fixed split the shipped recipe uses.
+
+    Splits are :func:`make_splits` with ``split_seed`` 0 on the labels read from the manifest
+    (BUSI: class, grouped by ``dup_group``; HC18: one class, grouped by subject), exactly the
+    split whose train + val images ``tools/shipped_models.py prepare`` gives pre-training, so
+    no test image was pre-trained on. ``max_items`` (smoke) keeps that many items of each
+    split, evenly spaced, in a smaller set.
+    """
+    from usfm_core.finetune.data import LabelledSet, make_splits
+
+    if TASK_DATA[task] == "hc18":
+        data = hc18_set()
+    else:
+        data = LabelledSet.from_folder(
+            DATA / "busi", "classification" if task == "busi-cls" else "segmentation"
+        )
+    splits = make_splits(data.labels, data.groups, seed=0)
+    if not max_items:
+        return data, splits
+    picked = {k: spread_indices(v, max_items[k]) for k, v in splits.items()}
+    keep = sorted(i for v in picked.values() for i in v)
+    where = {old: new for new, old in enumerate(keep)}
+    small = LabelledSet(
+        items=[data.items[i] for i in keep], classes=list(data.classes), root=data.root
+    )
+    return small, {k: [where[i] for i in v] for k, v in picked.items()}
+
+
+def backbone_id(backbone: Any) -> str:
+    """sha256 (first 16 hex) of a backbone's type, config and weights: a cached run is reused
+    only for the very backbone it was made with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(type(backbone).__name__.encode())
+    h.update(json.dumps(backbone.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def architecture_id(backbone: Any) -> str:
+    """sha256 (first 16 hex) of a backbone's type and config: the identity of a scratch arm."""
+    import hashlib
+
+    doc = [type(backbone).__name__, backbone.config.to_dict()]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_key(spec: RunSpec, recipe: TaskRecipe, arm_id: str, proof: Proof) -> dict[str, Any]:
+    """What a cached result must match to be reused: the cell, the recipe and the backbone."""
+    recipe_doc = {k: v for k, v in asdict(recipe).items() if k != "est_s"}
+    return {
+        **asdict(spec),
+        "recipe": recipe_doc,
+        "backbone_id": arm_id,
+        "max_items": proof.max_items,
+    }
+
+
+def machine_load() -> dict[str, Any]:
+    """The load next to a measurement: ``uptime`` output and the 1-min load average."""
+    try:
+        up = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        up = ""
+    return {"uptime": up.strip(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def seg_run(
+    spec: RunSpec,
+    recipe: TaskRecipe,
+    data: Any,
+    splits: dict,
+    backbones: dict[str, str],
+    out_dir: Path,
+    bar_enabled: bool = True,
+) -> dict[str, Any]:
+    """One segmentation fine-tuning run; test / val metrics of the best-on-val model.
+
+    Every arm takes ``recipe.steps`` optimiser steps (no early stopping) and is validated
+    ``recipe.n_val`` times at the same steps; scratch rebuilds the openus backbone's exact
+    architecture with random weights (``finetune(from_scratch_like=...)``).
+    """
+    from usfm_core.finetune.data import label_subset
+    from usfm_core.finetune.train import finetune
+    from usfm_core.progress import progress_bar
+
+    n_train = len(label_subset(splits["train"], data.labels, data.groups, spec.ratio, spec.seed))
+    steps_per_epoch = max(1, math.ceil(n_train / recipe.batch))
+    epochs = math.ceil(recipe.steps / steps_per_epoch) + 1
+    init = (
+        {"from_scratch_like": backbones["openus"]}
+        if spec.arm == "scratch"
+        else {"backbone_ckpt": backbones[spec.arm]}
+    )
+    bar = progress_bar(
+        recipe.steps, desc=f"  {spec.task} {spec.name}", unit="step", enabled=bar_enabled
+    )
+
+    def progress(info: dict[str, Any]) -> None:
+        if "step" in info and info["step"] > bar.n:
+            bar.update(info["step"] - bar.n)
+
+    with bar:
+        res = finetune(
+            "segmentation",
+            data,
+            out_dir,
+            **init,
+            label_ratio=spec.ratio,
+            seed=spec.seed,
+            split_seed=0,
+            splits=splits,
+            epochs=epochs,
+            max_steps=recipe.steps,
+            val_every=max(1, recipe.steps // recipe.n_val),
+            patience=10**6,
+            lr=recipe.lr,
+            batch_size=recipe.batch,
+            input_size=recipe.size,
+            device="cpu",
+            progress=progress,
+        )
+    return {
+        "n_train": res.n_train,
+        "steps": res.steps,
+        "best_step": res.best_step,
+        "test": res.test_metrics,
+        "val": res.val_metrics,
+    }
+
+
+def probe_features(backbone: Any, data: Any, indices: list[int], size: int, batch: int):
+    """Pooled features ``(N, D)`` float64 of items ``indices`` through a frozen ``backbone``
+    (its global token: what :class:`Classifier` puts its linear head on); labels ``(N,)``."""
+    import numpy as np
+    import torch
+
+    from usfm_core.finetune.data import SupervisedDataset
+    from usfm_core.finetune.models import Classifier
+
+    wrap = Classifier(backbone, 2).eval()  # only for its channel handling: the head is unused
+    ds = SupervisedDataset(data, indices, "classification", size)
+    feats, labels = [], []
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=batch):
+            feats.append(wrap._features(x).global_token.double().numpy())
+            labels.append(np.asarray(y))
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def fit_probe(
+    feats: dict[str, Any], labels: dict[str, Any], train: Any, n_classes: int
+) -> dict[str, Any]:
+    """Logistic-regression probe: standardise on the training subset, fit one multinomial,
+    class-balanced model per ``C`` in :data:`PROBE_C`, keep the best on validation macro-F1
+    (ties: the stronger regularisation), score it on test.
+
+    ``feats[split]`` ``(N, D)``, ``labels[split]`` ``(N,)``; ``train`` indexes rows of
+    ``feats["train"]`` (the label subset).
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x_tr, y_tr = feats["train"][train], labels["train"][train]
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+
+    def scaled(x):
+        return (x - mu) / sd
+
+    best = None
+    for c in PROBE_C:
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(scaled(x_tr), y_tr)
+        val = _probe_metrics(clf, scaled(feats["val"]), labels["val"], n_classes)
+        if best is None or val["macro_f1"] > best[1]["macro_f1"]:
+            best = (clf, val, c)
+    clf, val, c = best
+    test = _probe_metrics(clf, scaled(feats["test"]), labels["test"], n_classes)
+    return {"val": val, "test": test, "probe_C": c}
+
+
+def _probe_metrics(clf: Any, x: Any, y: Any, n_classes: int) -> dict[str, float]:
+    """Classification metrics of a fitted probe on ``x (N, D)``, ``y (N,)`` (all K classes)."""
+    import numpy as np
+
+    from usfm_core.evaluate.metrics import classification_metrics
+
+    proba = np.zeros((len(x), n_classes))
+    proba[:, clf.classes_] = clf.predict_proba(x)  # a class absent from the subset scores 0
+    return classification_metrics(y, proba.argmax(1), proba, n_classes)
+
+
+def probe_run(
+    spec: RunSpec,
+    recipe: TaskRecipe,
+    data: Any,
+    splits: dict,
+    make_backbone,
+    cache: dict,
+) -> dict[str, Any]:
+    """One linear-probe run (BUSI benign / malignant / normal).
+
+    Features of the train / val / test splits are computed once per backbone and kept in
+    ``cache`` (a pretrained arm's do not depend on the seed; scratch's random backbone does),
+    so the ratios of one seed share them; the probe then trains on the seed's label subset.
+    """
+    from usfm_core.finetune.data import label_subset
+
+    key = (spec.task, spec.arm, spec.seed if spec.arm == "scratch" else None)
+    if key not in cache:
+        backbone = make_backbone(spec)
+        cache[key] = {
+            split: probe_features(backbone, data, splits[split], recipe.size, recipe.batch)
+            for split in ("train", "val", "test")
+        }
+    feats = {k: v[0] for k, v in cache[key].items()}
+    labels = {k: v[1] for k, v in cache[key].items()}
+    subset = label_subset(splits["train"], data.labels, data.groups, spec.ratio, spec.seed)
+    row = {item: j for j, item in enumerate(splits["train"])}
+    res = fit_probe(feats, labels, [row[i] for i in subset], len(data.classes))
+    return {"n_train": len(subset), "steps": 0, **res}
+
+
+def check_cache(
+    runs: list[RunSpec], keys: dict[RunSpec, dict], results: Path, setting: str, redo: bool
+) -> tuple[list[RunSpec], list[RunSpec]]:
+    """``(to run, cached)``: a result file whose key matches is reused; one made with another
+    backbone or recipe stops the sitting (ConfigError) unless ``redo`` re-runs it."""
+    from usfm_core.errors import ConfigError
+
+    todo, done, stale = [], [], []
+    for spec in runs:
+        path = spec.path(results, setting)
+        if not path.is_file():
+            todo.append(spec)
+            continue
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")).get("key")
+        except ValueError:
+            old = None
+        if old == keys[spec]:
+            done.append(spec)
+        else:
+            (todo if redo else stale).append(spec)
+    if stale:
+        raise ConfigError(
+            f"{len(stale)} cached result(s) were made with another backbone, recipe or data "
+            f"subset, e.g. {stale[0].path(results, setting)}",
+            hint="pass --redo to re-run them, or --results-dir NEW to keep both",
+        )
+    return todo, done
+
+
+def proof_part(
+    setting: Setting,
+    backbone_specs: list[str],
+    results: Path,
+    work: Path,
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+    only: list[str] | None = None,
+    redo: bool = False,
+    plan_only: bool = False,
+    summary_out: Path | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the multi-seed proof grid of ``setting``; returns the plan and summary.
+
+    One JSON per (task, arm, ratio, seed) under ``results/<setting>/<task>/``, written
+    atomically as soon as the run ends; runs whose JSON exists with the same key are skipped.
+    Prints the plan (runs, estimated minutes) first, then one line per run, then the summary
+    (also written to ``summary_out`` and beside it as ``.md``).
+    """
+    from usfm_core.errors import ConfigError
+    from usfm_core.finetune.models import build_like, load_backbone
+    from usfm_core.progress import format_seconds, progress_bar
+    from usfm_core.utils import atomic_write_text
+
+    proof = setting.proof
+    if proof is None:
+        raise ConfigError(
+            f"setting {setting.name!r} has no proof recipe",
+            hint=f"use one of {', '.join(k for k, v in SETTINGS.items() if v.proof)}",
+        )
+    backbones = parse_backbones(backbone_specs)
+    if "openus" not in backbones:
+        raise ConfigError(
+            "the proof needs the OpenUS backbone (scratch rebuilds its architecture)",
+            hint="pass --backbone openus=PRETRAIN_RUN_OR_MODEL_NAME",
+        )
+    tasks = tasks or list(proof.tasks)
+    seeds = seeds if seeds is not None else list(proof.seeds)
+    arms = ["openus", "scratch"] + [a for a in OPTIONAL_ARMS if a in backbones]
+    loaded = {arm: load_backbone(spec) for arm, spec in backbones.items()}
+    ids = {arm: backbone_id(m) for arm, m in loaded.items()}
+    ids["scratch"] = "scratch-" + architecture_id(loaded["openus"])
+    for arm in OPTIONAL_ARMS:
+        if arm in loaded and architecture_id(loaded[arm]) != architecture_id(loaded["openus"]):
+            print(f"warning: the {arm} backbone's architecture differs from openus's", flush=True)
+    runs = plan_runs(proof, tasks, arms, seeds, only_filter(only))
+    keys = {s: run_key(s, proof.tasks[s.task], ids[s.arm], proof) for s in runs}
+    todo, done = check_cache(runs, keys, results, setting.name, redo)
+    est = sum(proof.tasks[s.task].est_s for s in todo)
+    print(
+        f"label-efficiency proof, setting {setting.name}: {len(runs)} runs "
+        f"({len(done)} cached, {len(todo)} to run), estimated {est / 60:.0f} min "
+        f"(≈ per run at 1 thread: "
+        + ", ".join(f"{t} {proof.tasks[t].est_s / 60:.1f} min" for t in tasks)
+        + ")",
+        flush=True,
+    )
+    for task in tasks:
+        n = sum(s.task == task for s in todo)
+        if n:
+            print(f"  {task}: {n} to run -> {results / setting.name / task}", flush=True)
+    plan = {"runs": len(runs), "cached": len(done), "todo": len(todo), "est_s": est}
+    if plan_only:
+        return {"plan": plan}
+
+    data_cache: dict[str, tuple[Any, dict]] = {}
+    feature_cache: dict = {}
+
+    def make_backbone(spec: RunSpec):
+        if spec.arm == "scratch":
+            return build_like(loaded["openus"], spec.seed)
+        return load_backbone(backbones[spec.arm])  # a fresh copy: probe features only
+
+    with progress_bar(len(todo), desc="proof runs", unit="run") as overall:
+        for spec in todo:
+            recipe = proof.tasks[spec.task]
+            if spec.task not in data_cache:
+                data_cache[spec.task] = task_data(spec.task, proof.max_items)
+            data, splits = data_cache[spec.task]
+            t0 = time.perf_counter()
+            if spec.task.endswith("-cls"):
+                res = probe_run(spec, recipe, data, splits, make_backbone, feature_cache)
+            else:
+                out_dir = work / "proof" / spec.task / spec.name
+                res = seg_run(spec, recipe, data, splits, backbones, out_dir)
+                shutil.rmtree(out_dir, ignore_errors=True)  # models are not kept
+            import torch
+
+            record = {
+                "key": keys[spec],
+                **asdict(spec),
+                "setting": setting.name,
+                "backbone": backbones["openus"] if spec.arm == "scratch" else backbones[spec.arm],
+                "n_split": {k: len(v) for k, v in splits.items()},
+                **res,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "threads": torch.get_num_threads(),
+                **machine_load(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            path = spec.path(results, setting.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(record, indent=1, default=float) + "\n")
+            metric = TASK_METRICS[spec.task][0]
+            overall.update(1)
+            print(
+                f"  {spec.task:<8} {spec.arm:<7} {100 * spec.ratio:>3.0f} %  seed {spec.seed}: "
+                f"test {metric} {res['test'].get(metric, float('nan')):.3f}  "
+                f"({format_seconds(record['seconds'])}, load {record['load_avg_1min']})",
+                flush=True,
+            )
+    summary = write_summary(results, setting.name, summary_out)
+    return {"plan": plan, "summary": summary}
+
+
+# ------------------------------------------------------------------------------ proof summary
+def load_results(results: Path, setting: str) -> list[dict[str, Any]]:
+    """Every cached run record of ``setting`` under ``results`` (sorted by path)."""
+    out = []
+    for path in sorted((results / setting).glob("*/*.json")):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec.get("task") in TASK_METRICS:
+            out.append(rec)
+    return out
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    """``{"mean", "std", "n"}`` with the sample std (``ddof=1``; None below two values)."""
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(arr.std(ddof=1)) if arr.size > 1 else None
+    return {"mean": float(arr.mean()), "std": std, "n": int(arr.size)}
+
+
+def _by_cell(records: list[dict[str, Any]]) -> dict[tuple, dict[int, dict]]:
+    """``{(task, arm, ratio): {seed: record}}``."""
+    cells: dict[tuple, dict[int, dict]] = {}
+    for r in records:
+        cells.setdefault((r["task"], r["arm"], float(r["ratio"])), {})[int(r["seed"])] = r
+    return cells
+
+
+def paired(
+    cells: dict[tuple, dict[int, dict]], task: str, arm: str, base: str, ratio: float, metric: str
+) -> dict[str, Any] | None:
+    """Paired difference ``arm − base`` of a test metric over the seeds both ran:
+    ``{"per_seed": {seed: d}, "mean", "std", "n"}``; None when no seed is shared."""
+    a, b = cells.get((task, arm, ratio), {}), cells.get((task, base, ratio), {})
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = {s: float(a[s]["test"][metric]) - float(b[s]["test"][metric]) for s in seeds}
+    return {"per_seed": d, **_mean_std(list(d.values()))}
+
+
+def summarise_proof(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std per (task, arm, ratio), paired differences to scratch, target checks."""
+    cells = _by_cell(records)
+    order = sorted(cells, key=lambda k: (list(TASK_METRICS).index(k[0]), k[2], ARMS.index(k[1])))
+    table = []
+    for task, arm, ratio in order:
+        runs = cells[(task, arm, ratio)]
+        row: dict[str, Any] = {
+            "task": task,
+            "arm": arm,
+            "ratio": ratio,
+            "seeds": sorted(runs),
+            "n_train": sorted({r["n_train"] for r in runs.values()}),
+        }
+        for metric in TASK_METRICS[task]:
+            values = [float(runs[s]["test"][metric]) for s in sorted(runs)]
+            row[metric] = {"values": values, **_mean_std(values)}
+            if arm != "scratch":
+                row[f"delta_{metric}"] = paired(cells, task, arm, "scratch", ratio, metric)
+        table.append(row)
+    return {"table": table, "targets": target_checks(cells)}
+
+
+def _cell_mean(cells: dict, task: str, arm: str, ratio: float, metric: str) -> float | None:
+    runs = cells.get((task, arm, ratio))
+    return _mean_std([float(r["test"][metric]) for r in runs.values()])["mean"] if runs else None
+
+
+def target_checks(cells: dict[tuple, dict[int, dict]]) -> list[dict[str, Any]]:
+    """Issue 12's targets, each ``met`` / ``missed`` / ``not run`` with its value.
+
+    Differences between arms are paired means over the seeds both ran.
+    """
+    out = []
+
+    def add(name: str, value: float | None, need: float, seeds: int) -> None:
+        status = "not run" if value is None else ("met" if value >= need - 1e-12 else "missed")
+        out.append(
+            {"target": name, "value": value, "needed": need, "seeds": seeds, "status": status}
+        )
+
+    d = paired(cells, "busi-seg", "openus", "scratch", 0.2, "dice")
+    add(
+        "BUSI lesions: openus@20% − scratch@20% ≥ 0.05 Dice",
+        d and d["mean"],
+        0.05,
+        d["n"] if d else 0,
+    )
+    o20 = _cell_mean(cells, "busi-seg", "openus", 0.2, "dice")
+    s100 = _cell_mean(cells, "busi-seg", "scratch", 1.0, "dice")
+    add(
+        "BUSI lesions: openus@20% / scratch@100% ≥ 0.95 (Dice)",
+        o20 / s100 if o20 is not None and s100 else None,
+        0.95,
+        len(cells.get(("busi-seg", "openus", 0.2), {})),
+    )
+    d = paired(cells, "hc18-seg", "openus", "scratch", 0.1, "dice")
+    add("HC18 heads: openus@10% − scratch@10% ≥ 0 Dice", d and d["mean"], 0.0, d["n"] if d else 0)
+    for task in TASK_METRICS:
+        metric = TASK_METRICS[task][0]
+        for a, b in (
+            ("openus", "mae"),
+            ("openus", "jepa"),
+            ("mae", "scratch"),
+            ("jepa", "scratch"),
+        ):
+            d = paired(cells, task, a, b, 0.2, metric)
+            add(f"{task} @20%: {a} ≥ {b} ({metric})", d and d["mean"], 0.0, d["n"] if d else 0)
+    return out
+
+
+def _fmt(stat: dict[str, Any] | None, signed: bool = False) -> str:
+    """``0.512 ± 0.031`` (``0.512`` for one seed; ``–`` for nothing)."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
+    return mean if stat.get("std") is None else f"{mean} ± {stat['std']:.3f}"
+
+
+def proof_markdown(summary: dict[str, Any]) -> str:
+    """The summary as markdown: the per-cell table, then the targets."""
+    lines = [
+        "| task | labels | arm | seeds | train images | test metric | mean ± std "
+        "| 2nd metric | Δ vs scratch (paired) | Δ per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["table"]:
+        m1, m2 = TASK_METRICS[r["task"]]
+        delta = r.get(f"delta_{m1}")
+        per_seed = (
+            " ".join(f"s{s}: {d:+.3f}" for s, d in delta["per_seed"].items()) if delta else "–"
+        )
+        lines.append(
+            f"| {r['task']} | {100 * r['ratio']:.0f} % | {r['arm']} | {len(r['seeds'])} "
+            f"| {'/'.join(map(str, r['n_train']))} | {m1} | {_fmt(r[m1])} "
+            f"| {m2} {_fmt(r[m2])} | {_fmt(delta, signed=True) if delta else '–'} | {per_seed} |"
+        )
+    lines += ["", "| target | value | needed | seeds | status |", "|---|---|---|---|---|"]
+    for t in summary["targets"]:
+        value = "–" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(
+            f"| {t['target']} | {value} | {t['needed']:g} | {t['seeds']} | {t['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_summary(results: Path, setting: str, out: Path | None = None) -> dict[str, Any]:
+    """Merge every cached run of ``setting`` into ``out`` (JSON) and ``out.md``; print it."""
+    from usfm_core.utils import atomic_write_text
+
+    out = out or SUMMARY.with_name(f"label_efficiency_{setting}.json")
+    records = load_results(results, setting)
+    summary = {
+        "setting": setting,
+        "results_dir": str(results / setting),
+        "n_runs": len(records),
+        **summarise_proof(records),
+        "runs": [
+            {
+                k: r.get(k)
+                for k in (
+                    "task",
+                    "arm",
+                    "ratio",
+                    "seed",
+                    "n_train",
+                    "test",
+                    "seconds",
+                    "threads",
+                    "load_avg_1min",
+                    "uptime",
+                    "finished",
+                )
+            }
+            for r in records
+        ],
+        "summarised": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **machine_load(),
+    }
+    text = proof_markdown(summary)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(summary, indent=1, default=float) + "\n")
+    atomic_write_text(out.with_suffix(".md"), text + "\n")
+    print(text, flush=True)
+    return summary
 
 
 # --------------------------------------------------------------------------- part 2: inference
@@ -512,9 +1250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=("label", "inference"),
+        choices=("label", "inference", "proof"),
         default=["label", "inference"],
-        help="which parts to run",
+        help="which parts to run (proof: the multi-seed grid, only when named)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs here (else temp)")
@@ -540,24 +1278,87 @@ def main(argv: list[str] | None = None) -> int:
         default=list(INFER_PRESETS),
         help=f"VMamba presets of the timed segmenters (default: {' '.join(INFER_PRESETS)})",
     )
+    proof = parser.add_argument_group("proof (--parts proof, --summarise)")
+    proof.add_argument(
+        "--backbone",
+        action="append",
+        default=[],
+        metavar="ARM=PATH",
+        help="openus=RUN_OR_NAME (required), mae=RUN, jepa=RUN (optional arms, 20 %% only)",
+    )
+    proof.add_argument("--tasks", nargs="+", choices=list(TASK_METRICS), default=None)
+    proof.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="TASK/ARM/RATIO",
+        help="run only matching cells, e.g. busi-seg/openus/0.2 hc18-seg/*/0.1",
+    )
+    proof.add_argument("--seeds", type=int, nargs="+", default=None, help="default: setting's")
+    proof.add_argument(
+        "--results-dir",
+        type=Path,
+        default=PROOF_RESULTS,
+        help="cached runs: DIR/<setting>/<task>/<arm>-r<ratio>-s<seed>.json",
+    )
+    proof.add_argument(
+        "--summary-out",
+        type=Path,
+        default=None,
+        help="merged summary JSON (+ .md); default results/label_efficiency_<setting>.json",
+    )
+    proof.add_argument("--redo", action="store_true", help="re-run cached runs that are stale")
+    proof.add_argument("--plan", action="store_true", help="print the plan, run nothing")
+    proof.add_argument(
+        "--summarise", action="store_true", help="only merge the cached runs into the summary"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(inference_worker(json.loads(args.worker))))
         return 0
-    if "label" in args.parts and not (DATA / "busi" / "manifest.csv").is_file():
-        print(f"error: BUSI not found under {DATA}; the label part needs it", file=sys.stderr)
-        return 2
-
     setting = SETTINGS[args.setting or ("quick" if args.quick else "full")]
-    if args.ratios:
-        if not all(0 < r <= 1 for r in args.ratios):
-            parser.error("--ratios must lie in (0, 1]")
-        setting = replace(setting, ratios=sorted(args.ratios))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.summarise:
+        write_summary(args.results_dir, setting.name, args.summary_out)
+        return 0
+    if "proof" in args.parts:
+        if not (DATA / "busi" / "manifest.csv").is_file():
+            print(f"error: BUSI not found under {DATA}; the proof needs it", file=sys.stderr)
+            return 2
+        from usfm_core.errors import USFMError
+
+        with tempfile.TemporaryDirectory(prefix="usfm-le-proof-") as tmp:
+            try:
+                proof_part(
+                    setting,
+                    args.backbone,
+                    args.results_dir,
+                    args.work_dir or Path(tmp),
+                    tasks=args.tasks,
+                    seeds=args.seeds,
+                    only=args.only,
+                    redo=args.redo,
+                    plan_only=args.plan,
+                    summary_out=args.summary_out,
+                )
+            except USFMError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        args.parts = [p for p in args.parts if p != "proof"]
+        if not args.parts:
+            return 0
+    if "label" in args.parts and not (DATA / "busi" / "manifest.csv").is_file():
+        print(f"error: BUSI not found under {DATA}; the label part needs it", file=sys.stderr)
+        return 2
+
+    if args.ratios:
+        if not all(0 < r <= 1 for r in args.ratios):
+            parser.error("--ratios must lie in (0, 1]")
+        setting = replace(setting, ratios=sorted(args.ratios))
     report: dict[str, Any] = {"setting": asdict(setting), "meta": machine_info()}
     if args.out.is_file():  # keep the parts not re-run now from an earlier run of this setting
         old = json.loads(args.out.read_text(encoding="utf-8"))
