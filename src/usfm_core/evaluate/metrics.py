@@ -221,6 +221,37 @@ def segmentation_metrics(
     return out
 
 
+def percentiles(
+    values: Iterable[float], name: str, qs: Sequence[int] = (10, 50, 90)
+) -> dict[str, float]:
+    """Tail statistics of per-image scores: ``{name}_p10``, ``{name}_median``, ``{name}_p90``.
+
+    NaNs (images where the metric is undefined) are left out; NaN when no finite value is left.
+    Linear interpolation between order statistics (``numpy.percentile``'s default).
+    """
+    arr = np.array([v for v in values if v is not None], dtype=float)
+    arr = arr[np.isfinite(arr)]
+    out = {}
+    for q in qs:
+        key = f"{name}_median" if q == 50 else f"{name}_p{q}"
+        out[key] = float(np.percentile(arr, q)) if arr.size else float("nan")
+    return out
+
+
+def count_where(
+    values: Iterable[float], *, below: float | None = None, above: float | None = None
+) -> int:
+    """Number of finite ``values`` strictly below ``below`` and/or strictly above ``above``
+    (failure counts: Dice < 0.5, HC error > 10 mm); NaNs are not counted."""
+    arr = np.array([v for v in values if v is not None], dtype=float)
+    keep = np.isfinite(arr)
+    if below is not None:
+        keep &= arr < below
+    if above is not None:
+        keep &= arr > above
+    return int(keep.sum())
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``ddof=1``; 0.0 for a single value), NaNs ignored."""
     arr = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)

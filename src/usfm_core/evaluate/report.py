@@ -2,7 +2,9 @@
 
 :func:`evaluate_model_dir` scores a fine-tuned model on a split of its data set (native image
 resolution, HD95 in mm when ``pixel_size_mm`` is known), optionally under the US-JEPA
-corruptions at severities 1–3, and writes ``metrics.json``, ``summary.md`` and PNG plots.
+corruptions at severities 1–3, and writes ``metrics.json`` (means, failure counts, p10 /
+median / p90 tails, the worst images by name), ``per_image.csv``, ``summary.md`` and PNG plots
+(the overlays show the worst images).
 :func:`label_efficiency_report` gathers several fine-tuning runs and plots metric vs label ratio
 (mean ± std over seeds), like OpenUS Fig. 5–8.
 """
@@ -53,7 +55,10 @@ def evaluate_model_dir(
 
     Returns the ``metrics.json`` content: ``{"task", "split", "n", "clean": {...},
     "corrupted": {kind: {severity: {...}}}}`` plus ``"baseline": {"model", "clean",
-    "corrupted"}`` when a baseline is given.
+    "corrupted"}`` when a baseline is given. Each metrics dict holds the means, the failure
+    counts, tails and worst images of :func:`seg_tails` (segmentation) or ``n_wrong`` /
+    ``worst`` (classification); ``per_image.csv`` (``per_image_baseline.csv``) has one clean
+    row per scored image.
     """
     from usfm_core.evaluate.corruptions import CORRUPTIONS, SEVERITIES, corrupt
     from usfm_core.finetune.data import LabelledSet, load_splits
@@ -104,11 +109,11 @@ def evaluate_model_dir(
 
         return scorer(net, data, indices, counted, device, batch_size)
 
-    def score_all(net) -> dict[str, Any]:
-        res: dict[str, Any] = {
-            "clean": score(net, data, indices, None, device, batch_size),
-            "corrupted": {},
-        }
+    per_image: dict[str, list[dict[str, Any]]] = {}
+
+    def score_all(net, arm: str) -> dict[str, Any]:
+        clean, per_image[arm] = score(net, data, indices, None, device, batch_size)
+        res: dict[str, Any] = {"clean": clean, "corrupted": {}}
         if corruptions:
             for kind in CORRUPTIONS:
                 res["corrupted"][kind] = {}
@@ -119,7 +124,7 @@ def evaluate_model_dir(
 
                     res["corrupted"][kind][str(sev)] = score(
                         net, data, indices, tf, device, batch_size
-                    )
+                    )[0]
         return res
 
     result: dict[str, Any] = {
@@ -128,7 +133,7 @@ def evaluate_model_dir(
         "n": len(indices),
         "model": str(model_dir),
         "splits_file": str(splits_path) if splits_path else None,
-        **score_all(model),
+        **score_all(model, "model"),
     }
     if baseline is not None:
         base_model, base_meta = load_finetuned(baseline, device=device)
@@ -138,16 +143,46 @@ def evaluate_model_dir(
                 path=baseline,
                 hint="compare models of the same task",
             )
-        result["baseline"] = {"model": str(baseline), **score_all(base_model)}
+        result["baseline"] = {"model": str(baseline), **score_all(base_model, "baseline")}
     bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=1))
     atomic_write_text(out_dir / "summary.md", _summary_md(result))
+    for arm, rows in per_image.items():
+        name = "per_image.csv" if arm == "model" else f"per_image_{arm}.csv"
+        atomic_write_text(out_dir / name, _rows_csv(rows))
     if corruptions:
         _plot_robustness(result, out_dir / "robustness.png")
     if task == "segmentation":
-        _plot_overlays(model, data, indices[:4], out_dir / "overlays.png", device)
+        index = {item.key: i for i, item in enumerate(data.items)}
+        worst = [index[w["image"]] for w in result["clean"]["worst"][:4]] or indices[:4]
+        _plot_overlays(model, data, worst, out_dir / "overlays.png", device)
     return result
+
+
+def _rows_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Per-image rows as CSV text (columns in first-seen order; empty cell for NaN / absent)."""
+    import csv
+    import io
+
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _cell(r.get(k)) for k in cols})
+    return buf.getvalue()
+
+
+def _cell(v: Any) -> Any:
+    """A CSV cell: ``""`` for None / NaN, 6 significant digits for floats."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    return f"{v:.6g}" if isinstance(v, float) else v
 
 
 def _split_without_file(data, meta: dict[str, Any], split: str, model_dir: Path) -> list[int]:
@@ -187,23 +222,33 @@ def declare_mask_classes(data, meta: dict[str, Any]) -> None:
 
 def score_items(
     model, data, indices: Sequence[int], *, device: str = "cpu", batch_size: int = 8
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Clean metrics of a fine-tuned ``model`` on items ``indices`` of a :class:`LabelledSet`.
 
     Segmentation: mean Dice / IoU / HD95 (+ HC error in mm when the items carry a reference
-    circumference); classification: accuracy, macro-F1, precision, recall, AUROC.
+    circumference), failure counts, tails and worst images (:func:`seg_tails`);
+    classification: accuracy, macro-F1, precision, recall, AUROC, misclassified items.
     """
     score = _seg_scorer if getattr(model, "task", "") == "segmentation" else _cls_scorer
-    return score(model, data, list(indices), None, device, batch_size)
+    return score(model, data, list(indices), None, device, batch_size)[0]
+
+
+# Failure thresholds of the report (issue #14): Dice below these, |HC error| above 10 mm.
+DICE_FAIL = (0.5, 0.1)
+HC_FAIL_MM = 10.0
+N_WORST = 10
 
 
 def _seg_scorer(
     model, data, indices, transform: Callable | None, device: str, batch_size: int
-) -> dict[str, Any]:
-    """Per-class and mean Dice / IoU / HD95 over items, at native resolution.
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-class and mean Dice / IoU / HD95 over items, at native resolution, plus one row
+    per image (``image``, ``gt_empty``, ``pred_empty``, ``dice``, ``iou``, ``hd95`` and
+    ``hc_error_mm`` when the item has a reference circumference).
 
     A class is scored on the images whose ground truth holds it (MONAI ``ignore_empty``); the
-    mean is over classes (:func:`usfm_core.evaluate.metrics.per_class_scores`).
+    mean is over classes (:func:`usfm_core.evaluate.metrics.per_class_scores`). An image's own
+    Dice is the mean over the classes its ground truth holds (NaN for an empty ground truth).
     ``dice_legacy`` is the earlier mean of per-image Dice (empty/empty = 1, classes merged).
     """
     from usfm_core.evaluate.metrics import (
@@ -220,7 +265,7 @@ def _seg_scorer(
             yield transform(img) if transform else img
 
     n_classes = max(model.n_classes, 1)
-    rows, legacy, hc_errors = [], [], []
+    rows, legacy, hc_errors, images = [], [], [], []
     for i, pred in zip(
         indices, segment_frames(model, frames(), batch_size=batch_size, device=device)
     ):
@@ -228,10 +273,22 @@ def _seg_scorer(
         px = item.pixel_size_mm
         spacing = (px, px) if px else None
         target = read_mask(item)
-        rows.append(class_scores(pred, target, n_classes, spacing))
+        row = class_scores(pred, target, n_classes, spacing)
+        rows.append(row)
         legacy.append(segmentation_metrics_legacy(pred, target, spacing, n_classes)["dice"])
+        image = {
+            "image": item.key,
+            "gt_empty": not np.isfinite(row["dice"]).any(),
+            # A class of the ground truth with no predicted pixel at all (a miss).
+            "pred_empty": bool(_missed_class(pred, target, n_classes)),
+            "fp_on_empty": bool(not (target > 0).any() and (pred > 0).any()),
+            **{k: _nanmean(row[k]) for k in ("dice", "iou", "hd95")},
+        }
         if item.circumference_mm is not None and px:
-            hc_errors.append(circumference_error_mm(pred, px, item.circumference_mm))
+            err = circumference_error_mm(pred, px, item.circumference_mm)
+            hc_errors.append(err)
+            image["hc_error_mm"] = err
+        images.append(image)
     out = per_class_scores(rows, structure_names(model))
     out["dice_legacy"] = float(np.mean(legacy)) if legacy else float("nan")
     if hc_errors:
@@ -242,6 +299,58 @@ def _seg_scorer(
             hc_error_mm_median=float(np.median(err)),
             hc_bias_mm=float(np.mean(hc_errors)),
         )
+    out.update(seg_tails(images))
+    return out, images
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the finite entries of ``values`` ``(C,)``; NaN when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _missed_class(pred: np.ndarray, target: np.ndarray, n_classes: int) -> bool:
+    """True when some class of ``target`` ``(H, W)`` has no pixel at all in ``pred``."""
+    if n_classes <= 2:
+        return bool((target > 0).any() and not (pred > 0).any())
+    return any((target == c).any() and not (pred == c).any() for c in range(1, n_classes))
+
+
+def seg_tails(images: Sequence[dict[str, Any]], n_worst: int = N_WORST) -> dict[str, Any]:
+    """Failure counts, tails and worst images from the per-image rows of :func:`_seg_scorer`.
+
+    Counts are over the images whose ground truth is not empty (``n_scored``): Dice below
+    0.5 and 0.1, empty predictions (``n_empty_pred``), |HC error| above 10 mm; and over the
+    empty-ground-truth images (``n_empty_gt``, e.g. BUSI's normal scans): predictions with
+    any foreground (``n_fp_on_empty_gt``). Tails: p10 / median / p90 of image Dice, HD95 (images
+    where both masks are non-empty) and |HC error|. ``worst``: the ``n_worst`` lowest-Dice
+    images (``worst_hc``: largest |HC error|), each ``{"image", "dice", "hd95"[,
+    "hc_error_mm"]}``.
+    """
+    from usfm_core.evaluate.metrics import count_where, percentiles
+
+    scored = [r for r in images if not r["gt_empty"]]
+    dice = [r["dice"] for r in scored]
+    out: dict[str, Any] = {
+        "n_scored": len(scored),
+        "n_empty_gt": len(images) - len(scored),
+        **{f"n_dice_below_{t:g}": count_where(dice, below=t) for t in DICE_FAIL},
+        "n_empty_pred": sum(r["pred_empty"] for r in scored),
+        "n_fp_on_empty_gt": sum(r["fp_on_empty"] for r in images if r["gt_empty"]),
+        **percentiles(dice, "dice"),
+        **percentiles([r["hd95"] for r in scored], "hd95"),
+    }
+    keep = ("image", "dice", "hd95", "hc_error_mm")
+    ranked = sorted(scored, key=lambda r: (r["dice"], -np.nan_to_num(r["hd95"], nan=np.inf)))
+    out["worst"] = [{k: r[k] for k in keep if k in r} for r in ranked[:n_worst]]
+    with_hc = [r for r in images if "hc_error_mm" in r]
+    if with_hc:
+        hc = [abs(r["hc_error_mm"]) for r in with_hc]
+        tails = percentiles(hc, "hc_error_mm")
+        del tails["hc_error_mm_median"]  # already reported (median |HC error|)
+        out.update(tails, n_hc_error_over_10mm=count_where(hc, above=HC_FAIL_MM))
+        ranked = sorted(with_hc, key=lambda r: -abs(r["hc_error_mm"]))
+        out["worst_hc"] = [{k: r[k] for k in keep if k in r} for r in ranked[:n_worst]]
     return out
 
 
@@ -269,12 +378,43 @@ def circumference_error_mm(pred: np.ndarray, pixel_size_mm: float, reference_mm:
 
 def _cls_scorer(
     model, data, indices, transform: Callable | None, device: str, batch_size: int
-) -> dict[str, float]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy, macro precision / recall / F1, AUROC and CE loss at model resolution (as in
+    fine-tuning's validation), the number of misclassified items and the worst ones (lowest
+    probability of the true class), plus one row per item (``image``, ``label``,
+    ``predicted``, ``p_true``)."""
+    import torch
+
+    from usfm_core.evaluate.metrics import classification_metrics
     from usfm_core.finetune.data import SupervisedDataset
-    from usfm_core.finetune.train import evaluate_split
 
     ds = SupervisedDataset(data, indices, "classification", model.input_size, transform=transform)
-    return evaluate_split(model, ds, "classification", batch_size, device)
+    model = model.to(device).eval()
+    probs, targets, loss = [], [], 0.0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size):
+            logits = model(x.to(device)).float().cpu()
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            probs.append(logits.softmax(1).numpy())
+            targets.extend(y.tolist())
+    p = np.concatenate(probs) if probs else np.zeros((0, model.n_classes))
+    out: dict[str, Any] = classification_metrics(targets, p.argmax(1), p, n_classes=model.n_classes)
+    out["loss"] = loss / max(len(ds), 1)
+    names = list(getattr(model, "classes", None) or [])
+    if len(names) != model.n_classes:
+        names = [str(c) for c in range(model.n_classes)]
+    rows = [
+        {
+            "image": data.items[i].key,
+            "label": names[t],
+            "predicted": names[int(pi.argmax())],
+            "p_true": float(pi[t]),
+        }
+        for i, t, pi in zip(indices, targets, p)
+    ]
+    out["n_wrong"] = sum(r["label"] != r["predicted"] for r in rows)
+    out["worst"] = sorted(rows, key=lambda r: r["p_true"])[:N_WORST]
+    return out, rows
 
 
 # Metrics shown in millimetres (or pixels) rather than percent.
@@ -320,7 +460,67 @@ def _summary_md(result: dict[str, Any]) -> str:
             lines.append((f"| {name} " if len(arms) > 1 else "") + f"| {cond} | {cells} |")
     if result["task"] == "segmentation":
         lines += _per_class_md(arms)
+    lines += _tails_md(result["task"], arms)
     return "\n".join(lines) + "\n"
+
+
+def _tails_md(task: str, arms: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Clean failure counts and tails per model, then each model's worst images by name."""
+    if task == "segmentation":
+        cols = [
+            ("n_scored", "scored"),
+            ("n_dice_below_0.5", "Dice<0.5"),
+            ("n_dice_below_0.1", "Dice<0.1"),
+            ("n_empty_pred", "empty pred."),
+            ("n_empty_gt", "empty GT"),
+            ("n_fp_on_empty_gt", "FP on empty GT"),
+            ("dice_p10", "Dice p10"),
+            ("dice_median", "Dice median"),
+            ("dice_p90", "Dice p90"),
+            ("hd95_p10", "HD95 p10"),
+            ("hd95_median", "HD95 median"),
+            ("hd95_p90", "HD95 p90"),
+            ("hc_error_mm_p10", "HC err p10"),
+            ("hc_error_mm_median", "HC err median"),
+            ("hc_error_mm_p90", "HC err p90"),
+            ("n_hc_error_over_10mm", "HC err>10 mm"),
+        ]
+        note = (
+            "Failures and tails (clean; counts of images; Dice in %, HD95 and |HC error| in mm "
+            "when the pixel size is known; Dice, HD95, empty predictions and HC over the images "
+            "whose ground truth is not empty, FP = any predicted foreground on an empty ground "
+            "truth):"
+        )
+    else:
+        cols = [("n_wrong", "misclassified")]
+        note = "Failures (clean): misclassified items."
+    cols = [(k, label) for k, label in cols if any(k in a["clean"] for _, a in arms)]
+    lines = ["", note, "", "| model | " + " | ".join(c for _, c in cols) + " |"]
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for name, arm in arms:
+        m = arm["clean"]
+        cells = [
+            str(m.get(k, "–")) if k.startswith("n_") else _fmt(m.get(k), k.startswith("dice"))
+            for k, _ in cols
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, arm in arms:
+        for key, what in (("worst", "lowest Dice"), ("worst_hc", "largest |HC error|")):
+            rows = arm["clean"].get(key)
+            if not rows:
+                continue
+            if task == "classification":
+                what = "lowest probability of the true class"
+            lines += ["", f"Worst {len(rows)} images of {name} ({what}):", ""]
+            fields = [k for k in rows[0] if k != "image"]
+            lines += ["| image | " + " | ".join(fields) + " |", "|---" * (len(fields) + 1) + "|"]
+            for r in rows:
+                cells = [
+                    _fmt(r[k], k == "dice") if isinstance(r[k], float) else str(r[k])
+                    for k in fields
+                ]
+                lines.append(f"| {r['image']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _per_class_md(arms: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -373,25 +573,31 @@ def _plot_robustness(result: dict[str, Any], path: Path) -> None:
 
 
 def _plot_overlays(model, data, indices: Sequence[int], path: Path, device: str) -> None:
-    """Image with ground-truth (green) and predicted (red) contours for a few items."""
+    """Image with ground-truth (green) and predicted (red) contours for a few items (the
+    report passes the worst by Dice), each titled with its file name and Dice."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from usfm_core.evaluate.metrics import dice
     from usfm_core.finetune.data import read_image, read_mask
     from usfm_core.finetune.infer import segment_frames
 
     imgs = [read_image(data.items[i]) for i in indices]
     preds = list(segment_frames(model, imgs, device=device))
-    fig, axes = plt.subplots(1, len(imgs), figsize=(3 * len(imgs), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(imgs), figsize=(3 * len(imgs), 3.3), squeeze=False)
     for ax, i, img, pred in zip(axes[0], indices, imgs, preds):
+        target = read_mask(data.items[i]) > 0
         ax.imshow(img, cmap="gray")
-        ax.contour(read_mask(data.items[i]) > 0, levels=[0.5], colors="lime", linewidths=1)
+        if target.any():
+            ax.contour(target, levels=[0.5], colors="lime", linewidths=1)
         if pred.any():
             ax.contour(pred > 0, levels=[0.5], colors="red", linewidths=1)
+        name = Path(data.items[i].key).name
+        ax.set_title(f"{name}\nDice {dice(pred > 0, target):.2f}", fontsize=8)
         ax.set_axis_off()
-    fig.suptitle("ground truth (green) vs prediction (red)")
+    fig.suptitle("worst images by Dice: ground truth (green) vs prediction (red)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     plt.close(fig)
