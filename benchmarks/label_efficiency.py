@@ -14,12 +14,29 @@ fine-tuning size and at 256×256. Each measurement runs in a fresh subprocess, s
 RSS is not polluted by the training above. Targets (issue 6): ≥ 20 frames/s at 256×256
 and ≤ 2 GB peak memory for the 1000-frame cine.
 
+Part 3 (``proof``, issue 12 item 5; run only when named): the multi-seed proof. Tasks
+``busi-seg`` (lesions), ``hc18-seg`` (fetal heads) and ``busi-cls`` (benign / malignant /
+normal by a logistic-regression probe on frozen pooled features), fixed test splits (the
+shipped recipe's, whose train + val images are the only ones pre-training saw), label ratios
+10 / 20 / 100 % drawn per seed from the training split (grouped, stratified). Arms: ``openus``
+(``--backbone openus=RUN_OR_NAME``), ``scratch`` (its architecture, random init), and
+``mae`` / ``jepa`` at 20 % when given; one recipe and step budget for all. Each (task, arm,
+ratio, seed) writes one JSON under ``benchmarks/results/label_efficiency/<setting>/<task>/``
+as soon as it ends; a later sitting skips the runs already there, so the grid can be run in
+pieces (``--only``) and merged with ``--summarise`` (mean ± std per cell, paired differences
+per seed, the issue's targets).
+
     python benchmarks/label_efficiency.py --quick     # minutes on a 2-core CPU
     python benchmarks/label_efficiency.py             # the full setting (~3-5 h on 2 cores)
     python benchmarks/label_efficiency.py --quick --parts inference
+    python benchmarks/label_efficiency.py --parts proof --backbone openus=RUN --threads 1 --plan
+    python benchmarks/label_efficiency.py --parts proof --backbone openus=RUN --threads 1 \
+        --only busi-seg 'hc18-seg/*/0.1'              # one sitting; re-run to resume
+    python benchmarks/label_efficiency.py --summarise # merge every cached run of the setting
 
-Prints the tables and writes ``benchmarks/results/label_efficiency.json`` (``--out``), updated
-after every fine-tuning run, so an interrupted run keeps what it measured.
+Parts 1-2 print the tables and write ``benchmarks/results/label_efficiency.json`` (``--out``),
+updated after every fine-tuning run, so an interrupted run keeps what it measured. Part 3
+writes its summary to ``benchmarks/results/label_efficiency_<setting>.json`` and ``.md``.
 """
 
 from __future__ import annotations
