@@ -38,6 +38,9 @@ from napari_usfm import _layers
 from napari_usfm._settings import default_device, model_dir, num_threads
 
 FROM_SCRATCH = "(from scratch: tiny VMamba)"
+# The shipped OpenUS-pretrained backbone: Fine-tune's default and what Inspect shows.
+DEFAULT_BACKBONE = "openus-small-fast"
+RUN_FOLDER = "(a pretraining run folder, below)"
 
 
 class _Events:
@@ -82,6 +85,13 @@ def _model_choices(kind: str, extra: tuple[str, ...] = ()):
         return [(x, x) for x in extra] + found
 
     return choices
+
+
+def _prefer(combo: ComboBox, label: str) -> None:
+    """Select the choice shown as ``label`` when there is one (else keep the first)."""
+    value = combo.get_choice(label)
+    if value is not None:
+        combo.value = value
 
 
 def _model_description(path: str | None) -> tuple[str, str]:
@@ -525,6 +535,7 @@ class FinetuneWidget(_Base):
         self._backbone = ComboBox(
             label="backbone", choices=_model_choices("backbone", (FROM_SCRATCH,))
         )
+        _prefer(self._backbone, DEFAULT_BACKBONE)
         self._backbone_info = Label(value="")
         _describe_into(self._backbone, self._backbone_info)
         self._epochs = SpinBox(label="epochs", min=1, max=1000, value=30)
@@ -714,6 +725,38 @@ class PreprocessWidget(_Base):
 # --------------------------------------------------------------------------- Inspect
 
 
+_INSPECT_CACHE: dict[tuple[str, str, float], Any] = {}
+
+
+def _inspect_model(checkpoint: str, device: str) -> Any:
+    """The module :func:`usfm_core.pretrain.inspect.load_run` builds for ``checkpoint``,
+    kept for the next frame (one entry; a rewritten checkpoint is loaded again)."""
+    from usfm_core.pretrain.inspect import load_run
+
+    path = Path(checkpoint)
+    stamp = max(
+        (f.stat().st_mtime for f in (path / "checkpoints" / "last", path) if f.exists()),
+        default=0.0,
+    )
+    key = (str(path), device, stamp)
+    if key not in _INSPECT_CACHE:
+        _INSPECT_CACHE.clear()
+        _INSPECT_CACHE[key] = load_run(checkpoint, device)
+    return _INSPECT_CACHE[key]
+
+
+def _inspect_choices(_widget: Any = None) -> list[tuple[str, str]]:
+    """Backbones that carry a reconstruction head (shipped first), then a run folder."""
+    from usfm_core.models.zoo import list_models
+
+    found = [
+        (_model_label(e), str(e.path))
+        for e in list_models(model_dir(), kind="backbone")
+        if e.has_inspect
+    ]
+    return [*found, (RUN_FOLDER, RUN_FOLDER)]
+
+
 def _inspect_job(
     checkpoint: str, frame: np.ndarray, alpha: float, r: float, ratio: float, size: int, device: str
 ):
@@ -721,16 +764,24 @@ def _inspect_job(
     _limit_threads()
     from usfm_core.pretrain.inspect import inspect_frame
 
-    yield inspect_frame(checkpoint, frame, alpha=alpha, r=r, ratio=ratio, size=size, device=device)
+    model = _inspect_model(checkpoint, device)
+    yield inspect_frame(model, frame, alpha=alpha, r=r, ratio=ratio, size=size, device=device)
 
 
 class InspectWidget(_Base):
-    """Heatmaps of OpenUS's self-adaptive masking for the current frame."""
+    """Heatmaps of OpenUS's self-adaptive masking for the current frame: the shipped
+    pretrained backbone's (default) or those of a pretraining run folder."""
 
     def __init__(self, viewer: Any):
         super().__init__(viewer, labels=True)
         self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
-        self._ckpt = _file_edit(label="pretraining run", mode="d", value="")
+        self._model = ComboBox(label="model", choices=_inspect_choices)
+        _prefer(self._model, DEFAULT_BACKBONE)
+        self._model_info = Label(value="")
+        _describe_into(self._model, self._model_info)
+        self._ckpt = _file_edit(label="run folder", mode="d", value="")
+        # Choosing a folder means inspecting it.
+        self._ckpt.changed.connect(self._on_folder)
         self._alpha = FloatSlider(label="α (loss share)", min=0.0, max=1.0, value=0.5)
         self._r = FloatSlider(label="r (ALP share)", min=0.0, max=1.0, value=0.5)
         self._ratio = FloatSlider(label="mask ratio", min=0.05, max=0.95, value=0.6)
@@ -741,6 +792,8 @@ class InspectWidget(_Base):
         self.extend(
             [
                 self._image,
+                self._model,
+                self._model_info,
                 self._ckpt,
                 self._alpha,
                 self._r,
@@ -754,6 +807,18 @@ class InspectWidget(_Base):
         viewer.dims.events.current_step.connect(self._on_step)
         self.result: Any = None
 
+    def _on_folder(self, *_: Any) -> None:
+        folder = str(self._ckpt.value or "")
+        if folder and folder != ".":
+            self._model.value = RUN_FOLDER
+
+    def checkpoint(self) -> str:
+        """What is inspected: the chosen model's folder, or the run folder below it."""
+        if self._model.value != RUN_FOLDER:
+            return str(self._model.value or "")
+        folder = str(self._ckpt.value or "")
+        return "" if folder == "." else folder
+
     def _on_step(self, *_: Any) -> None:
         if self._follow.value and self.result is not None and self._worker_idle():
             self.run()
@@ -764,9 +829,9 @@ class InspectWidget(_Base):
     def run(self, *_: Any) -> Any:
         """Compute the maps for the current frame in a worker; layers update when done."""
         layer = self._image.value
-        ckpt = str(self._ckpt.value or "")
-        if layer is None or not ckpt or ckpt == ".":
-            self._notice("choose an image and a pretraining run folder")
+        ckpt = self.checkpoint()
+        if layer is None or not ckpt:
+            self._notice("choose an image and a model (or a pretraining run folder)")
             return None
         frame = _layers.frame_getter(layer)(_layers.current_frame(self._viewer, layer))
         return self._start(

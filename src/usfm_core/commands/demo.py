@@ -1,9 +1,11 @@
-"""``usfm-core demo``: the whole pipeline on a built-in sample, in a few minutes on a CPU.
+"""``usfm-core demo``: the whole pipeline on a built-in sample, in a minute or two on a CPU.
 
-simulate a calibrated DICOM cine → read it → preprocess to training frames → a short OpenUS
-pretraining → the self-adaptive-masking maps (teacher attention, student loss, ALP, mask,
-reconstruction) as a figure. The napari version of the demo is ``python -m napari_usfm`` (the
-core never imports napari).
+simulate a calibrated DICOM cine → read it → preprocess to training frames → the
+self-adaptive-masking maps (teacher attention, student loss, ALP, mask, reconstruction) of the
+shipped OpenUS-pretrained backbone (``openus-small-fast``, with its reconstruction head) as a
+figure. ``--tiny-pretrain`` instead pretrains a tiny OpenUS model from random weights for
+``--steps`` steps on the preprocessed frames and shows its (untrained-looking) maps. The napari
+version of the demo is ``python -m napari_usfm`` (the core never imports napari).
 """
 
 from __future__ import annotations
@@ -12,17 +14,32 @@ import argparse
 import time
 from pathlib import Path
 
+DEFAULT_BACKBONE = "openus-small-fast"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo`` to the CLI."""
     p = sub.add_parser(
         "demo",
         help="run the pipeline end to end on a built-in sample (napari: python -m napari_usfm)",
-        description="Simulate a calibrated DICOM cine, read and preprocess it, pretrain a tiny "
-        "OpenUS model for a few steps and save the self-adaptive masking maps as a figure.",
+        description="Simulate a calibrated DICOM cine, read and preprocess it and save the "
+        "self-adaptive masking maps of the shipped pretrained backbone as a figure "
+        "(--tiny-pretrain: of a tiny OpenUS model pretrained here for a few steps instead).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, default=30, help="pretraining steps (default: 30)")
+    p.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help=f"pretrained backbone with a reconstruction head, or a pretraining run folder "
+        f"(default: {DEFAULT_BACKBONE})",
+    )
+    p.add_argument(
+        "--tiny-pretrain",
+        action="store_true",
+        help="pretrain a tiny OpenUS model from random weights for --steps steps and show its "
+        "maps instead of the shipped backbone's",
+    )
+    p.add_argument("--steps", type=int, default=30, help="--tiny-pretrain steps (default: 30)")
     p.add_argument("--frames", type=int, default=48, help="frames of the simulated cine")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -40,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from usfm_core.io import load_scan
     from usfm_core.io.writers import write_dicom
     from usfm_core.preprocess.pipeline import preprocess_folder
-    from usfm_core.pretrain.config import load_config
     from usfm_core.pretrain.inspect import inspect_frame
-    from usfm_core.pretrain.trainer import pretrain
     from usfm_core.sim import simulate_cine
 
     out = Path(args.out)
@@ -68,6 +83,44 @@ def run(args: argparse.Namespace) -> int:
     n_frames = sum(1 for _ in open(manifest, encoding="utf-8")) - 1
     print(f"    {n_frames} training frames → {manifest.parent} ({time.perf_counter() - t0:.1f} s)")
 
+    if args.tiny_pretrain:
+        source = _tiny_pretrain(args, out)
+        what = f"a tiny OpenUS model after {args.steps} steps from random weights"
+    else:
+        source = args.backbone
+        what = _describe(source)
+    t0 = _step(f"self-adaptive masking maps of frame 0 ({what})")
+    frame = scan.to_gray(0)
+    res = inspect_frame(source, frame, alpha=0.5, r=0.5, size=224, seed=args.seed)
+    fig_path = _figure(frame, res, out / "inspect.png", what)
+    print(f"    figure → {fig_path} ({time.perf_counter() - t0:.1f} s)")
+    if args.tiny_pretrain:
+        print(f"done: open {fig_path}; log in {Path(source) / 'log.csv'}")
+    else:
+        print(f"done: open {fig_path}")
+    return 0
+
+
+def _describe(backbone: str) -> str:
+    """A short phrase for a backbone name / folder: shipped name and its pretraining step."""
+    from usfm_core.errors import CheckpointError
+    from usfm_core.models.zoo import find_model
+
+    try:
+        entry = find_model(backbone)
+    except CheckpointError:
+        return str(backbone)
+    extra = entry.config.get("extra", {}) or {}
+    if "steps" in extra and "total_steps" in extra:
+        return f"{entry.name}, pretrained {extra['steps']} of {extra['total_steps']} steps"
+    return entry.name
+
+
+def _tiny_pretrain(args: argparse.Namespace, out: Path) -> Path:
+    """Pretrain a tiny OpenUS model on ``out/data`` for ``args.steps`` steps; its run folder."""
+    from usfm_core.pretrain.config import load_config
+    from usfm_core.pretrain.trainer import pretrain
+
     t0 = _step(f"pretraining a tiny OpenUS model for {args.steps} steps on the CPU")
     # Tiny backbone, but 128² global / 64² local views with 16-px mask cells (an 8×8 grid, as
     # the CPU presets use); inspection then runs at 224² (14×14 cells).
@@ -85,19 +138,12 @@ def run(args: argparse.Namespace) -> int:
             f"steps_per_epoch={args.steps}",
         ],
     )
-    run_dir = pretrain(cfg, out / "data", out / "run", max_steps=args.steps)
-    steps_run = _steps_logged(Path(run_dir))
+    run_dir = Path(pretrain(cfg, out / "data", out / "run", max_steps=args.steps))
+    steps_run = _steps_logged(run_dir)
     if steps_run != args.steps:
         print(f"    note: {steps_run} of {args.steps} steps ran")
     print(f"    run → {run_dir} ({time.perf_counter() - t0:.1f} s)")
-
-    t0 = _step("self-adaptive masking maps of frame 0")
-    frame = scan.to_gray(0)
-    res = inspect_frame(run_dir, frame, alpha=0.5, r=0.5, size=224, seed=args.seed)
-    fig_path = _figure(frame, res, out / "inspect.png")
-    print(f"    figure → {fig_path} ({time.perf_counter() - t0:.1f} s)")
-    print(f"done: open {fig_path}; log in {Path(run_dir) / 'log.csv'}")
-    return 0
+    return run_dir
 
 
 def _steps_logged(run_dir: Path) -> int:
@@ -112,7 +158,7 @@ def _steps_logged(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def _figure(frame, res, path: Path) -> Path:
+def _figure(frame, res, path: Path, what: str = "") -> Path:
     """Six panels: frame, teacher attention, student loss, ALP, mask, reconstruction."""
     import matplotlib
 
@@ -146,7 +192,9 @@ def _figure(frame, res, path: Path) -> Path:
             ax.imshow(img, cmap=cmap, alpha=0.55, vmin=0.0, vmax=1.0)
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    fig.suptitle("OpenUS self-adaptive masking on a simulated B-mode frame")
+    fig.suptitle(
+        "OpenUS self-adaptive masking on a simulated B-mode frame" + (f"\n({what})" if what else "")
+    )
     fig.tight_layout()
     from usfm_core.outputs import save_figure
 
