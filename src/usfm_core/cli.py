@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "usfm_core.commands.finetune",
     "usfm_core.commands.evaluate",
     "usfm_core.commands.segment",
+    "usfm_core.commands.suggest",
     "usfm_core.commands.models",
     "usfm_core.commands.demo",
 )

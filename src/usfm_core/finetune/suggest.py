@@ -23,18 +23,20 @@ these unit vectors (``0 ≤ d ≤ 2``).
 **Mixing rule** (:func:`select_frames`). Greedy k-center over the embeddings, started from the
 already-labelled frames, with a weighted score per candidate frame ``i``::
 
-    score_i = (1 - w) · d_i / max_j d_j  +  w · (u_i - min u) / (max u - min u)
+    score_i = (1 - w) · d_i / d_max  +  w · (u_i - min u) / (max u - min u)
 
 where ``d_i`` is the distance from frame ``i`` to the nearest labelled or already-suggested
-frame (recomputed after every pick, so suggestions are also diverse among themselves), the max
-and min run over the candidates (unlabelled, not yet suggested) and ``w`` is the uncertainty
-weight. By default ``w = 0`` in the first round (nothing labelled: the model has not seen this
-sequence, pure k-center covers its variety) and ``w = 0.5`` once anything is labelled;
-``w`` is always 0 without uncertainty (a bare backbone). With nothing labelled the first pick
-has no distance yet: it is the most *central* frame instead (``d`` replaced by ``1 − e_i·ē``
-flipped to favour the frame nearest the mean embedding ``ē``: the medoid), so the first label
-is a typical frame and the next ones cover the rest. Exact ties (duplicate frames) are broken
-by a seeded random order: the result is deterministic given ``seed``.
+frame (recomputed after every pick, so suggestions are also diverse among themselves),
+``d_max`` the largest such distance among the candidates when the ranking starts (fixed, so
+scores fall with rank), the min and max of ``u`` run over the candidates (unlabelled frames)
+and ``w`` is the uncertainty weight. By default ``w = 0`` in the first round (nothing labelled:
+the model has not seen this sequence, pure k-center covers its variety) and ``w = 0.5`` once
+anything is labelled; ``w`` is always 0 without uncertainty (a bare backbone). With nothing
+labelled the first pick has no distance yet: the distance term is replaced by the frame's
+*centrality* (cosine similarity to the mean embedding, min-max normalised), so with ``w = 0``
+the first label is the most typical frame (the medoid) and the next ones cover the rest. Exact
+ties (duplicate frames) are broken by a seeded random order: the result is deterministic given
+``seed``.
 
 Frames are streamed in batches (``batch_size``), converted to float32 one batch at a time;
 only the embeddings ``(T, D)`` and a few numbers per frame are kept.
@@ -407,6 +409,7 @@ def select_frames(
     for i in labelled:
         dist = np.minimum(dist, _distances(emb, emb[i]))
     out: list[Suggestion] = []
+    scale: float | None = None
     while len(out) < k and candidates.any():
         if np.isinf(dist).all():  # nothing labelled or picked yet: the most central frame
             mean = emb.mean(0)
@@ -416,7 +419,9 @@ def select_frames(
             )
             diversity = None
         else:
-            part = dist / max(float(dist[candidates].max()), 1e-12)
+            if scale is None:  # fixed from the first distance step: scores fall with rank
+                scale = max(float(dist[candidates].max()), 1e-12)
+            part = np.minimum(dist / scale, 1.0)
             diversity = dist
         score = (1 - w) * part + w * u_norm
         pick = _argmax(np.where(candidates, score, -np.inf), tiebreak)
