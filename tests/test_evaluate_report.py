@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
@@ -221,6 +222,19 @@ def test_evaluate_with_a_baseline_and_head_circumference(
     assert res["clean"]["hc_error_mm"] >= 0
     summary = (tmp_path / "rep" / "summary.md").read_text()
     assert "| a | clean |" in summary and "| b | clean |" in summary and "hc_error_mm" in summary
+    # Failure counts and tails of both arms, and one per-image CSV row per scored item each.
+    assert "Dice<0.5" in summary and "HC err>10 mm" in summary
+    assert "Worst 6 images of a (lowest Dice):" in summary
+    assert "Worst 6 images of b (lowest Dice):" in summary
+    for arm, name in (
+        (res["clean"], "per_image.csv"),
+        (res["baseline"]["clean"], "per_image_baseline.csv"),
+    ):
+        rows = list(csv.DictReader(open(tmp_path / "rep" / name)))
+        assert len(rows) == 6 and arm["n_scored"] == 6
+        low = sum(r["dice"] != "" and float(r["dice"]) < 0.5 for r in rows)
+        assert arm["n_dice_below_0.5"] == low
+        assert arm["worst"][0]["image"] == min(rows, key=lambda r: float(r["dice"]))["image"]
 
     # No splits.json, but test items recorded in the model's config.json: exactly those.
     model_a, _ = load_finetuned(tmp_path / "a")
