@@ -432,14 +432,30 @@ def parse_backbones(specs: list[str]) -> dict[str, str]:
 def only_filter(patterns: list[str] | None):
     """A predicate on :class:`RunSpec` from ``--only`` patterns ``task[/arm[/ratio]]``.
 
-    Each part may be ``*``; a run is kept when any pattern matches it.
+    Each part may be ``*``; a run is kept when any pattern matches it. A task, arm or ratio
+    that cannot match anything raises :class:`ConfigError` (a typo must not run nothing).
     """
+    from usfm_core.errors import ConfigError
+
     if not patterns:
         return lambda spec: True
     parsed = []
     for pat in patterns:
         parts = [*pat.strip("/").split("/"), "*", "*", "*"][:3]
-        ratio = None if parts[2] == "*" else float(parts[2])
+        try:
+            ratio = None if parts[2] == "*" else float(parts[2])
+        except ValueError:
+            ratio = -1.0
+        if (
+            parts[0] not in ("*", *TASK_METRICS)
+            or parts[1] not in ("*", *ARMS)
+            or (ratio is not None and not 0 < ratio <= 1)
+        ):
+            raise ConfigError(
+                f"--only {pat!r} matches no run",
+                hint=f"write TASK[/ARM[/RATIO]]: TASK one of {', '.join(TASK_METRICS)}, ARM one "
+                f"of {', '.join(ARMS)}, RATIO a fraction such as 0.2; any part may be *",
+            )
         parsed.append((parts[0], parts[1], ratio))
 
     def keep(spec: RunSpec) -> bool:
@@ -769,6 +785,8 @@ def proof_part(
     Prints the plan (runs, estimated minutes) first, then one line per run, then the summary
     (also written to ``summary_out`` and beside it as ``.md``).
     """
+    import torch
+
     from usfm_core.errors import ConfigError
     from usfm_core.finetune.models import build_like, load_backbone
     from usfm_core.progress import format_seconds, progress_bar
@@ -781,6 +799,7 @@ def proof_part(
             hint=f"use one of {', '.join(k for k, v in SETTINGS.items() if v.proof)}",
         )
     backbones = parse_backbones(backbone_specs)
+    keep = only_filter(only)  # bad patterns fail before any backbone is loaded
     if "openus" not in backbones:
         raise ConfigError(
             "the proof needs the OpenUS backbone (scratch rebuilds its architecture)",
@@ -795,7 +814,7 @@ def proof_part(
     for arm in OPTIONAL_ARMS:
         if arm in loaded and architecture_id(loaded[arm]) != architecture_id(loaded["openus"]):
             print(f"warning: the {arm} backbone's architecture differs from openus's", flush=True)
-    runs = plan_runs(proof, tasks, arms, seeds, only_filter(only))
+    runs = plan_runs(proof, tasks, arms, seeds, keep)
     keys = {s: run_key(s, proof.tasks[s.task], ids[s.arm], proof) for s in runs}
     todo, done = check_cache(runs, keys, results, setting.name, redo)
     est = sum(proof.tasks[s.task].est_s for s in todo)
@@ -836,8 +855,6 @@ def proof_part(
                 out_dir = work / "proof" / spec.task / spec.name
                 res = seg_run(spec, recipe, data, splits, backbones, out_dir)
                 shutil.rmtree(out_dir, ignore_errors=True)  # models are not kept
-            import torch
-
             record = {
                 "key": keys[spec],
                 **asdict(spec),

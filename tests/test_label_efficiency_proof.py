@@ -60,6 +60,11 @@ def test_plan_counts_arms_ratios_and_only_filter(le):
     }
     assert all(r.ratio == 0.1 for r in kept if r.task == "hc18-seg")
     assert len(kept) == 3 * 3 + 2 * 3
+    from usfm_core.errors import ConfigError
+
+    for typo in ("busi_seg", "busi-seg/dino", "*/openus/20", "*/*/ten"):
+        with pytest.raises(ConfigError, match="matches no run"):
+            le.only_filter([typo])
     spec = le.RunSpec("busi-seg", "openus", 0.2, 1)
     assert spec.path(Path("R"), "full") == Path("R/full/busi-seg/openus-r0.2-s1.json")
 
