@@ -12,8 +12,6 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-pytestmark = [pytest.mark.gui, pytest.mark.slow]
-
 START = "sim-lesion"  # the shipped demo segmenter: a warm start that already knows lesions
 
 
@@ -61,6 +59,8 @@ def test_default_start_is_the_shipped_backbone_else_a_segmenter():
     assert default_start_model([]) is None
 
 
+@pytest.mark.gui
+@pytest.mark.slow
 def test_suggest_fills_the_table_marks_frames_and_a_click_jumps_there(
     make_napari_viewer, qtbot, model_dir, cine
 ):
@@ -88,6 +88,8 @@ def test_suggest_fills_the_table_marks_frames_and_a_click_jumps_there(
         assert viewer.dims.current_step[0] == frames[row]
 
 
+@pytest.mark.gui
+@pytest.mark.slow
 def test_propagate_fills_every_frame_saves_rounds_and_warm_starts_from_the_last(
     make_napari_viewer, qtbot, model_dir, cine
 ):
@@ -133,6 +135,8 @@ def test_propagate_fills_every_frame_saves_rounds_and_warm_starts_from_the_last(
     assert "round 2" in widget._round.value
 
 
+@pytest.mark.gui
+@pytest.mark.slow
 def test_cancel_stops_training_and_saves_no_round(make_napari_viewer, qtbot, model_dir, cine):
     from usfm_core.finetune.rounds import latest_round
 
@@ -149,3 +153,26 @@ def test_cancel_stops_training_and_saves_no_round(make_napari_viewer, qtbot, mod
     assert widget.saved_round is None
     assert latest_round(widget.rounds_dir()) is None
     assert not viewer.layers["propagated"].data.any()
+
+
+def test_importing_the_annotate_widget_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, napari_usfm._annotate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_round_line_shows_number_labels_and_dice_or_what_it_needs(tmp_path):
+    from napari_usfm._annotate import _round_text
+    from usfm_core.finetune.rounds import MIN_LABELLED_FOR_VALIDATION, RoundInfo
+
+    assert _round_text(None, 0).startswith("round 0")
+    few = RoundInfo(number=1, path=tmp_path, labelled=[2, 7])
+    text = _round_text(few, 3)
+    assert "round 1 · 2 labelled" in text
+    assert f"needs ≥ {MIN_LABELLED_FOR_VALIDATION} labelled" in text
+    assert "round 2 from round 1, 3 labelled" in text
+    many = RoundInfo(number=4, path=tmp_path, labelled=list(range(8)), held_out=[2], val_dice=0.8)
+    assert "validation Dice 0.800 on 1 held-back" in _round_text(many, 8)

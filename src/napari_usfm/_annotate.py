@@ -35,7 +35,6 @@ from magicgui.widgets import (
 from napari_usfm import _layers
 from napari_usfm._settings import default_device, model_dir
 from napari_usfm._widgets import (
-    EVENTS,
     _Base,
     _describe_into,
     _file_edit,
@@ -273,23 +272,38 @@ class AnnotateWidget(_Base):
         labelled = len(self.annotated_frames())
         self._round.value = _round_text(last, labelled)
 
-    def annotations_layer(self, create: bool = False) -> Any:
-        """The ``annotations`` Labels layer matching the image (created when ``create``)."""
+    def _labels_for(self, base: str, create: bool, **kwargs: Any) -> Any:
+        """The Labels layer ``base`` matching the image's shape (``base (image name)`` when a
+        ``base`` layer of another size is there: it is someone's work and is never removed);
+        created empty when ``create``, else None when absent."""
         layer = self._image.value
         if layer is None:
             return None
         shape = _frame_stack_shape(layer)
-        if ANNOTATIONS in self._viewer.layers:
-            existing = self._viewer.layers[ANNOTATIONS]
-            if existing.data.shape == shape:
-                return existing
-            if not create:
-                return None
-            self._viewer.layers.remove(existing)
+        names = (base, f"{base} ({layer.name})")
+        for name in names:
+            if name in self._viewer.layers and self._viewer.layers[name].data.shape == shape:
+                return self._viewer.layers[name]
         if not create:
             return None
+        free = [name for name in names if name not in self._viewer.layers]
+        if not free:
+            raise ValueError(
+                f"layers '{names[0]}' and '{names[1]}' exist with another size than "
+                f"'{layer.name}': rename or delete one"
+            )
         return self._viewer.add_labels(
-            np.zeros(shape, np.uint8), name=ANNOTATIONS, **_layers.geometry_kwargs(layer)
+            np.zeros(shape, np.uint8), name=free[0], **_layers.geometry_kwargs(layer), **kwargs
+        )
+
+    def annotations_layer(self, create: bool = False) -> Any:
+        """The ``annotations`` Labels layer of the image (created empty when ``create``)."""
+        return self._labels_for(ANNOTATIONS, create)
+
+    def propagated_layer(self, create: bool = False) -> Any:
+        """The ``propagated`` Labels layer of the image, in the prediction colours."""
+        return self._labels_for(
+            PROPAGATED, create, opacity=0.5, colormap=_layers.prediction_colormap()
         )
 
     def _paint(self, *_: Any) -> None:
@@ -399,8 +413,8 @@ class AnnotateWidget(_Base):
             **_layers.geometry_kwargs(layer),
         )
         marker.editable = False
-        image = self._image.value
-        self._viewer.layers.selection.active = image  # keep painting tools on the right layer
+        # Keep the painting tools on the annotations (or the image) rather than the outlines.
+        self._viewer.layers.selection.active = self.annotations_layer() or layer
 
     # ---------------------------------------------------------------- propagate
 
@@ -430,10 +444,10 @@ class AnnotateWidget(_Base):
             frames, labels = self.training_set()
             device = self._device(default_device())
             start = self._start_ref()
+            self._target = self.propagated_layer(create=True)
         except Exception as exc:
             self._notice(str(exc))
             return None
-        self._target = self._propagated_layer(frames.shape)
         self.result = self.saved_round = None
         self.frames_done = 0
         self.progress.max, self.progress.value, self.progress.visible = 1, 0, True
@@ -454,22 +468,6 @@ class AnnotateWidget(_Base):
             on_done=self._show_round,
         )
 
-    def _propagated_layer(self, shape: tuple[int, ...]) -> Any:
-        layer = self._image.value
-        target = shape if _layers.n_frames(layer) > 1 else shape[1:]
-        if PROPAGATED in self._viewer.layers:
-            existing = self._viewer.layers[PROPAGATED]
-            if existing.data.shape == target:
-                return existing
-            self._viewer.layers.remove(existing)
-        return self._viewer.add_labels(
-            np.zeros(target, np.uint8),
-            name=PROPAGATED,
-            opacity=0.5,
-            colormap=_layers.prediction_colormap(),
-            **_layers.geometry_kwargs(layer),
-        )
-
     def _on_propagate(self, item: tuple[str, Any]) -> None:
         kind, value = item
         if kind == "progress":
@@ -488,7 +486,6 @@ class AnnotateWidget(_Base):
             f"round {self.saved_round.number} saved; correct any propagated frame, then "
             "Accept corrections and Propagate again"
         )
-        EVENTS.models_changed.emit()
 
     def _progress(self, info: dict[str, Any]) -> None:
         """A progress message of ``propagate``: training steps, then frames segmented."""
@@ -510,10 +507,10 @@ class AnnotateWidget(_Base):
     def accept_corrections(self, *_: Any) -> list[int]:
         """Copy propagated frames into ``annotations``: the edited ones (default), the current
         one, or all; returns the frame indices copied."""
-        if PROPAGATED not in self._viewer.layers or self._original is None:
+        prop = self.propagated_layer()
+        if prop is None or self._original is None:
             self._notice("Propagate first, then correct the propagated masks")
             return []
-        prop = self._viewer.layers[PROPAGATED]
         data = np.asarray(prop.data)
         stack = data if data.ndim == 3 else data[None]
         original = self._original if self._original.ndim == 3 else self._original[None]
@@ -553,10 +550,11 @@ def _round_text(last: Any, labelled_now: int) -> str:
         score = f"validation Dice needs ≥ {MIN_LABELLED_FOR_VALIDATION} labelled frames"
     else:
         score = f"validation Dice {last.val_dice:.3f} on {len(last.held_out)} held-back frame(s)"
-    text = f"round {last.number} · {len(last.labelled)} labelled frame(s) · {score}"
-    if labelled_now != len(last.labelled):
-        text += f" · {labelled_now} labelled now (next round)"
-    return text
+    return (
+        f"round {last.number} · {len(last.labelled)} labelled frame(s) · {score}. "
+        f"Next Propagate: round {last.number + 1} from round {last.number}, "
+        f"{labelled_now} labelled frame(s)"
+    )
 
 
 def _frame_stack_ndim(layer: Any) -> int:
