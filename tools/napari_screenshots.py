@@ -3,6 +3,8 @@ click on **Segment** with the preselected shipped model.
 
     xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --suffix _1280x720
     xvfb-run -a -s "-screen 0 1600x1000x24" python tools/napari_screenshots.py
+    xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --inspect
+    xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --annotate
 
 Writes ``napari_segment_hc18{suffix}.png`` and ``napari_segment_busi{suffix}.png`` (the whole
 window, widgets included, at the size the main job opens on that screen) and prints the
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dict:
@@ -51,12 +55,145 @@ def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dic
         viewer.close()
 
 
+def inspect_and_capture(out: Path, timeout_s: float = 180.0) -> dict:
+    """Open the simulated cine, click Inspect (the shipped backbone ``openus-small-fast`` is
+    preselected) and save the window twice: ALP heatmap, then the student's reconstruction."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_usfm.__main__ import build_viewer
+
+    viewer, widgets = build_viewer("cine", show=True)
+    try:
+        viewer.window._dock_widgets["Inspect"].raise_()
+        ins = widgets["Inspect"]
+        ins.run()
+        start = time.perf_counter()
+        while ins._worker is None or ins.busy:
+            QApplication.processEvents()
+            time.sleep(0.02)
+            if time.perf_counter() - start > timeout_s:
+                raise TimeoutError(f"Inspect did not finish in {timeout_s} s")
+        if ins.error is not None:
+            raise ins.error
+        shots = {"alp": out, "reconstruction": out.with_name(f"{out.stem}_reconstruction.png")}
+        for name, path in shots.items():
+            if name == "reconstruction":
+                viewer.layers["ALP score"].visible = False
+                viewer.layers["reconstruction"].visible = True
+                viewer.layers.selection.active = viewer.layers["reconstruction"]
+            for _ in range(20):
+                QApplication.processEvents()
+                time.sleep(0.02)
+            viewer.screenshot(str(path), canvas_only=False)
+        return {"model": ins._model.current_choice, "mask": float(ins.result.mask.mean())}
+    finally:
+        viewer.close()
+
+
+def annotate_and_capture(out: Path, size=(1280, 720), timeout_s: float = 600.0) -> dict:
+    """The annotation loop on the simulated cine (``--sample cine``) with the Annotate tab:
+    **Suggest** (the shipped backbone preselected), paint two suggested frames from the
+    sample's ground truth (a stand-in for the user), **Propagate**; saves the window after
+    Suggest (``{out}_suggest.png``: outlined frame + table) and after Propagate
+    (``{out}_propagate.png``: the propagated masks on an unpainted frame, the round line)."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_usfm.__main__ import DOCK_MAX_WIDTH, build_viewer, fit_window
+    from napari_usfm._annotate import AnnotateWidget
+
+    def wait(widget) -> None:
+        start = time.perf_counter()
+        while widget._worker is None or widget.busy:
+            QApplication.processEvents()
+            time.sleep(0.02)
+            if time.perf_counter() - start > timeout_s:
+                raise TimeoutError(f"Annotate did not finish in {timeout_s} s")
+        if widget.error is not None:
+            raise widget.error
+
+    def settle() -> None:
+        for _ in range(25):
+            QApplication.processEvents()
+            time.sleep(0.02)
+
+    viewer, _widgets = build_viewer("cine", show=True)
+    try:
+        ann = AnnotateWidget(viewer)
+        ann.native.setMaximumWidth(DOCK_MAX_WIDTH)
+        viewer.window.add_dock_widget(ann, name="Annotate", area="right", tabify=True)
+        fit_window(viewer, size)
+        ann._k.value = 4
+        ann.suggest()
+        wait(ann)
+        frames = [s.frame for s in ann.suggestions]
+        ann.jump_to(frames[0])
+        settle()
+        shots = {"suggest": out.with_name(f"{out.stem}_suggest.png")}
+        viewer.screenshot(str(shots["suggest"]), canvas_only=False)
+        truth = viewer.layers["simulated cine ground truth"].data
+        ann._paint()
+        painted = sorted(frames[:2])
+        labels = ann.annotations_layer()
+        for t in painted:
+            labels.data[t] = truth[t]
+        labels.refresh()
+        t0 = time.perf_counter()
+        ann.propagate()
+        wait(ann)
+        seconds = time.perf_counter() - t0
+        others = [t for t in range(truth.shape[0]) if t not in painted]
+        shown = others[len(others) // 2]
+        ann.jump_to(shown)
+        viewer.layers["suggested frames"].visible = False
+        viewer.layers.selection.active = viewer.layers["propagated"]
+        settle()
+        shots["propagate"] = out.with_name(f"{out.stem}_propagate.png")
+        viewer.screenshot(str(shots["propagate"]), canvas_only=False)
+        from usfm_core.finetune.propagate import frame_dice
+
+        masks = viewer.layers["propagated"].data
+        dice = [frame_dice(masks[t], truth[t]) for t in others]
+        window = viewer.window._qt_window.width()
+        canvas = viewer.window._qt_viewer.canvas.native.width()
+        return {
+            "suggested": frames,
+            "painted": painted,
+            "shown_frame": shown,
+            "propagate_s": round(seconds, 1),
+            "mean_dice_unpainted": round(float(np.mean(dice)), 3),
+            "round": ann._round.value,
+            "canvas_share": round(canvas / window, 2),
+            **{k: str(v) for k, v in shots.items()},
+        }
+    finally:
+        viewer.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("docs/images"))
     ap.add_argument("--suffix", default="", help="appended to the file names, e.g. _1280x720")
+    ap.add_argument(
+        "--inspect",
+        action="store_true",
+        help="the Inspect tab on the simulated cine instead (napari_inspect{suffix}.png and "
+        "napari_inspect{suffix}_reconstruction.png)",
+    )
+    ap.add_argument(
+        "--annotate",
+        action="store_true",
+        help="the Annotate tab on the simulated cine instead: Suggest, paint two suggested "
+        "frames, Propagate (napari_annotate{suffix}_suggest.png / _propagate.png)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.annotate:
+        print(f"annotate: {annotate_and_capture(args.out / f'napari_annotate{args.suffix}.png')}")
+        return
+    if args.inspect:
+        path = args.out / f"napari_inspect{args.suffix}.png"
+        print(f"inspect: {path} {inspect_and_capture(path)}")
+        return
     for sample in ("hc18", "busi"):
         path = args.out / f"napari_segment_{sample}{args.suffix}.png"
         row = segment_and_capture(sample, path)

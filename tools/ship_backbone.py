@@ -486,9 +486,10 @@ def ship(
         meta = json.loads((snap / "checkpoints" / "last" / "checkpoint.json").read_text())
         rows = read_log(snap / "log.csv")
         total = int(cfg["epochs"]) * int(cfg["steps_per_epoch"])
+        # Short: it is shown under the model drop-downs of a narrow napari dock.
         description = (
-            f"OpenUS-pretrained VMamba {cfg['backbone']['preset']} (BUSI+HC18 train/val + "
-            f"simulator); step {step} of {total}{' (interim)' if step < total else ''}"
+            f"OpenUS-pretrained VMamba {cfg['backbone']['preset']}, "
+            f"step {step} of {total}{' (interim)' if step < total else ''}"
         )
         extra = {
             "method": cfg["method"],

@@ -779,6 +779,7 @@ class InspectWidget(_Base):
         _prefer(self._model, DEFAULT_BACKBONE)
         self._model_info = Label(value="")
         _describe_into(self._model, self._model_info)
+        _wrap(self._model_info, lines=4)
         self._ckpt = _file_edit(label="run folder", mode="d", value="")
         # Choosing a folder means inspecting it.
         self._ckpt.changed.connect(self._on_folder)
@@ -873,9 +874,10 @@ class InspectWidget(_Base):
         self._set_image(
             "reconstruction", result.reconstruction, geo, colormap="gray", visible=False
         )
+        # Short: a wrapped status line in a narrow dock was clipped at 1280×720.
         self._notice(
-            f"mask: {result.mask.mean():.0%} of patches; "
-            f"ALP top share r={result.r:.2f}, α={result.alpha:.2f}"
+            f"masked {result.mask.mean():.0%} of {result.mask.size} cells, "
+            f"r={result.r:.2f}, α={result.alpha:.2f}"
         )
 
     def _set_image(self, name: str, data: np.ndarray, geo: dict, **kw: Any) -> None:
