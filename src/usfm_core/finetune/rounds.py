@@ -18,11 +18,11 @@ and ``list_models(DIR)`` work on it. ``round.json`` records the round:
 
 **Validation rule** (:func:`split_validation`): with at least
 :data:`MIN_LABELLED_FOR_VALIDATION` (6) labelled frames, every 5th labelled frame in index
-order, starting with the 3rd (positions 2, 7, 12, ...), is held back: ``n // 5`` frames, at
-least 1 — spread over the cine, never the first or last labelled frame, the same frames for
-the same labels. Those frames are not trained on *in that round* (the next round, with more
-labels, holds back others). Below 6 labelled frames nothing is held back and ``val_dice`` is
-None: one or two frames would make a Dice too noisy to show.
+order, starting with the 3rd (positions 2, 7, 12, ...), is held back: about one in five, at
+least 1 (6 labelled: 1 held out, 10: 2, 14: 3) — spread over the cine, never the first or last
+labelled frame, the same frames for the same labels. Those frames are not trained on *in that
+round* (the next round, with more labels, holds back others). Below 6 labelled frames nothing
+is held back and ``val_dice`` is None: one or two frames would make a Dice too noisy to show.
 
 **Writes**: a round is written into a temporary folder beside it and renamed into place as the
 next free number; an existing round is never replaced (if another process took the number
@@ -126,7 +126,7 @@ def split_validation(
     ordered = sorted({int(i) for i in labelled})
     if len(ordered) < max(min_labelled, 2):
         return ordered, []
-    held = ordered[2::VALIDATION_EVERY]
+    held = [ordered[p] for p in range(2, len(ordered) - 1, VALIDATION_EVERY)]
     return [i for i in ordered if i not in held], held
 
 
