@@ -211,7 +211,8 @@ def train_anchor(
     best epoch by validation Dice (then lower loss), early stop after ``patience`` epochs.
 
     Returns ``{"steps", "steps_planned", "best_epoch", "val", "cpu_s", "wall_s",
-    "s_per_step"}``; ``model`` ends with the best epoch's weights.
+    "s_per_step", "cpu_s_per_step"}`` (wall and CPU seconds per training step, batch
+    loading included); ``model`` ends with the best epoch's weights.
     """
     from usfm_core.finetune.data import SupervisedDataset
     from usfm_core.finetune.train import evaluate_split, segmentation_loss, selection_score
@@ -238,10 +239,10 @@ def train_anchor(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, planned) / max(planned, 1)))
     )
     best, best_state, best_epoch, best_val, stale, step = (-math.inf,), None, 0, {}, 0, 0
-    cpu0, wall0, train_wall = time.process_time(), time.perf_counter(), 0.0
+    cpu0, wall0, train_wall, train_cpu = time.process_time(), time.perf_counter(), 0.0, 0.0
     for epoch in range(1, epochs + 1):
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for x, y in loader:
             if step >= total:
                 break
@@ -252,6 +253,7 @@ def train_anchor(
             sched.step()
             step += 1
         train_wall += time.perf_counter() - t0
+        train_cpu += time.process_time() - c0
         val = evaluate_split(model, val_ds, "segmentation", batch_size, "cpu")
         score = selection_score("segmentation", val)
         if score > best:
@@ -272,6 +274,7 @@ def train_anchor(
         "cpu_s": round(time.process_time() - cpu0, 1),
         "wall_s": round(time.perf_counter() - wall0, 1),
         "s_per_step": round(train_wall / max(step, 1), 3),
+        "cpu_s_per_step": round(train_cpu / max(step, 1), 3),
     }
 
 
@@ -389,18 +392,21 @@ def timing_md(timing: dict[str, Any]) -> list[str]:
         f"Measured with `--max-steps {timing['max_steps']}` ({timing['arch']}; "
         f"`uptime`: {timing['machine']['uptime']}):",
         "",
-        "| model | input | s / step | steps planned | val + test (s) | est. per seed (min) |",
-        "|---|---|---|---|---|---|",
+        "| model | input | CPU-s / step | wall-s / step | steps planned | val + test (CPU-s) "
+        "| est. per seed (CPU-min) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, t in timing["models"].items():
         lines.append(
-            f"| {name} | {t['input_size']}² | {t['s_per_step']:.2f} | {t['steps_planned']} | "
+            f"| {name} | {t['input_size']}² | {t['s_per_step']:.2f} | {t['wall_s_per_step']:.2f} "
+            f"| {t['steps_planned']} | "
             f"{t['eval_s']:.0f} | {t['est_per_seed_s'] / 60:.0f} |"
         )
     lines += [
         "",
         f"Estimated full run ({timing['n_seeds']} seeds × {len(timing['models'])} models): "
-        f"{timing['est_total_s'] / 3600:.1f} h of one CPU thread on this (shared, busy) machine.",
+        f"{timing['est_total_s'] / 3600:.1f} CPU-hours of one thread (a dedicated core; the "
+        "machine was shared and loaded, so wall time was longer, see the wall-s column).",
         "",
     ]
     return lines
@@ -445,9 +451,10 @@ def run_model(name: str, args: argparse.Namespace, results: dict[str, Any], save
             batch_size=recipe["batch_size"],
             max_steps=SMOKE["steps"] if args.smoke else args.max_steps,
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         test = score(model, data, splits["test"])
         train["test_eval_s"] = round(time.perf_counter() - t0, 1)
+        train["test_eval_cpu_s"] = round(time.process_time() - c0, 1)
         seeds[str(seed)] = {"train": train, "test": test}
         print(f"{name} seed {seed}: test Dice {test['dice']:.3f} ({train['cpu_s']} CPU-s)")
         save()
@@ -524,22 +531,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def estimate(results: dict[str, Any], n_seeds: int) -> dict[str, Any]:
-    """Full-run CPU time from a ``--max-steps`` run: per model, planned steps × measured
-    s/step + the validation passes (one per epoch, timed as the run's wall time minus its
-    training) + the test scoring, times ``n_seeds``."""
+    """Full-run time from a ``--max-steps`` run, in CPU-seconds of this process (what one
+    dedicated core would take; wall time on a loaded machine is longer): per model, planned
+    steps × measured CPU-s / step + the validation passes (one per epoch, each timed as the
+    short run's CPU time minus its training) + the test scoring, times ``n_seeds``."""
     models = {}
     for name, res in results["models"].items():
         seed = next(iter(res["anchor"].values()))["train"]
         epochs = res["recipe"]["epochs"]
-        train_s = seed["s_per_step"] * seed["steps"]
-        val_s = max(seed["wall_s"] - train_s, 0.0)  # the one validation pass of the short run
-        eval_s = val_s * epochs + seed["test_eval_s"]
+        train_cpu = seed["cpu_s_per_step"] * seed["steps"]
+        val_s = max(seed["cpu_s"] - train_cpu, 0.0)  # the one validation pass of the short run
+        eval_s = val_s * epochs + seed["test_eval_cpu_s"]
         models[name] = {
             "input_size": res["recipe"]["input_size"],
-            "s_per_step": seed["s_per_step"],
+            "s_per_step": seed["cpu_s_per_step"],
+            "wall_s_per_step": seed["s_per_step"],
             "steps_planned": seed["steps_planned"],
             "eval_s": eval_s,
-            "est_per_seed_s": seed["s_per_step"] * seed["steps_planned"] + eval_s,
+            "est_per_seed_s": seed["cpu_s_per_step"] * seed["steps_planned"] + eval_s,
         }
     return {
         "max_steps": max(

@@ -1,7 +1,10 @@
 """``usfm-core evaluate``: score a fine-tuned model, or compare runs by label ratio.
 
 ``usfm-core evaluate MODEL_DIR --data DIR --out REPORT [--corruptions] [--split test]`` writes
-``metrics.json``, ``summary.md`` and PNG plots. ``usfm-core evaluate --label-efficiency RUN...
+``metrics.json``, ``summary.md`` (printed), ``per_image.csv`` and PNG plots: means, failure
+counts (Dice < 0.5, < 0.1, empty predictions, false positives on empty masks, HC error > 10 mm),
+p10 / median / p90 of Dice, HD95 and HC error, and the 10 worst images by name (the overlay
+figure shows the worst four). ``usfm-core evaluate --label-efficiency RUN...
 --out REPORT`` plots metric vs label ratio (mean ± std over seeds) from finished runs.
 """
 
