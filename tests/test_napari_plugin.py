@@ -232,7 +232,7 @@ def test_segment_cancel_stops_early_and_gui_stays_responsive(
 def test_finetune_widget_trains_on_painted_frames_and_feeds_segment(
     make_napari_viewer, qtbot, model_dir, sim_cine
 ):
-    from napari_usfm._widgets import FinetuneWidget, SegmentWidget
+    from napari_usfm._widgets import FROM_SCRATCH, FinetuneWidget, SegmentWidget
 
     viewer = make_napari_viewer()
     frames = sim_cine.frames
@@ -248,6 +248,9 @@ def test_finetune_widget_trains_on_painted_frames_and_feeds_segment(
     ft._epochs.value = 2
     ft._size.value = 64
     ft._name.value = "painted"
+    # The tiny scratch model keeps this test fast (the preselected shipped backbone costs ~14x
+    # the CPU); that default is tested in test_shipped_backbone.py.
+    ft._backbone.value = FROM_SCRATCH
     ft.run()
     _wait_worker(qtbot, ft)
     assert ft.losses and all(np.isfinite(ft.losses))
