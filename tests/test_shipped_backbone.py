@@ -79,6 +79,21 @@ def test_a_flipped_byte_is_refused(tmp_path, monkeypatch, fname):
         load_run(fake / NAME)  # by path inside the shipped folder: checked too
 
 
+def test_an_imported_copy_keeps_its_reconstruction_head(entry, tmp_path, monkeypatch):
+    """``usfm-core models import`` copies inspect.safetensors too: the copy is inspectable
+    by its new name and is offered as a backbone."""
+    from usfm_core.models.zoo import import_model, list_models
+    from usfm_core.pretrain.inspect import load_run
+
+    monkeypatch.setenv("USFM_MODEL_DIR", str(tmp_path / "models"))
+    dest = import_model(entry.path, "my-backbone")
+    assert (dest / "inspect.safetensors").is_file()
+    mine = [e for e in list_models(kind="backbone") if e.name == "my-backbone"]
+    assert mine and mine[0].source == "user" and mine[0].has_inspect
+    model = load_run("my-backbone")
+    assert model.student.recon is not None
+
+
 def test_a_finetuned_models_encoder_stays_a_backbone():
     from usfm_core.finetune.models import load_backbone
 

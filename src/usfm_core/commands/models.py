@@ -66,10 +66,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"user model directory: {user_model_dir()}  (set USFM_MODEL_DIR to change)")
     if not entries:
         print("no models yet: fine-tune one (usfm-core finetune) or import a folder")
+    width = max([16, *(len(e.name) for e in entries)])  # "openus-small-fast" is 17
     for e in entries:
-        print(f"  {e.name:<16} {e.kind:<15} {e.source:<8} {_headline(e.info):<22} {e.path}")
+        print(f"  {e.name:<{width}} {e.kind:<15} {e.source:<8} {_headline(e.info):<22} {e.path}")
         if e.info.get("description"):
-            print(f"  {'':<16} {e.info['description']}")
+            print(f"  {'':<{width}} {e.info['description']}")
     return 0
 
 
@@ -79,4 +80,6 @@ def _headline(info: dict) -> str:
     for key, label in (("dice", "Dice"), ("macro_f1", "macro-F1")):
         if key in metrics:
             return f"test {label} {metrics[key]:.2f}"
+    if "pretrain_step" in info:  # a shipped backbone: how far its pretraining got
+        return f"pretrained {info['pretrain_step']}/{info.get('pretrain_total_steps', '?')}"
     return ""
