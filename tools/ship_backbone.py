@@ -317,6 +317,23 @@ def _reflow(text: str, width: int = 96) -> str:
     return "\n\n".join(out)
 
 
+ENTROPY_TARGET = 0.8  # docs/pretraining.md: teacher_entropy_ratio <= 0.8 at the end
+
+
+def _reading(end: dict[str, float], ln_k: float) -> str:
+    """One generated sentence per head: the end values against the documented target."""
+    parts = []
+    for head in ("cls", "patch"):
+        ratio, mi = end[f"teacher_entropy_ratio_{head}"], end[f"teacher_mi_{head}"]
+        verdict = "meets" if ratio <= ENTROPY_TARGET else "is above"
+        parts.append(
+            f"the {head} head's teacher entropy ratio {ratio:.2f} {verdict} the ≤ "
+            f"{ENTROPY_TARGET} target of docs/pretraining.md, with {mi:.2f} of at most "
+            f"{ln_k:.2f} nats of mutual information"
+        )
+    return f"At step {end['step']}: " + "; ".join(parts) + "."
+
+
 def card_text(info: dict[str, Any]) -> str:
     """The model card, generated entirely from the run (``info`` from :func:`ship`)."""
     return _reflow(_card_text(info))
@@ -445,6 +462,8 @@ First row: step {info["points"][0]["step"]} as logged; others: mean of the {WIND
 ending at that step (log every {cfg["log_every"]} steps).
 
 {chr(10).join(rows)}
+
+{_reading(info["points"][-1], ln_k)}
 
 ![pretraining curves](../images/{info["name"]}_pretraining.png)
 
