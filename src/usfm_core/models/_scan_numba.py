@@ -269,7 +269,8 @@ def _forward_kernel(  # type: ignore[no-untyped-def]
     ``u, delta, z, y (B, D, L)``; ``A (D, N)``; ``Bm, Cm (B, G, N, L)``; ``Dv, bias (D,)``;
     outputs ``y``, ``last (B, D, N)`` and ``ckpt (B, D, nc, N)`` (state entering each chunk).
     If ``store`` (``N = 1`` only), also ``dts, sgs (B, D, L)`` (Δ and ∂Δ/∂δ) and the states
-    ``hs (B, D, L)`` (float64) for the backward, which then recomputes nothing.
+    ``hs (B, D, L)`` (rounded to the input dtype: one rounding of a float64 state, half the
+    memory traffic of float64) for the backward, which then recomputes nothing.
     """
     bsz, dim, length = u.shape
     n = A.shape[1]
@@ -546,7 +547,7 @@ class _NumbaScan(torch.autograd.Function):
         store = n == 1 and bool(grad)
         shape = (bsz, dim, length) if store else (1, 1, 1)
         dts, sgs = u.new_empty(shape), u.new_empty(shape)
-        hs = u.new_empty(shape, dtype=torch.float64)
+        hs = u.new_empty(shape)
         with _torch_threads_kept():
             _forward_kernel(
                 _np(u), _np(delta), _np(A), _np(B), _np(C), _np(Dv), _np(bv), _np(zv),
