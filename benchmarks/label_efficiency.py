@@ -256,6 +256,14 @@ def run_pretraining(setting: Setting, data_root: Path, out_dir: Path) -> tuple[P
     return Path(run), time.perf_counter() - t0
 
 
+def epochs_for(n_train: int, batch: int, steps: int) -> int:
+    """Epochs enough for ``steps`` optimiser steps over ``n_train`` images: ``finetune`` drops
+    the last partial batch when ``n_train > batch`` (``n_train // batch`` steps per epoch),
+    so counting it (``ceil``) would stop short of the budget."""
+    per_epoch = n_train // batch if n_train > batch else 1
+    return math.ceil(steps / per_epoch) + 1
+
+
 def finetune_one(
     setting: Setting,
     busi: Any,
@@ -274,8 +282,7 @@ def finetune_one(
     from usfm_core.finetune.train import finetune
 
     n_train = max(1, round(len(splits["train"]) * ratio))
-    steps_per_epoch = max(1, math.ceil(n_train / setting.ft_batch))
-    epochs = math.ceil(setting.ft_steps / steps_per_epoch) + 1
+    epochs = epochs_for(n_train, setting.ft_batch, setting.ft_steps)
     t0 = time.perf_counter()
     res = finetune(
         "segmentation",
@@ -596,8 +603,7 @@ def seg_run(
     from usfm_core.progress import progress_bar
 
     n_train = len(label_subset(splits["train"], data.labels, data.groups, spec.ratio, spec.seed))
-    steps_per_epoch = max(1, math.ceil(n_train / recipe.batch))
-    epochs = math.ceil(recipe.steps / steps_per_epoch) + 1
+    epochs = epochs_for(n_train, recipe.batch, recipe.steps)
     init = (
         {"from_scratch_like": backbones["openus"]}
         if spec.arm == "scratch"
@@ -848,7 +854,7 @@ def proof_part(
             if spec.task not in data_cache:
                 data_cache[spec.task] = task_data(spec.task, proof.max_items)
             data, splits = data_cache[spec.task]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if spec.task.endswith("-cls"):
                 res = probe_run(spec, recipe, data, splits, make_backbone, feature_cache)
             else:
@@ -863,6 +869,8 @@ def proof_part(
                 "n_split": {k: len(v) for k, v in splits.items()},
                 **res,
                 "seconds": round(time.perf_counter() - t0, 1),
+                # CPU seconds of this process: on a shared box, closer to a free core's time
+                "cpu_s": round(time.process_time() - c0, 1),
                 "threads": torch.get_num_threads(),
                 **machine_load(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -69,6 +69,21 @@ def test_plan_counts_arms_ratios_and_only_filter(le):
     assert spec.path(Path("R"), "full") == Path("R/full/busi-seg/openus-r0.2-s1.json")
 
 
+def test_epochs_cover_the_step_budget_with_finetunes_batches(le):
+    """finetune drops the last partial batch (when there is more than one batch): the epochs
+    the benchmark asks for must still hold the whole step budget, at every label ratio."""
+    import torch
+
+    for n_train in (1, 5, 16, 17, 55, 111, 546):
+        for batch in (4, 16):
+            loader = torch.utils.data.DataLoader(
+                range(n_train), batch_size=batch, drop_last=n_train > batch
+            )
+            epochs = le.epochs_for(n_train, batch, 300)
+            assert epochs * len(loader) >= 300
+            assert (epochs - 2) * len(loader) < 300  # not wastefully many
+
+
 def test_backbone_arguments(le):
     from usfm_core.errors import ConfigError
 
@@ -207,6 +222,7 @@ def test_smoke_proof_runs_caches_resumes_and_summarises(
         assert r["n_split"] == {"train": 12, "val": 4, "test": 4}
         assert 0 < r["n_train"] < 12  # a 20 % label subset of the training split
         assert r["steps"] == (0 if task == "busi-cls" else 2) and r["threads"] == 1
+        assert r["cpu_s"] > 0 and r["seconds"] > 0
         assert r["key"]["backbone_id"].startswith("scratch-") == (arm == "scratch")
     assert recs[("busi-seg", "openus")]["test"] != recs[("busi-seg", "scratch")]["test"]
     doc = json.loads(summary.read_text())
