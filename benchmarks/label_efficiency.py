@@ -161,7 +161,10 @@ SETTINGS = {
         lr=1e-3,
         seeds=[0, 1, 2],
         # The proof on the final backbone (whatever --backbone openus= names): 128², 300 steps.
-        proof=Proof(tasks=_seg_cls(128, 300, 6, 300.0, 120.0)),
+        # Estimates (small-fast, one free core): a busi-seg run took ≈ 1.2 CPU-s per step with
+        # its validations (320 CPU-s for 264 steps, 35 min wall at load 12 on the shared box);
+        # a busi-cls probe 14-18 CPU-s (features of all 780 images, then the probe).
+        proof=Proof(tasks=_seg_cls(128, 300, 6, 360.0, 30.0)),
     ),
     # The shipped models' backbone: VMamba small-fast pre-trained by `usfm-core pretrain
     # --config small-fast` (2000 steps; reuse the shipped run with --pretrained).
