@@ -13,11 +13,12 @@ shipped model are then scored side by side on the test split by ``usfm-core eval
 counts, p10 / median / p90).
 
     python benchmarks/unet_anchor.py --smoke                  # < 40 s: tiny subsets, 2 steps
-    python benchmarks/unet_anchor.py --max-steps 5 --seeds 0  # time a short run (estimate)
+    python benchmarks/unet_anchor.py --max-steps 5            # time 5 steps, estimate the full run
     python benchmarks/unet_anchor.py --threads 1              # full: 2 models × 3 seeds
 
 The full run writes ``benchmarks/results/unet_anchor.json`` after every seed (a re-run skips the
-seeds already there; ``--fresh`` starts over) and the table ``docs/benchmarks/unet_anchor.md``.
+seeds already there; ``--fresh`` starts over) and the table ``docs/benchmarks/unet_anchor.md``
+(``--doc-only`` rewrites it from the saved JSON).
 A run capped by ``--max-steps`` writes ``unet_anchor_timing.json`` and an estimate of the full
 run's CPU time; ``--smoke`` writes ``unet_anchor_smoke.json``.
 """
@@ -356,9 +357,12 @@ def table(results: dict[str, Any]) -> list[str]:
 
 def write_doc(results: dict[str, Any], timing: dict[str, Any] | None, path: Path) -> None:
     """``docs/benchmarks/unet_anchor.md``: method, commands, the table, the timing estimate."""
+    import re
+
     from usfm_core.utils import atomic_write_text
 
-    head = (__doc__ or "").split("\n\n")
+    text = re.sub(r":class:`(\w+)`", r"`\1`", (__doc__ or "").replace("``", "`"))
+    head = text.split("\n\n")
     lines = [
         "# Plain U-Net anchor vs the shipped segmenters",
         "",
@@ -369,7 +373,8 @@ def write_doc(results: dict[str, Any], timing: dict[str, Any] | None, path: Path
         "```",
         "",
     ]
-    if results.get("models") and any(r.get("anchor") for r in results["models"].values()):
+    full = results.get("mode") == "full"
+    if full and any(r.get("anchor") for r in results.get("models", {}).values()):
         m = results["machine"]
         lines += [
             f"Test split, clean; Dice in %, HD95 in mm (HC18) or px (BUSI); {results['arch']}, "
@@ -474,7 +479,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, help="cap the steps of each seed (timing run)")
     ap.add_argument("--fresh", action="store_true", help="ignore seeds already in --out")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument(
+        "--doc-only",
+        action="store_true",
+        help="rewrite the doc from the saved results (full run and timing JSON), no training",
+    )
     args = ap.parse_args(argv)
+    if args.doc_only:
+        return rewrite_doc(args.doc or DOC)
     torch.set_num_threads(args.threads)
     mode = "smoke" if args.smoke else ("timing" if args.max_steps else "full")
     n_seeds_full = len(args.seeds)
@@ -522,11 +534,23 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(results)))
     if timing:
         print("\n".join(timing_md(timing)))
-    doc = args.doc or (DOC if mode in ("full", "timing") else None)
-    if doc is not None:
-        write_doc(results, timing, doc)
-        print(f"wrote {doc}")
+    if args.doc is not None:
+        write_doc(results, timing, args.doc)
+        print(f"wrote {args.doc}")
+    elif mode in ("full", "timing"):
+        rewrite_doc(DOC)  # the full run's table (if any) and the latest estimate
     print(f"wrote {out}")
+    return 0
+
+
+def rewrite_doc(doc: Path) -> int:
+    """The doc from ``unet_anchor.json`` (when the full run exists) and the timing run's
+    estimate (``unet_anchor_timing.json``)."""
+    full, timing = RESULTS_DIR / "unet_anchor.json", RESULTS_DIR / "unet_anchor_timing.json"
+    results = json.loads(full.read_text()) if full.is_file() else {}
+    est = json.loads(timing.read_text()).get("estimate") if timing.is_file() else None
+    write_doc(results, est, doc)
+    print(f"wrote {doc}")
     return 0
 
 
