@@ -86,6 +86,14 @@ def test_suggest_fills_the_table_marks_frames_and_a_click_jumps_there(
         viewer.dims.current_step = (0, *viewer.dims.current_step[1:])
         widget._table.native.cellClicked.emit(row, 0)
         assert viewer.dims.current_step[0] == frames[row]
+    # "auto" input size: a model's own, the pretraining crop for a bare backbone.
+    from napari_usfm._annotate import BACKBONE_INPUT
+    from usfm_core.models.zoo import find_model
+
+    assert widget.input_size(str(find_model(START).path)) is None
+    assert widget.input_size(str(find_model("openus-small-fast").path)) == BACKBONE_INPUT
+    widget._size.value = 96
+    assert widget.input_size(str(find_model(START).path)) == 96
 
 
 @pytest.mark.gui
@@ -172,7 +180,7 @@ def test_round_line_shows_number_labels_and_dice_or_what_it_needs(tmp_path):
     few = RoundInfo(number=1, path=tmp_path, labelled=[2, 7])
     text = _round_text(few, 3)
     assert "round 1 · 2 labelled" in text
-    assert f"needs ≥ {MIN_LABELLED_FOR_VALIDATION} labelled" in text
-    assert "round 2 from round 1, 3 labelled" in text
+    assert f"Dice needs ≥ {MIN_LABELLED_FOR_VALIDATION} labelled" in text
+    assert "next: round 2, 3 labelled" in text
     many = RoundInfo(number=4, path=tmp_path, labelled=list(range(8)), held_out=[2], val_dice=0.8)
-    assert "validation Dice 0.800 on 1 held-back" in _round_text(many, 8)
+    assert "Dice 0.80 on 1 held back" in _round_text(many, 8)

@@ -31,15 +31,16 @@ from magicgui.widgets import (
     SpinBox,
     Table,
 )
+from qtpy.QtWidgets import QHeaderView, QSizePolicy
 
 from napari_usfm import _layers
 from napari_usfm._settings import default_device, model_dir
 from napari_usfm._widgets import (
     _Base,
-    _describe_into,
     _file_edit,
     _layer_choices,
     _limit_threads,
+    _model_description,
     _model_label,
     _progress_bar,
     _wrap,
@@ -52,12 +53,19 @@ SUGGESTED = "suggested frames"
 DEFAULT_BACKBONE = "openus-small-fast"
 #: Outline colour of suggested frames (predictions are cyan/magenta/…, references yellow).
 SUGGEST_COLOR = "orangered"
-#: Fine-tuning steps per Propagate (``usfm_core.finetune.propagate.DEFAULT_STEPS``).
-DEFAULT_STEPS = 30
+#: Fine-tuning steps per Propagate. Twice ``propagate.DEFAULT_STEPS``: from the bare shipped
+#: backbone (a fresh decoder) and two painted frames of the sample cine, 30 steps gave a mean
+#: Dice of 0.25 on the other frames, 60 steps 0.60 (128 px, about 25 s of one core).
+DEFAULT_STEPS = 60
 #: Half-width in frames of the temporal logit window when smoothing is on.
 SMOOTH = 2
-#: Model input side: the model's own (0; 224 for a bare backbone) or a smaller, faster one.
-INPUT_SIZES = [("model's", 0), *((str(s), s) for s in (64, 96, 128, 160, 224))]
+#: Input side for a fresh decoder on a bare backbone under "auto": the shipped backbone's
+#: pretraining crop (``views.global_size``), and half the CPU time of 224 px per step or more.
+BACKBONE_INPUT = 128
+#: Model input side: "auto" (0: a model's own, :data:`BACKBONE_INPUT` for a bare backbone) or
+#: a fixed one.
+INPUT_SIZES = [("auto size", 0), *((f"{s} px", s) for s in (64, 96, 128, 160, 224))]
+TABLE_HEIGHT = 130  # header + 4 rows
 
 
 # --------------------------------------------------------------------------- helpers
@@ -179,55 +187,54 @@ class AnnotateWidget(_Base):
         super().__init__(viewer, labels=True)
         self._image = ComboBox(label="image", choices=_layer_choices(viewer, "Image"))
         self._model = ComboBox(label="start from", choices=lambda _w=None: _start_models())
-        self._model_info = Label(value="")
-        _describe_into(self._model, self._model_info)
+        self._model.changed.connect(self._describe_model)
         start = default_start_model(_start_models())
         if start is not None:
             self._model.value = start
-        self._k = SpinBox(label="k", min=1, max=100, value=5)
+        self._describe_model()
+        self._k = SpinBox(min=1, max=100, value=5, tooltip="number of frames to suggest")
         self._suggest = PushButton(text="Suggest")
         self._table = Table(value={"frame": [], "score": []})
-        self._table.native.setMinimumHeight(120)
+        self._table.native.setMinimumHeight(TABLE_HEIGHT)
+        self._table.native.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self._table.native.cellClicked.connect(self._on_cell)
+        self._table.native.setToolTip("click a row to show that frame")
         self._new_labels = PushButton(text="Paint annotations")
-        self._steps = SpinBox(label="steps", min=0, max=5000, value=DEFAULT_STEPS)
-        self._size = ComboBox(label="input size", choices=INPUT_SIZES, value=0)
-        self._smooth = CheckBox(label=f"temporal smoothing (±{SMOOTH} frames)", value=True)
+        self._steps = SpinBox(min=0, max=5000, value=DEFAULT_STEPS, tooltip="fine-tuning steps")
+        self._size = ComboBox(choices=INPUT_SIZES, value=0, tooltip="model input size")
+        self._smooth = CheckBox(text=f"temporal smoothing (±{SMOOTH} frames)", value=True)
         self._propagate = PushButton(text="Propagate")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self.progress = _progress_bar("progress")
+        _wrap(self._status, lines=3)
         self._accept_scope = ComboBox(
-            label="accept", choices=["edited frames", "current frame", "all frames"]
+            choices=["edited frames", "current frame", "all frames"],
+            tooltip="which propagated frames become annotations",
         )
-        self._accept = PushButton(text="Accept corrections")
+        self._accept = PushButton(text="Accept")
         self._dir = _file_edit(label="rounds in", mode="d", value=str(model_dir() / "annotate"))
-        self._round = _wrap(Label(value="round 0: nothing labelled yet"))
+        self._round = _wrap(Label(value=""), lines=4)
+        for label in (self._status, self._round):  # full width, text from the left
+            label.native.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self._suggest.changed.connect(self.suggest)
         self._new_labels.changed.connect(self._paint)
         self._propagate.changed.connect(self.propagate)
         self._cancel.changed.connect(self.cancel)
         self._accept.changed.connect(self.accept_corrections)
         self._image.changed.connect(self._image_changed)
-        buttons = Container(layout="horizontal", labels=False)
-        buttons.extend([self._propagate, self._cancel])
-        buttons.margins = (0, 0, 0, 0)
         self.extend(
             [
                 self._image,
                 self._model,
-                self._model_info,
-                self._k,
-                self._suggest,
+                _row("k", self._k, self._suggest),
                 self._table,
                 self._new_labels,
-                self._steps,
-                self._size,
+                _row("steps", self._steps, self._size),
                 self._smooth,
-                buttons,
+                _row("", self._propagate, self._cancel),
                 self.progress,
                 self._status,
-                self._accept_scope,
-                self._accept,
+                _row("corrections", self._accept_scope, self._accept),
                 self._dir,
                 self._round,
             ]
@@ -240,6 +247,10 @@ class AnnotateWidget(_Base):
         self._image_changed()
 
     # ---------------------------------------------------------------- plumbing
+
+    def _describe_model(self, *_: Any) -> None:
+        """The start model's description as the drop-down's tooltip."""
+        self._model.tooltip = _model_description(self._model.value)[1] or None
 
     def _set_running(self, running: bool) -> None:
         self._suggest.enabled = self._propagate.enabled = not running
@@ -365,7 +376,7 @@ class AnnotateWidget(_Base):
             n,
             int(self._k.value),
             self.annotated_frames(),
-            int(self._size.value) or None,
+            self.input_size(start),
             device,
             total=n,
             desc="Suggest",
@@ -379,6 +390,20 @@ class AnnotateWidget(_Base):
         last = latest_round(self.rounds_dir())
         return str(last.path) if last is not None else str(self._model.value)
 
+    def input_size(self, start: str) -> int | None:
+        """Model input side for a run from ``start``: the chosen size, else (auto) the model's
+        own (None) or :data:`BACKBONE_INPUT` when ``start`` is a bare backbone."""
+        from usfm_core.errors import CheckpointError
+        from usfm_core.models.zoo import read_entry
+
+        if int(self._size.value):
+            return int(self._size.value)
+        try:
+            kind = read_entry(start).kind
+        except CheckpointError:
+            return None  # the core reports the bad folder with its fix
+        return BACKBONE_INPUT if kind == "backbone" else None
+
     def _on_suggest(self, item: Any) -> None:
         if isinstance(item, int):
             self.progress.value = min(item, int(self.progress.max))
@@ -389,9 +414,10 @@ class AnnotateWidget(_Base):
             "frame": [s.frame for s in self.suggestions],
             "score": [round(float(s.score), 3) for s in self.suggestions],
         }
+        self._table.row_headers = tuple(f"#{s.rank}" for s in self.suggestions)
         self._mark(self.suggestions)
         frames = ", ".join(str(s.frame) for s in self.suggestions)
-        self._notice(f"label these frames first: {frames} (click a row to go there)")
+        self._notice(f"paint frames {frames} first (click a row to go there)")
 
     def _mark(self, suggestions: list[Any]) -> None:
         """Outline the suggested frames (a Shapes layer with the rank as text)."""
@@ -460,7 +486,7 @@ class AnnotateWidget(_Base):
             labels,
             int(self._steps.value),
             SMOOTH if self._smooth.value else 0,
-            int(self._size.value) or None,
+            self.input_size(start),
             device,
             total=None,
             desc="Propagate",
@@ -483,8 +509,8 @@ class AnnotateWidget(_Base):
         self._target.refresh()
         self._original = np.array(data)
         self._notice(
-            f"round {self.saved_round.number} saved; correct any propagated frame, then "
-            "Accept corrections and Propagate again"
+            f"round {self.saved_round.number} saved: correct masks in '{PROPAGATED}', "
+            "Accept, Propagate again"
         )
 
     def _progress(self, info: dict[str, Any]) -> None:
@@ -541,20 +567,28 @@ class AnnotateWidget(_Base):
 
 
 def _round_text(last: Any, labelled_now: int) -> str:
-    """The round line: number, labelled frames, validation Dice (or why there is none)."""
+    """The round line: number, labelled frames, validation Dice (or what it needs), and what
+    the next Propagate trains on."""
     from usfm_core.finetune.rounds import MIN_LABELLED_FOR_VALIDATION
 
     if last is None:
-        return f"round 0 (none saved yet) · {labelled_now} frame(s) labelled"
+        return f"round 0 (none saved) · {labelled_now} labelled"
     if last.val_dice is None:
-        score = f"validation Dice needs ≥ {MIN_LABELLED_FOR_VALIDATION} labelled frames"
+        score = f"Dice needs ≥ {MIN_LABELLED_FOR_VALIDATION} labelled"
     else:
-        score = f"validation Dice {last.val_dice:.3f} on {len(last.held_out)} held-back frame(s)"
+        score = f"Dice {last.val_dice:.2f} on {len(last.held_out)} held back"
     return (
-        f"round {last.number} · {len(last.labelled)} labelled frame(s) · {score}. "
-        f"Next Propagate: round {last.number + 1} from round {last.number}, "
-        f"{labelled_now} labelled frame(s)"
+        f"round {last.number} · {len(last.labelled)} labelled · {score} · "
+        f"next: round {last.number + 1}, {labelled_now} labelled"
     )
+
+
+def _row(label: str, *widgets: Any) -> Container:
+    """Widgets side by side in one labelled row of the panel."""
+    row = Container(layout="horizontal", labels=False, label=label)
+    row.margins = (0, 0, 0, 0)
+    row.extend(widgets)
+    return row
 
 
 def _frame_stack_ndim(layer: Any) -> int:
