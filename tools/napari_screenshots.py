@@ -14,6 +14,8 @@ measurements of the first object and the canvas share of the window width.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,6 +118,8 @@ def annotate_and_capture(out: Path, size=(1280, 720), timeout_s: float = 600.0) 
             QApplication.processEvents()
             time.sleep(0.02)
 
+    # Rounds go to a temporary model directory, never the user's.
+    os.environ["USFM_MODEL_DIR"] = tempfile.mkdtemp(prefix="usfm-screenshots-")
     viewer, _widgets = build_viewer("cine", show=True)
     try:
         ann = AnnotateWidget(viewer)
