@@ -42,6 +42,7 @@ writes its summary to ``benchmarks/results/label_efficiency_<setting>.json`` and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -591,15 +592,17 @@ def seg_run(
     recipe: TaskRecipe,
     data: Any,
     splits: dict,
-    backbones: dict[str, str],
+    backbone: Any,
     out_dir: Path,
     bar_enabled: bool = True,
 ) -> dict[str, Any]:
-    """One segmentation fine-tuning run; test / val metrics of the best-on-val model.
+    """One segmentation fine-tuning run of ``backbone`` (trained in place: pass a fresh
+    module); test / val metrics of the best-on-val model.
 
     Every arm takes ``recipe.steps`` optimiser steps (no early stopping) and is validated
-    ``recipe.n_val`` times at the same steps; scratch rebuilds the openus backbone's exact
-    architecture with random weights (``finetune(from_scratch_like=...)``).
+    ``recipe.n_val`` times at the same steps. The backbone is built before ``finetune`` seeds
+    torch, so the decoder's initialisation depends on the seed only: the arms of one seed
+    share it (and the label subset and data order), and differ only in the backbone.
     """
     from usfm_core.finetune.data import label_subset
     from usfm_core.finetune.train import finetune
@@ -607,11 +610,6 @@ def seg_run(
 
     n_train = len(label_subset(splits["train"], data.labels, data.groups, spec.ratio, spec.seed))
     epochs = epochs_for(n_train, recipe.batch, recipe.steps)
-    init = (
-        {"from_scratch_like": backbones["openus"]}
-        if spec.arm == "scratch"
-        else {"backbone_ckpt": backbones[spec.arm]}
-    )
     bar = progress_bar(
         recipe.steps, desc=f"  {spec.task} {spec.name}", unit="step", enabled=bar_enabled
     )
@@ -625,7 +623,7 @@ def seg_run(
             "segmentation",
             data,
             out_dir,
-            **init,
+            backbone=backbone,
             label_ratio=spec.ratio,
             seed=spec.seed,
             split_seed=0,
@@ -847,9 +845,12 @@ def proof_part(
     feature_cache: dict = {}
 
     def make_backbone(spec: RunSpec):
+        """A fresh backbone of the arm: the loaded weights (the ones ``ids`` hashed, even if
+        the folder changes during the sitting), or for scratch the openus architecture with
+        random weights seeded by the run's seed (``build_like``, as ``from_scratch_like``)."""
         if spec.arm == "scratch":
             return build_like(loaded["openus"], spec.seed)
-        return load_backbone(backbones[spec.arm])  # a fresh copy: probe features only
+        return copy.deepcopy(loaded[spec.arm])
 
     with progress_bar(len(todo), desc="proof runs", unit="run") as overall:
         for spec in todo:
@@ -862,7 +863,7 @@ def proof_part(
                 res = probe_run(spec, recipe, data, splits, make_backbone, feature_cache)
             else:
                 out_dir = work / "proof" / spec.task / spec.name
-                res = seg_run(spec, recipe, data, splits, backbones, out_dir)
+                res = seg_run(spec, recipe, data, splits, make_backbone(spec), out_dir)
                 shutil.rmtree(out_dir, ignore_errors=True)  # models are not kept
             record = {
                 "key": keys[spec],

@@ -247,3 +247,37 @@ def test_smoke_proof_runs_caches_resumes_and_summarises(
     doc["key"]["backbone_id"] = "0" * 16
     stale.write_text(json.dumps(doc))
     assert le.main(argv) == 2
+
+
+def test_arms_of_one_seed_share_the_decoder_init(
+    le, tiny_backbone, shared_data, tmp_path, monkeypatch
+):
+    """Pairing: for one seed, openus and scratch runs start from the same decoder weights (and
+    label subset); only the backbone differs. Another seed starts elsewhere."""
+    import torch
+
+    from usfm_core.finetune import models
+    from usfm_core.finetune.models import build_like, load_backbone
+
+    monkeypatch.setattr(le, "DATA", shared_data)
+    inits = {}
+    unet = models.DECODERS["unet"]
+
+    def recording(*args, **kwargs):
+        decoder = unet(*args, **kwargs)
+        inits[len(inits)] = {k: v.clone() for k, v in decoder.state_dict().items()}
+        return decoder
+
+    monkeypatch.setitem(models.DECODERS, "unet", recording)
+    data, splits = le.task_data("busi-seg", {"train": 12, "val": 4, "test": 4})
+    recipe = le.TaskRecipe(size=64, steps=1, batch=4, n_val=1)
+    openus = load_backbone(tiny_backbone)
+    runs = []
+    for arm, seed in (("openus", 0), ("scratch", 0), ("openus", 1)):
+        spec = le.RunSpec("busi-seg", arm, 0.2, seed)
+        module = build_like(openus, seed) if arm == "scratch" else load_backbone(tiny_backbone)
+        runs.append(le.seg_run(spec, recipe, data, splits, module, tmp_path / spec.name))
+    same = all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+    other = all(torch.equal(inits[0][k], inits[2][k]) for k in inits[0])
+    assert same and not other
+    assert runs[0]["n_train"] == runs[1]["n_train"]
