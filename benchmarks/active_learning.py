@@ -276,15 +276,17 @@ def first_model(backbone: Any, seed: int, train_backbone: bool) -> Any:
     return model
 
 
-def test_dice(model: Any, frames: list[np.ndarray], masks: list[np.ndarray], size: int) -> float:
-    """Mean project Dice (``segmentation_metrics``, empty ground truth ignored) of the model's
-    masks on the test frames (segmented at their own size)."""
-    from usfm_core.evaluate.metrics import segmentation_metrics
+def mean_test_dice(
+    model: Any, frames: list[np.ndarray], masks: list[np.ndarray], size: int
+) -> float:
+    """Mean project Dice of the model's masks on the test frames (segmented at their own
+    size): :func:`usfm_core.evaluate.metrics.dice` of the binary masks, test frames whose
+    ground truth is empty ignored (``segmentation_metrics``' rule, without its HD95)."""
+    from usfm_core.evaluate.metrics import dice
     from usfm_core.finetune.infer import segment_frames
 
     preds = segment_frames(model, frames, batch_size=8, input_size=size)
-    values = [segmentation_metrics(p, t)["dice"] for p, t in zip(preds, masks)]
-    values = [v for v in values if not math.isnan(v)]
+    values = [dice(p > 0, t > 0) for p, t in zip(preds, masks) if np.any(t)]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -327,7 +329,7 @@ def run_one(
         )
         model = res.model
         t2 = time.perf_counter()
-        dice = test_dice(model, pool.test_frames, pool.test_masks, setting.size)
+        dice = mean_test_dice(model, pool.test_frames, pool.test_masks, setting.size)
         curve.append(
             {
                 "round": r,
