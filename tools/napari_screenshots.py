@@ -4,7 +4,8 @@ click on **Segment** with the preselected shipped model.
     xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --suffix _1280x720
     xvfb-run -a -s "-screen 0 1600x1000x24" python tools/napari_screenshots.py
     xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --inspect
-    xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --annotate
+    xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --annotate \
+        --suffix _1280x720
 
 Writes ``napari_segment_hc18{suffix}.png`` and ``napari_segment_busi{suffix}.png`` (the whole
 window, widgets included, at the size the main job opens on that screen) and prints the
@@ -92,16 +93,20 @@ def inspect_and_capture(out: Path, timeout_s: float = 180.0) -> dict:
         viewer.close()
 
 
-def annotate_and_capture(out: Path, size=(1280, 720), timeout_s: float = 600.0) -> dict:
+def annotate_and_capture(
+    out_dir: Path, suffix: str = "", size=(1280, 720), timeout_s: float = 900.0
+) -> dict:
     """The annotation loop on the simulated cine (``--sample cine``) with the Annotate tab:
     **Suggest** (the shipped backbone preselected), paint two suggested frames from the
     sample's ground truth (a stand-in for the user), **Propagate**; saves the window after
-    Suggest (``{out}_suggest.png``: outlined frame + table) and after Propagate
-    (``{out}_propagate.png``: the propagated masks on an unpainted frame, the round line)."""
+    Suggest (``napari_annotate_suggest{suffix}.png``: outlined frame + table) and after
+    Propagate (``napari_annotate_propagate{suffix}.png``: the propagated masks on an unpainted
+    frame with the simulator's mask outlined, the round line)."""
     from qtpy.QtWidgets import QApplication
 
     from napari_usfm.__main__ import DOCK_MAX_WIDTH, build_viewer, fit_window
     from napari_usfm._annotate import AnnotateWidget
+    from napari_usfm._layers import reference_colormap
 
     def wait(widget) -> None:
         start = time.perf_counter()
@@ -132,7 +137,7 @@ def annotate_and_capture(out: Path, size=(1280, 720), timeout_s: float = 600.0) 
         frames = [s.frame for s in ann.suggestions]
         ann.jump_to(frames[0])
         settle()
-        shots = {"suggest": out.with_name(f"{out.stem}_suggest.png")}
+        shots = {"suggest": out_dir / f"napari_annotate_suggest{suffix}.png"}
         viewer.screenshot(str(shots["suggest"]), canvas_only=False)
         truth = viewer.layers["simulated cine ground truth"].data
         ann._paint()
@@ -149,9 +154,13 @@ def annotate_and_capture(out: Path, size=(1280, 720), timeout_s: float = 600.0) 
         shown = others[len(others) // 2]
         ann.jump_to(shown)
         viewer.layers["suggested frames"].visible = False
+        # The simulator's exact mask as a yellow outline, to judge the propagated (cyan) one.
+        reference = viewer.layers["simulated cine ground truth"]
+        reference.colormap = reference_colormap()
+        reference.contour, reference.opacity, reference.visible = 2, 1.0, True
         viewer.layers.selection.active = viewer.layers["propagated"]
         settle()
-        shots["propagate"] = out.with_name(f"{out.stem}_propagate.png")
+        shots["propagate"] = out_dir / f"napari_annotate_propagate{suffix}.png"
         viewer.screenshot(str(shots["propagate"]), canvas_only=False)
         from usfm_core.finetune.propagate import frame_dice
 
@@ -187,12 +196,13 @@ def main() -> None:
         "--annotate",
         action="store_true",
         help="the Annotate tab on the simulated cine instead: Suggest, paint two suggested "
-        "frames, Propagate (napari_annotate{suffix}_suggest.png / _propagate.png)",
+        "frames, Propagate (napari_annotate_suggest{suffix}.png, napari_annotate_propagate"
+        "{suffix}.png)",
     )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.annotate:
-        print(f"annotate: {annotate_and_capture(args.out / f'napari_annotate{args.suffix}.png')}")
+        print(f"annotate: {annotate_and_capture(args.out, args.suffix)}")
         return
     if args.inspect:
         path = args.out / f"napari_inspect{args.suffix}.png"
