@@ -478,9 +478,31 @@ def never_worse(suggest: Sequence[dict], random: Sequence[dict]) -> dict[str, An
     return {"met": all(m >= 0 for m in margins), "margins": [round(m, 4) for m in margins]}
 
 
+def curve_stats(runs: list[dict[str, Any]], seeds: set[int] | None = None) -> list[dict]:
+    """Mean ± std (over seeds) test Dice per round of one strategy's runs (only ``seeds``
+    when given), for the rounds every run reached."""
+    from usfm_core.evaluate.metrics import mean_std
+
+    runs = [d for d in runs if seeds is None or d["key"]["seed"] in seeds]
+    if not runs:
+        return []
+    out = []
+    for r in range(min(len(d["curve"]) for d in runs)):
+        mean, std = mean_std([d["curve"][r]["dice"] for d in runs])
+        out.append(
+            {
+                "round": r + 1,
+                "n_labelled": runs[0]["curve"][r]["n_labelled"],
+                "mean": round(mean, 4),
+                "std": round(std, 4),
+                "per_seed": {str(d["key"]["seed"]): round(d["curve"][r]["dice"], 4) for d in runs},
+            }
+        )
+    return out
+
+
 def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]:
     """Mean ± std Dice per data set, strategy and round, labels_to_match_random, targets."""
-    from usfm_core.evaluate.metrics import mean_std
 
     out: dict[str, Any] = {"setting": asdict(setting), "datasets": {}}
     for dataset in DATASETS:
@@ -492,43 +514,40 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
             mine = [d for d in runs if d["key"]["strategy"] == strategy]
             if not mine:
                 continue
-            n_rounds = min(len(d["curve"]) for d in mine)
-            rounds = []
-            for r in range(n_rounds):
-                vals = [d["curve"][r]["dice"] for d in mine]
-                mean, std = mean_std(vals)
-                rounds.append(
-                    {
-                        "round": r + 1,
-                        "n_labelled": mine[0]["curve"][r]["n_labelled"],
-                        "mean": round(mean, 4),
-                        "std": round(std, 4),
-                        "per_seed": {
-                            str(d["key"]["seed"]): round(d["curve"][r]["dice"], 4) for d in mine
-                        },
-                    }
-                )
+            rounds = curve_stats(mine)
             entry["strategies"][strategy] = {
                 "seeds": sorted(d["key"]["seed"] for d in mine),
                 "rounds": rounds,
                 "seconds_per_run": round(float(np.mean([d["seconds"] for d in mine])), 1),
+                "picked_with_foreground": round(
+                    float(
+                        np.mean(
+                            [f for d in mine for c in d["curve"] for f in c["picked_foreground"]]
+                        )
+                    ),
+                    3,
+                ),
             }
         st = entry["strategies"]
         if "suggest" in st and "random" in st:
-            sug, rnd = st["suggest"]["rounds"], st["random"]["rounds"]
+            # Compared on the seeds both strategies have (paired), every round both reached.
+            common = set(st["suggest"]["seeds"]) & set(st["random"]["seeds"])
+            by = {
+                s: curve_stats([d for d in runs if d["key"]["strategy"] == s], common)
+                for s in ("suggest", "random")
+            }
+            sug, rnd = by["suggest"], by["random"]
             m = min(len(sug), len(rnd))
-            entry["labels_to_match_random"] = labels_to_match_random(
-                [x["n_labelled"] for x in rnd[:m]],
-                [x["mean"] for x in sug[:m]],
-                [x["mean"] for x in rnd[:m]],
-                setting.k,
-            )
-            entry["never_worse_than_random"] = never_worse(sug[:m], rnd[:m])
-            entry["complete"] = (
-                len(st["suggest"]["seeds"]) >= len(setting.seeds)
-                and len(st["random"]["seeds"]) >= len(setting.seeds)
-                and m == setting.rounds
-            )
+            if common and m:
+                entry["compared_seeds"] = sorted(common)
+                entry["labels_to_match_random"] = labels_to_match_random(
+                    [x["n_labelled"] for x in rnd[:m]],
+                    [x["mean"] for x in sug[:m]],
+                    [x["mean"] for x in rnd[:m]],
+                    setting.k,
+                )
+                entry["never_worse_than_random"] = never_worse(sug[:m], rnd[:m])
+                entry["complete"] = len(common) >= len(setting.seeds) and m == setting.rounds
         out["datasets"][dataset] = entry
     out["targets"] = target_checks(out["datasets"])
     return out
@@ -558,6 +577,11 @@ def target_checks(datasets: dict[str, Any]) -> list[dict[str, Any]]:
             "values": nw,
             "met": bool(nw) and all(nw.values()),
         },
+        {
+            "target": "grid complete (every seed and round of suggest and random)",
+            "values": {d: e.get("complete", False) for d, e in datasets.items()},
+            "met": bool(datasets) and all(e.get("complete", False) for e in datasets.values()),
+        },
     ]
 
 
@@ -584,6 +608,8 @@ def markdown(summary: dict[str, Any]) -> str:
             nw = entry["never_worse_than_random"]
             reached = "" if ltm["reached"] else " (never reached; lower bound)"
             lines.append(
+                f"Suggest vs random on seeds {entry['compared_seeds']}"
+                f"{'' if entry['complete'] else ' (incomplete grid)'}: "
                 f"labels_to_match_random = {ltm['value']:.2f}{reached}; "
                 f"never worse than random - 1 std: {'yes' if nw['met'] else 'NO'} "
                 f"(margins {nw['margins']})."

@@ -64,7 +64,7 @@ def test_target_checks_on_known_summaries(al):
             "never_worse_than_random": {"met": False},
         },
     }
-    ltm, nw = al.target_checks(datasets)
+    ltm, nw, _complete = al.target_checks(datasets)
     assert ltm["met"] and ltm["values"] == {"busi": 0.55, "hc18": 1.2}  # sim does not count
     assert not nw["met"]
     datasets["busi"]["labels_to_match_random"]["value"] = 0.61
@@ -107,7 +107,7 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
     summary = json.loads(out.read_text())
     hc = summary["datasets"]["hc18"]
     assert [r["n_labelled"] for r in hc["strategies"]["random"]["rounds"]] == [2, 4]
-    assert "labels_to_match_random" in hc and len(summary["targets"]) == 2
+    assert "labels_to_match_random" in hc and len(summary["targets"]) == 3
     assert png.stat().st_size > 10_000 and out.with_suffix(".md").is_file()
 
     # resume: nothing reruns while every cached key matches ...
