@@ -504,7 +504,11 @@ def curve_stats(runs: list[dict[str, Any]], seeds: set[int] | None = None) -> li
 def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]:
     """Mean ± std Dice per data set, strategy and round, labels_to_match_random, targets."""
 
-    out: dict[str, Any] = {"setting": asdict(setting), "datasets": {}}
+    out: dict[str, Any] = {
+        "setting": asdict(setting),
+        "backbone_ids": sorted({d["key"]["backbone_id"] for d in records}),
+        "datasets": {},
+    }
     for dataset in DATASETS:
         runs = [d for d in records if d["key"]["dataset"] == dataset]
         if not runs:
