@@ -127,9 +127,23 @@ def load_model_or_backbone(name_or_path: str | Path, device: str = "cpu") -> tup
 
     entry = find_model(name_or_path)
     if entry.kind == "backbone":
-        return load_backbone(entry.path).to(device).eval(), "backbone"
+        backbone = load_backbone(entry.path).to(device).eval()
+        size = pretrain_input_size(entry.config)
+        if size:  # a fresh decoder on it works at the size the backbone was pretrained at
+            backbone.input_size = size
+        return backbone, "backbone"
     model, meta = load_finetuned(entry.path, device=device)
     return model.eval(), str(meta["task"])
+
+
+def pretrain_input_size(config: dict[str, Any]) -> int | None:
+    """The global-crop side a backbone was pretrained at (``extra.pretrain.views.global_size``
+    of its ``config.json``), when recorded and divisible by 32; else ``None``."""
+    views = ((config.get("extra") or {}).get("pretrain") or {}).get("views") or {}
+    size = views.get("global_size") if isinstance(views, dict) else None
+    if isinstance(size, int) and size > 0 and size % 32 == 0:
+        return size
+    return None
 
 
 def model_kind(model: nn.Module) -> str:
