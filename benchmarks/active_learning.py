@@ -722,15 +722,15 @@ def time_round(threads: int, out: Path) -> dict[str, Any]:
                 "load_after": machine_load(),
             }
         )
-        print(f"{name}: {total:.1f} s ({res.seconds})", flush=True)
-    doc = {
-        "what": "propagate: 3 painted frames, 30 steps, batch 4, smooth 2, 100 frames 256x256",
-        "threads": threads,
-        "torch_threads_outside": torch.get_num_threads(),
-        "cpu_cores": os.cpu_count(),
-        "rows": rows,
-    }
-    atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+        print(f"{name}: {total:.1f} s, {cpu:.0f} CPU-s ({res.seconds})", flush=True)
+        doc = {
+            "what": "propagate: 3 painted frames, 30 steps, batch 4, smooth 2, 100 frames 256x256",
+            "threads": threads,
+            "torch_threads_outside": torch.get_num_threads(),
+            "cpu_cores": os.cpu_count(),
+            "rows": rows,
+        }
+        atomic_write_text(out, json.dumps(doc, indent=1) + "\n")  # after every row
     return doc
 
 
