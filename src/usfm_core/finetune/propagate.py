@@ -531,7 +531,7 @@ def propagate(
         cancel: callable returning True, or a ``threading.Event``, to stop early.
         threads: torch CPU threads for this call (restored afterwards).
     """
-    from usfm_core.finetune.suggest import torch_threads
+    from usfm_core.finetune.suggest import drain, torch_threads
 
     gen = iter_propagate(
         model_or_backbone,
@@ -552,13 +552,7 @@ def propagate(
         cancel=cancel,
     )
     with torch_threads(threads):
-        while True:
-            try:
-                info = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if progress is not None:
-                progress(info)
+        return drain(gen, progress)
 
 
 # ---------------------------------------------------------------------------- measures

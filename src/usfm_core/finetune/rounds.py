@@ -358,6 +358,8 @@ def run_round(
     :func:`~usfm_core.finetune.propagate.propagate` (``steps``, ``smooth``, ``track``, ...).
     A cancelled round is not saved (``RoundResult.info`` is None).
     """
+    from usfm_core.finetune.suggest import drain
+
     gen = iter_round(
         directory,
         frames,
@@ -368,10 +370,4 @@ def run_round(
         extra=extra,
         **propagate_options,
     )
-    while True:
-        try:
-            info = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(info)
+    return drain(gen, progress)

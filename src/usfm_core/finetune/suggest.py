@@ -354,13 +354,19 @@ def score_frames(
         flip=flip,
     )
     with torch_threads(threads):
-        while True:
-            try:
-                done = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if progress is not None:
-                progress(done)
+        return drain(gen, progress)
+
+
+def drain(gen: Generator[Any, None, Any], progress: Callable[[Any], None] | None = None) -> Any:
+    """Run a progress generator to its end, passing every yielded item to ``progress``; its
+    return value (``StopIteration.value``). The blocking form of the ``iter_*`` generators."""
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(item)
 
 
 @contextlib.contextmanager
