@@ -343,8 +343,8 @@ def test_time_budget_stops_training(phantoms, tmp_path):
 
 
 def test_backbone_by_name_and_scratch_like_it(tmp_path, monkeypatch):
-    """A model of kind ``backbone`` in the model index (here imported into the user model
-    directory, as a shipped one would be listed) is found by name; ``build_like`` rebuilds its
+    """A model of kind ``backbone`` imported into the user model directory is listed beside
+    the shipped one and found by name; ``build_like`` rebuilds its
     exact config (drop-path included) with fresh weights."""
     from usfm_core.finetune.models import build_like, load_backbone
     from usfm_core.models import zoo
@@ -356,7 +356,10 @@ def test_backbone_by_name_and_scratch_like_it(tmp_path, monkeypatch):
     torch.manual_seed(0)
     save_model(VMamba(cfg), tmp_path / "bb")
     zoo.import_model(tmp_path / "bb", name="my-backbone")
-    assert [e.name for e in zoo.list_models(kind="backbone")] == ["my-backbone"]
+    backbones = [e.name for e in zoo.list_models(kind="backbone")]
+    assert "my-backbone" in backbones and backbones.count("my-backbone") == 1
+    # The shipped backbone is listed beside it, never shadowed by or mistaken for it.
+    assert "openus-small-fast" in backbones
     loaded = load_backbone("my-backbone")
     assert loaded.config.to_dict() == cfg.to_dict()
     fresh = build_like(loaded, seed=1)
