@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Generator
 from typing import IO, Any
 
 MODES = ("auto", "bar", "plain", "off")
@@ -204,3 +205,15 @@ class PlainProgress:
     def _write(self, line: str) -> None:
         stream = self.stream if self.stream is not None else sys.stderr
         print(line, file=stream, flush=True)
+
+
+def drain(gen: Generator[Any, None, Any], progress: Callable[[Any], None] | None = None) -> Any:
+    """Run a progress generator to its end, passing every yielded item to ``progress``; its
+    return value (``StopIteration.value``). The blocking form of the ``iter_*`` generators."""
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(item)

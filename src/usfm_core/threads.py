@@ -15,9 +15,11 @@ environment is honoured as the user's choice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 __all__ = ["ENV_VAR", "apply_threads", "available_cores", "busy_cores", "pick_threads"]
 
@@ -85,3 +87,20 @@ def apply_threads(threads: int | None = None) -> int:
         torch.set_num_threads(n)
     log.debug("threads: %d (%s; %d cores, load %.1f)", n, source, available_cores(), busy_cores())
     return n
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged), then restore
+    the previous count (for library calls that take a ``threads`` argument)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -531,7 +531,8 @@ def propagate(
         cancel: callable returning True, or a ``threading.Event``, to stop early.
         threads: torch CPU threads for this call (restored afterwards).
     """
-    from usfm_core.finetune.suggest import drain, torch_threads
+    from usfm_core.progress import drain
+    from usfm_core.threads import torch_threads
 
     gen = iter_propagate(
         model_or_backbone,

@@ -358,7 +358,7 @@ def run_round(
     :func:`~usfm_core.finetune.propagate.propagate` (``steps``, ``smooth``, ``track``, ...).
     A cancelled round is not saved (``RoundResult.info`` is None).
     """
-    from usfm_core.finetune.suggest import drain
+    from usfm_core.progress import drain
 
     gen = iter_round(
         directory,

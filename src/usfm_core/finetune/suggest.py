@@ -44,7 +44,6 @@ only the embeddings ``(T, D)`` and a few numbers per frame are kept.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +55,8 @@ import torch
 from torch import nn
 
 from usfm_core.errors import ConfigError
+from usfm_core.progress import drain
+from usfm_core.threads import torch_threads
 
 #: Uncertainty weight once some frames are labelled (first round: 0, pure diversity).
 DEFAULT_UNCERTAINTY_WEIGHT = 0.5
@@ -355,32 +356,6 @@ def score_frames(
     )
     with torch_threads(threads):
         return drain(gen, progress)
-
-
-def drain(gen: Generator[Any, None, Any], progress: Callable[[Any], None] | None = None) -> Any:
-    """Run a progress generator to its end, passing every yielded item to ``progress``; its
-    return value (``StopIteration.value``). The blocking form of the ``iter_*`` generators."""
-    while True:
-        try:
-            item = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(item)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged), then restore."""
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------- selection
