@@ -154,6 +154,11 @@ def test_cli_suggest_writes_csv_and_json(tiff_cine, tmp_path, capsys):
     js = tmp_path / "frames.json"
     assert main([*args, "--labelled", "0,6-7", "--out", str(js), "--no-progress"]) == 0
     assert [r["frame"] for r in json.loads(js.read_text())] == frames
+    # Writing the same table again replaces it only on request.
+    assert main([*args, "--labelled", "0,6-7", "--out", str(js), "--no-progress"]) == 1
+    again = [*args, "--labelled", "0,6-7", "--out", str(js), "--overwrite", "--no-progress"]
+    assert main(again) == 0
+    assert [r["frame"] for r in json.loads(js.read_text())] == frames
 
 
 def test_cli_suggest_refuses_input_and_bad_model(tiff_cine, capsys):
@@ -161,6 +166,11 @@ def test_cli_suggest_refuses_input_and_bad_model(tiff_cine, capsys):
     assert main(["suggest", "sim-lesion", str(tiff_cine), "--out", str(tiff_cine)]) == 1
     assert "overwrite the input" in capsys.readouterr().err
     assert tiff_cine.read_bytes() == before
+    mine = tiff_cine.parent / "notes.csv"
+    mine.write_text("the user's own file\n")
+    assert main(["suggest", "sim-lesion", str(tiff_cine), "--out", str(mine)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert mine.read_text() == "the user's own file\n"
     assert main(["suggest", "no-such-model", str(tiff_cine), "--k", "2"]) == 1
     err = capsys.readouterr().err
     assert "no model named 'no-such-model'" in err and "sim-lesion" in err

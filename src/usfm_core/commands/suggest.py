@@ -13,7 +13,8 @@ labelled it is (1 - w) x normalised distance to the labelled set + w x normalise
 w = --uncertainty-weight (default 0.5).
 
 Prints a table (rank, frame, score, uncertainty, diversity; file for a folder input) and, with
---out, writes it as CSV or JSON (by suffix) atomically; --out may not be the input.
+--out, writes it as CSV or JSON (by suffix) atomically; --out may not be the input, nor an
+existing file unless --overwrite.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "else 0.5; always 0 for a bare backbone)",
     )
     p.add_argument("--out", type=Path, default=None, help="write the table: FILE.csv or FILE.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file (never the input)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="frames per forward pass")
     p.add_argument(
         "--input-size",
@@ -92,8 +96,10 @@ def _frame_list(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def check_out(out: Path, input_path: Path) -> None:
-    """Refuse an ``--out`` that is not CSV / JSON, or that would replace or land in the input."""
+def check_out(out: Path, input_path: Path, *, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that is not CSV / JSON, that would replace or land in the input, or
+    that names an existing file (unless ``overwrite``: the user's file is never replaced
+    silently)."""
     from usfm_core.errors import USFMError
     from usfm_core.outputs import check_outputs
 
@@ -104,6 +110,10 @@ def check_out(out: Path, input_path: Path) -> None:
         )
     if out.is_dir():
         raise USFMError("--out is a folder", path=out, hint="give a file name, e.g. frames.csv")
+    if out.exists() and not overwrite:
+        raise USFMError(
+            "--out already exists", path=out, hint="give a new file name, or pass --overwrite"
+        )
 
 
 def input_frames(path: Path) -> tuple[Any, list[str] | None, int | None]:
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         raise USFMError(f"--batch-size must be >= 1, got {args.batch_size}")
     (input_path,) = check_inputs([args.input])
     if args.out is not None:
-        check_out(args.out, input_path)
+        check_out(args.out, input_path, overwrite=args.overwrite)
     device = resolve_device(args.device)
     model, kind = load_model_or_backbone(args.model, device)
     frames, names, total = input_frames(input_path)
