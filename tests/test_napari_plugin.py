@@ -1,4 +1,4 @@
-"""The napari plugin: manifest, writer, sample data and the four widgets on a real viewer.
+"""The napari plugin: manifest, writer, sample data and the widgets on a real viewer.
 
 Widget tests use napari's ``make_napari_viewer`` fixture (Qt under Xvfb via pytest-xvfb) and
 real (tiny) models trained by the product itself, so Segment, Fine-tune, Inspect and Preprocess
@@ -366,6 +366,28 @@ def test_main_window_gives_the_canvas_most_of_the_width(qtbot, model_dir, size):
         image = viewer.layers["HC18 fetal head"]
         centre = np.array(image.data.shape[:2]) * np.array(image.scale) / 2
         np.testing.assert_allclose(viewer.scene.camera.center[-2:], centre, rtol=0.05, atol=1.0)
+    finally:
+        viewer.close()
+
+
+@pytest.mark.gui
+def test_main_docks_all_five_widgets_with_annotate_on_the_sample(qtbot, model_dir):
+    """``python -m napari_usfm --sample cine`` docks the annotation loop beside the other
+    widgets: Annotate is set to the opened cine and starts from the shipped backbone."""
+    from qtpy.QtWidgets import QDockWidget
+
+    from napari_usfm.__main__ import build_viewer
+
+    viewer, widgets = build_viewer("cine", show=False)
+    try:
+        assert set(widgets) == {"Segment", "Annotate", "Fine-tune", "Inspect", "Preprocess"}
+        docks = viewer.window._qt_window.findChildren(QDockWidget)
+        titles = {d.windowTitle() for d in docks}
+        assert {"Segment", "Annotate", "Fine-tune", "Inspect", "Preprocess"} <= titles
+        annotate = widgets["Annotate"]
+        image = annotate._image.value
+        assert image is viewer.layers[0] and image.data.ndim == 3  # the cine, frames first
+        assert Path(str(annotate._model.value)).name == "openus-small-fast"
     finally:
         viewer.close()
 

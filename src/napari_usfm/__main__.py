@@ -1,4 +1,4 @@
-"""python -m napari_usfm: napari with a built-in sample (or your scan) and the four widgets
+"""python -m napari_usfm: napari with a built-in sample (or your scan) and the five widgets
 docked, the Segment widget set to the shipped model made for that sample."""
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ SAMPLE_MODELS = {
 
 
 def build_viewer(sample: str = "hc18", path: str | None = None, show: bool = True):
-    """``(viewer, {name: widget})``: the sample (or ``path``) with Segment / Fine-tune /
-    Inspect / Preprocess docked on the right (tabbed), Segment set to the sample's model."""
+    """``(viewer, {name: widget})``: the sample (or ``path``) with Segment / Annotate /
+    Fine-tune / Inspect / Preprocess docked on the right (tabbed), Segment set to the sample's
+    model."""
     import napari
 
     from napari_usfm import _sample_data
+    from napari_usfm._annotate import AnnotateWidget
     from napari_usfm._reader import get_reader
     from napari_usfm._widgets import (
         FinetuneWidget,
@@ -105,6 +107,7 @@ def build_viewer(sample: str = "hc18", path: str | None = None, show: bool = Tru
         ("Preprocess", PreprocessWidget),
         ("Fine-tune", FinetuneWidget),
         ("Inspect", InspectWidget),
+        ("Annotate", AnnotateWidget),
         ("Segment", SegmentWidget),
     ]:
         widgets[name] = cls(viewer)
