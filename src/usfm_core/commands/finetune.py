@@ -79,10 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--linear-probe", action="store_true", help="freeze the backbone")
     p.add_argument(
         "--decoder",
-        choices=["unet", "conv", "vss"],
+        choices=["unet", "unet-hr", "conv", "vss"],
         default="unet",
-        help="segmentation decoder: unet (conv + channel attention), conv (cheaper), "
-        "vss (OpenUS's channel-aware VSS blocks; slow on CPU)",
+        help="segmentation decoder: unet (conv + channel attention), unet-hr (unet plus a "
+        "full-resolution path from the image, for structures a few pixels wide), conv "
+        "(cheaper), vss (OpenUS's channel-aware VSS blocks; slow on CPU)",
     )
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience (epochs)")
     p.add_argument(

@@ -101,13 +101,81 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(block(in_dims[i]) for i in (2, 1, 0))
         self.head = nn.Conv2d(in_dims[0], n_out, 1)
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def decode_stride4(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The 4 maps → the decoded stride-4 map ``(B, in_dims[0], H/4, W/4)`` (before the
+        head)."""
         x = self.bottom(feats[3])
         for up, block, skip in zip(self.ups, self.blocks, (feats[2], feats[1], feats[0])):
             x = up(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
             x = block(x + skip)
-        x = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = F.interpolate(
+            self.decode_stride4(feats), scale_factor=4, mode="bilinear", align_corners=False
+        )
         return self.head(x)
+
+
+def _conv_norm_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    """conv 3×3 (``stride``) → GroupNorm → GELU: ``(B, c_in, H, W) → (B, c_out, H/s, W/s)``."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+        nn.GroupNorm(_norm_groups(c_out), c_out),
+        nn.GELU(),
+    )
+
+
+class SkipFuse(nn.Module):
+    """U-Net skip: bilinear up to the skip's size, 1×1 conv to its width, concatenate, conv.
+
+    ``x (B, C_in, h, w)``, ``skip (B, C, H, W)`` → ``(B, C, H, W)`` (conv 3×3 → GroupNorm →
+    GELU over the ``2C`` concatenated channels).
+    """
+
+    def __init__(self, c_in: int, c: int):
+        super().__init__()
+        self.proj = nn.Conv2d(c_in, c, 1)
+        self.fuse = _conv_norm_act(2 * c, c)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([self.proj(x), skip], dim=1))
+
+
+class UNetHRDecoder(UNetDecoder):
+    """:class:`UNetDecoder` plus a light full-resolution path from the input image.
+
+    The backbone's stem has stride 4, so with the plain decoder nothing at strides 1 and 2 sees
+    the image and structures a few pixels wide are lost. Here a small conv stem on the
+    normalised image gives ``s1 (B, 16, H, W)`` (stride 1) and ``s2 (B, 32, H/2, W/2)``
+    (stride 2); the decoded stride-4 map ``(B, in_dims[0], H/4, W/4)`` is fused with ``s2``
+    then with ``s1`` (:class:`SkipFuse`: up ×2, concatenate, conv) before the 1×1 head:
+    ``forward(feats, image (B, 1, H, W)) → (B, n_out, H, W)``.
+
+    :class:`Segmenter` passes the image to decoders whose ``wants_image`` is true.
+    """
+
+    wants_image = True
+    HR_WIDTHS: tuple[int, int] = (16, 32)  # channels at strides 1 and 2
+
+    def __init__(
+        self, in_dims: list[int], n_out: int, block: Callable[[int], nn.Module] = ConvAttentionBlock
+    ):
+        super().__init__(in_dims, n_out, block)
+        w1, w2 = self.HR_WIDTHS
+        self.stem1 = _conv_norm_act(1, w1)
+        self.stem2 = nn.Sequential(_conv_norm_act(w1, w2, stride=2), _conv_norm_act(w2, w2))
+        self.fuse2 = SkipFuse(in_dims[0], w2)
+        self.fuse1 = SkipFuse(w2, w1)
+        self.head = nn.Conv2d(w1, n_out, 1)  # on the stride-1 map instead of the stride-4 one
+
+    def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """``feats``: the backbone's 4 maps; ``image (B, 1, H, W)``, H and W divisible by 4."""
+        s1 = self.stem1(image)
+        s2 = self.stem2(s1)
+        x = self.fuse2(self.decode_stride4(feats), s2)
+        return self.head(self.fuse1(x, s1))
 
 
 class VSSDecoder(UNetDecoder):
@@ -142,6 +210,7 @@ class ConvDecoder(nn.Module):
 
 DECODERS: dict[str, type[nn.Module]] = {
     "unet": UNetDecoder,
+    "unet-hr": UNetHRDecoder,
     "conv": ConvDecoder,
     "vss": VSSDecoder,
 }
@@ -244,7 +313,16 @@ class Segmenter(_TaskModel):
         self.decoder = DECODERS[decoder]([int(d) for d in _backbone_dims(backbone)], n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(list(self._features(x).features))
+        return self.decode(self._features(x).features, x)
+
+    def decode(self, feats, x: torch.Tensor) -> torch.Tensor:
+        """Decoder logits ``(B, n_out, H, W)`` from the backbone's 4 maps ``feats`` of the
+        input ``x (B, C, H, W)``; a decoder whose ``wants_image`` is true (``unet-hr``) also
+        gets the image as one channel ``(B, 1, H, W)`` (channel mean when ``C > 1``)."""
+        if not getattr(self.decoder, "wants_image", False):
+            return self.decoder(list(feats))
+        image = x if x.shape[1] == 1 else x.mean(1, keepdim=True)
+        return self.decoder(list(feats), image)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +440,24 @@ def _decoder_params(head: str, dims: list[int], n_out: int) -> int:
 
     n = block(dims[3]) + sum(block(dims[i]) for i in (2, 1, 0))
     n += sum(dims[i + 1] * dims[i] + dims[i] for i in (2, 1, 0))
+    if head == "unet-hr":
+        return n + _hr_path_params(dims[0], n_out)
     return n + dims[0] * n_out + n_out
+
+
+def _hr_path_params(c0: int, n_out: int) -> int:
+    """Parameters of :class:`UNetHRDecoder`'s full-resolution path and head over a stride-4
+    map of ``c0`` channels (stems, two :class:`SkipFuse`, 1×1 head)."""
+    w1, w2 = UNetHRDecoder.HR_WIDTHS
+
+    def conv(a: int, b: int) -> int:  # conv 3×3 + GroupNorm
+        return a * b * 9 + b + 2 * b
+
+    def fuse(c_in: int, c: int) -> int:
+        return c_in * c + c + conv(2 * c, c)
+
+    stems = conv(1, w1) + conv(w1, w2) + conv(w2, w2)
+    return stems + fuse(c0, w2) + fuse(w2, w1) + w1 * n_out + n_out
 
 
 def _backbone_from(config: TaskModelConfig) -> nn.Module:

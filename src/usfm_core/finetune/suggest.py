@@ -218,11 +218,11 @@ def _backbone_out(model: nn.Module, x: torch.Tensor, kind: str):
     return model(x)
 
 
-def _probabilities(model: nn.Module, kind: str, out: Any) -> torch.Tensor:
-    """Per-class probabilities from backbone output: ``(B, K, S, S)`` (segmentation; ``K = 1``
-    is one sigmoid) or ``(B, K)`` (classification)."""
+def _probabilities(model: nn.Module, kind: str, out: Any, x: torch.Tensor) -> torch.Tensor:
+    """Per-class probabilities from backbone output of ``x (B, 1, S, S)``: ``(B, K, S, S)``
+    (segmentation; ``K = 1`` is one sigmoid) or ``(B, K)`` (classification)."""
     if kind == "segmentation":
-        logits = model.decoder(list(out.features)).float()
+        logits = model.decode(out.features, x).float()
         return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
     return model.head(out.global_token).float().softmax(1)
 
@@ -258,11 +258,12 @@ def _score_batch(
     emb = torch.nn.functional.normalize(out.global_token.float().reshape(len(x), -1), dim=1)
     if kind == "backbone":
         return emb.cpu().numpy(), None, None
-    prob = _probabilities(model, kind, out)
+    prob = _probabilities(model, kind, out, x)
     ent = _entropy(prob)
     dis = torch.zeros_like(ent)
     if flip:
-        prob_f = _probabilities(model, kind, _backbone_out(model, x.flip(-1), kind))
+        x_f = x.flip(-1)
+        prob_f = _probabilities(model, kind, _backbone_out(model, x_f, kind), x_f)
         if kind == "segmentation":
             prob_f = prob_f.flip(-1)
         dis = _disagreement(prob, prob_f)

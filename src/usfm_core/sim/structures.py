@@ -14,7 +14,8 @@ their echo, which a union (foreground) model cannot.
     OUT/classes.json                {"0": "background", "1": "hypoechoic", "2": "hyperechoic"}
     OUT/manifest.csv                image, mask, group, split (a fixed test split)
 
-Run ``python -m usfm_core.sim.structures OUT --n 60`` to make one.
+Run ``python -m usfm_core.sim.structures OUT --n 60`` to make one (``--small`` for the
+small-structure variant, :func:`simulate_small_structures`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from usfm_core.sim.simulate import simulate_frame
 STRUCTURES: tuple[str, ...] = ("background", "cyst", "echogenic")
 KIND_TO_CLASS = {"cyst": 1, "hyper": 2}
 SEED_STRIDE = 1000  # alternative seeds of frame i: seed + k · SEED_STRIDE, k = 0, 1, ...
+#: Overrides of the small-structure variant: three to five lesions of mean radius 0.8–2 mm
+#: (3–8 px at 160², 4 px/mm), each class a fraction of a percent of the frame.
+SMALL_STRUCTURES: dict[str, Any] = {"n_lesions": (3, 5), "lesion_radius_mm": (0.8, 2.0)}
 
 
 def simulate_structures(
@@ -72,6 +76,16 @@ def simulate_structures(
     return image, mask
 
 
+def simulate_small_structures(
+    seed: int, size: int = 160, **overrides: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`simulate_structures` with small structures (:data:`SMALL_STRUCTURES`): frame
+    ``(size, size) uint8`` and mask ``(size, size) uint8`` in 0/1/2, three to five cysts and
+    echogenic masses of mean radius 0.8–2 mm in the 40 mm field of view (a few pixels wide:
+    what a decoder working at stride 4 loses)."""
+    return simulate_structures(seed, size, **{**SMALL_STRUCTURES, **overrides})
+
+
 def palette_png(mask: np.ndarray) -> bytes:
     """``(H, W)`` class indices as a palette (mode ``P``) PNG: black, red, green, blue ..."""
     from PIL import Image
@@ -91,8 +105,10 @@ def write_structures_folder(
     seed: int = 0,
     test_fraction: float = 0.2,
     val_fraction: float = 0.0,
+    small: bool = False,
 ) -> Path:
-    """Write ``n`` two-structure phantoms as a labelled folder (see the module doc).
+    """Write ``n`` two-structure phantoms as a labelled folder (see the module doc);
+    ``small`` makes them with :func:`simulate_small_structures`.
 
     The last ``round(test_fraction · n)`` frames are the fixed test split and the ones before
     them (``val_fraction``) the validation split; the rest train (with no validation rows,
@@ -108,7 +124,8 @@ def write_structures_folder(
     n_val = round(val_fraction * n)
     rows = []
     for i in range(n):
-        image, mask = simulate_structures(seed + i, size)
+        make = simulate_small_structures if small else simulate_structures
+        image, mask = make(seed + i, size)
         name = f"phantom{i:04d}.png"
         _write_png(out / "images" / name, image)
         with atomic_path(out / "masks" / name) as tmp:
@@ -144,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=96, help="frame side in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the first frame")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share in the test split")
+    p.add_argument(
+        "--small", action="store_true", help="small structures (radius 0.8-2 mm, 3 to 5)"
+    )
     args = p.parse_args(argv)
-    write_structures_folder(args.out, args.n, args.size, args.seed, args.test_fraction)
+    write_structures_folder(
+        args.out, args.n, args.size, args.seed, args.test_fraction, small=args.small
+    )
     print(f"wrote {args.n} phantoms to {args.out}")
     return 0
 

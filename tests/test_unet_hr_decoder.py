@@ -1,0 +1,156 @@
+"""The ``unet-hr`` segmentation decoder (issue #14 item 2): the ``unet`` decoder plus a
+full-resolution path from the input image, so structures a few pixels wide are not lost at the
+backbone's stride-4 stem. Shapes, that it sees the image at full resolution, save / load, the
+parameter estimate, the CLI / config names, frame scoring (``suggest``), and that the shipped
+``unet`` models still load and compute as before. Also the small-structure phantoms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from usfm_core.finetune.models import (
+    DECODERS,
+    Segmenter,
+    UNetDecoder,
+    UNetHRDecoder,
+    load_finetuned,
+    save_finetuned,
+)
+from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+
+def _tiny_vmamba() -> VMamba:
+    torch.manual_seed(0)
+    return VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8)).eval()
+
+
+def _segmenter(n_classes: int, decoder: str = "unet-hr") -> Segmenter:
+    torch.manual_seed(1)
+    model = Segmenter(_tiny_vmamba(), n_classes, decoder).eval()
+    model.input_size = 64
+    return model
+
+
+@pytest.mark.parametrize("n_classes", [1, 3])
+def test_output_shape_binary_and_multiclass(n_classes):
+    model = _segmenter(n_classes)
+    x = torch.randn(2, 1, 64, 96)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, n_classes, 64, 96)
+    assert torch.isfinite(out).all()
+    assert model.predict(x).shape == (2, 64, 96)
+    assert model.config.estimate_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_decoder_sees_a_one_pixel_structure_at_full_resolution():
+    """With the backbone's features held fixed, one brighter pixel changes the logits most at
+    that pixel (the full-resolution path); the ``unet`` decoder never sees the image."""
+    model = _segmenter(1)
+    torch.manual_seed(2)
+    x = torch.randn(1, 1, 64, 64) * 0.1
+    bright = x.clone()
+    bright[0, 0, 30, 41] += 5.0
+    with torch.no_grad():
+        feats = model._features(x).features
+        diff = (model.decode(feats, bright) - model.decode(feats, x)).abs()[0, 0]
+    near = diff[29:32, 40:43].max()
+    far = diff.clone()
+    far[22:39, 33:50] = 0  # beyond 8 px of the pixel
+    assert near > 0
+    assert near > 20 * far.mean(), (float(near), float(far.mean()))
+    assert int(diff.argmax()) in {r * 64 + c for r in range(28, 33) for c in range(39, 44)}
+
+    plain = _segmenter(1, "unet")
+    with torch.no_grad():
+        feats = plain._features(x).features
+        assert torch.equal(plain.decode(feats, bright), plain.decode(feats, x))
+
+
+def test_channel_mean_is_the_image_of_a_three_channel_backbone():
+    torch.manual_seed(0)
+    backbone = VMamba(VMambaConfig(in_chans=3, depths=(1, 1, 1, 1), dims=8))
+    model = Segmenter(backbone, 2, "unet-hr").eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        one = model(x)
+        three = model(x.expand(-1, 3, -1, -1))
+    assert torch.allclose(one, three, atol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _segmenter(3)
+    model.classes = ["background", "cyst", "echogenic"]
+    folder = save_finetuned(model, tmp_path / "m")
+    loaded, meta = load_finetuned(folder)
+    assert meta["task"] == "segmentation"
+    assert loaded.config.head == "unet-hr" and isinstance(loaded.decoder, UNetHRDecoder)
+    assert loaded.classes == model.classes
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def test_names_are_accepted_by_config_and_cli():
+    from usfm_core.cli import build_parser
+    from usfm_core.models.limits import TASK_FIELDS
+
+    assert set(DECODERS) <= set(TASK_FIELDS["head"].choices)
+    argv = ["finetune", "--task", "seg", "--data", "d", "--out", "o", "--decoder"]
+    assert build_parser().parse_args([*argv, "unet-hr"]).decoder == "unet-hr"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "unet-hr-x"])
+
+
+def test_frame_scoring_passes_the_image_to_the_decoder():
+    """``suggest`` scores frames through the decoder directly (features computed once)."""
+    from usfm_core.finetune.suggest import score_frames
+    from usfm_core.sim.structures import simulate_small_structures
+
+    frames = np.stack([simulate_small_structures(s, 64)[0] for s in range(3)])
+    scores = score_frames(_segmenter(3), frames, input_size=64, batch_size=2)
+    assert scores.uncertainty is not None and scores.uncertainty.shape == (3,)
+    assert np.isfinite(scores.uncertainty).all()
+
+
+def test_shipped_fetal_head_is_unchanged():
+    """The shipped models use ``unet``: same head name, plain :class:`UNetDecoder`, and the
+    forward pass is still stride-4 decoding, ×4 bilinear upsampling and the 1×1 head."""
+    model, meta = load_finetuned("fetal-head")
+    assert meta["config"]["head"] == "unet" and model.config.head == "unet"
+    assert type(model.decoder) is UNetDecoder and not getattr(model.decoder, "wants_image", 0)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        feats = list(model._features(x).features)
+        dec = model.decoder
+        y = dec.bottom(feats[3])
+        for up, block, skip in zip(dec.ups, dec.blocks, (feats[2], feats[1], feats[0])):
+            y = up(F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+            y = block(y + skip)
+        y = dec.head(F.interpolate(y, scale_factor=4, mode="bilinear", align_corners=False))
+        assert torch.equal(model(x), y)
+
+
+def test_small_structure_phantoms_are_small_and_two_classes():
+    import cv2
+
+    from usfm_core.sim.structures import simulate_small_structures
+
+    pairs = [simulate_small_structures(s, 160) for s in range(4)]
+    image, mask = pairs[0]
+    assert image.shape == mask.shape == (160, 160) and image.dtype == np.uint8
+    again = simulate_small_structures(0, 160)
+    assert np.array_equal(again[0], image) and np.array_equal(again[1], mask)
+    masks = np.stack([m for _, m in pairs])
+    assert set(np.unique(masks)) == {0, 1, 2}
+    widths = []
+    for m in masks:
+        n, _, stats, _ = cv2.connectedComponentsWithStats((m > 0).astype(np.uint8))
+        widths += [2 * np.sqrt(a / np.pi) for a in stats[1:, cv2.CC_STAT_AREA]]
+        assert n - 1 >= 2  # several structures per frame
+    # Mean radius 0.8–2 mm at 4 px/mm: a few pixels to ~20 px across, ~1 % of the frame.
+    assert 3 < np.median(widths) < 16 and max(widths) < 30
+    assert (masks > 0).mean() < 0.02
