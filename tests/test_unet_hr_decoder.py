@@ -44,6 +44,11 @@ def test_output_shape_binary_and_multiclass(n_classes):
     assert torch.isfinite(out).all()
     assert model.predict(x).shape == (2, 64, 96)
     assert model.config.estimate_params() == sum(p.numel() for p in model.parameters())
+    # A fresh head starts at the foreground prior: 1 % per class, background elsewhere.
+    bias = model.decoder.head.bias.detach()
+    prior = torch.sigmoid(bias) if n_classes == 1 else bias.softmax(0)[1:]
+    assert torch.allclose(prior, torch.full_like(prior, UNetHRDecoder.PRIOR))
+    assert model.predict(x).sum() == 0
 
 
 def test_decoder_sees_a_one_pixel_structure_at_full_resolution():
