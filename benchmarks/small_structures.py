@@ -1,0 +1,374 @@
+"""Small structures at equal CPU-seconds: ``unet`` vs ``unet-hr`` decoder vs a plain U-Net (#14).
+
+Issue #14 item 2: on small structures with two foreground classes the ``small-fast``
+segmenter (decoder ``unet``: nothing at strides 1 and 2 sees the image, the VMamba stem has
+stride 4) lost far behind a plain U-Net at the same CPU budget. This benchmark trains, from
+scratch and side by side in one process (one torch thread), three arms on the same items with
+the same recipe and the same budget of CPU-seconds of training (``time.process_time()``,
+batch loading and augmentation included):
+
+* ``small-fast + unet``: the toolkit's segmenter as it was;
+* ``small-fast + unet-hr``: the same with the full-resolution path (a conv stem on the image at
+  strides 1 and 2 fused U-Net style before the head, :class:`UNetHRDecoder`);
+* ``BasicUNet``: MONAI's plain U-Net (features 32-32-64-128-256-32, about 2 M parameters) or,
+  without MONAI, its copy ``PlainUNet`` in ``benchmarks/unet_anchor.py``;
+* ``basicunet-prior``: the same with its head bias at ``unet-hr``'s 1 % foreground prior (so
+  that the new decoder's initialisation is not what the comparison measures).
+
+Tasks (input 160²): ``phantoms``: simulator frames with three to five small cysts and
+echogenic masses (mean radius 0.8–2 mm, 3–8 px;
+:func:`usfm_core.sim.structures.simulate_small_structures`), two foreground classes, 100
+training frames and 50 held-out frames of other seeds;
+``busi``: BUSI lesions (binary), trained on the shipped ``breast-lesion`` model's train split
+and scored on its validation split (the test split is never read). Recipe: AdamW lr 2e-3,
+weight decay 5e-2, cosine schedule over the CPU budget, batch 8, soft Dice + cross-entropy,
+``usfm-core finetune``'s augmentation; the last weights are scored by ``usfm-core evaluate``'s
+scorer (native resolution, per-class Dice with empty ground truth ignored, mean over classes).
+``segment_256_s`` is the CPU time of one 256² frame through the network (median of 5, one
+thread).
+
+    python benchmarks/small_structures.py --smoke          # ~1 CPU-min: tiny sets, 64², 3 s
+    python benchmarks/small_structures.py                  # full: 2 tasks × 3 arms × 2 seeds
+
+Results go to ``benchmarks/results/small_structures.json`` after every run (a re-run skips
+the runs already there; ``--fresh`` starts over); ``--smoke`` writes
+``small_structures_smoke.json``. ``docs/benchmarks/small_structures.md`` holds the reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+ARMS = ("unet", "unet-hr", "basicunet", "basicunet-prior")
+TASKS = ("phantoms", "busi")
+RECIPE = {"lr": 2e-3, "weight_decay": 5e-2, "batch_size": 8, "input_size": 160}
+PHANTOMS = {"n_train": 100, "n_heldout": 50, "seed": 0}
+SMOKE = {"n_train": 8, "n_heldout": 4, "input_size": 64, "batch_size": 4, "budget_s": 3.0}
+
+
+def _anchor_module():
+    """``benchmarks/unet_anchor.py`` (the plain U-Net, the BUSI split, ``machine()``)."""
+    spec = importlib.util.spec_from_file_location(
+        "unet_anchor_for_small", ROOT / "benchmarks" / "unet_anchor.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Net(nn.Module):
+    """A network with the attributes ``usfm-core evaluate``'s scorer reads: ``(B, 1, S, S)``
+    normalised frames → ``(B, n_out, S, S)`` logits (``n_classes`` 1 = one sigmoid)."""
+
+    task = "segmentation"
+
+    def __init__(self, net: nn.Module, n_classes: int, input_size: int):
+        super().__init__()
+        self.net, self.n_classes, self.input_size, self.classes = net, n_classes, input_size, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net, str]:
+    """The arm's network, freshly initialised from ``seed``; returns it and a description."""
+    from usfm_core.finetune.models import Segmenter, build_backbone
+
+    torch.manual_seed(seed)
+    n_out = n_classes
+    if arm in ("unet", "unet-hr"):
+        net: nn.Module = Segmenter(build_backbone("small-fast"), n_classes, arm)
+        what = f"VMamba small-fast (scratch) + {arm} decoder"
+    elif arm in ("basicunet", "basicunet-prior"):
+        anchor = _anchor_module()
+        if anchor.monai_version():
+            from monai.networks.nets import BasicUNet
+
+            net = BasicUNet(
+                spatial_dims=2, in_channels=1, out_channels=n_out, features=anchor.FEATURES
+            )
+            what = f"MONAI {anchor.monai_version()} BasicUNet"
+        else:
+            net, what = anchor.PlainUNet(out_channels=n_out), "PlainUNet (BasicUNet's copy)"
+        if arm == "basicunet-prior":  # the same foreground-prior head bias as unet-hr's
+            from usfm_core.finetune.models import UNetHRDecoder, _prior_bias_
+
+            _prior_bias_(net.final_conv.bias, UNetHRDecoder.PRIOR)
+            what += f", head bias at a {UNetHRDecoder.PRIOR:g} foreground prior"
+    else:
+        raise SystemExit(f"unknown arm {arm!r}: one of {ARMS}")
+    return Net(net, n_classes, input_size), what
+
+
+# ---------------------------------------------------------------------------------- data
+def phantom_set(work: Path, n_train: int, n_heldout: int, size: int):
+    """Small-structure phantoms as a labelled folder under ``work`` (written once):
+    ``(LabelledSet, {"train": [...], "heldout": [...]})``."""
+    from usfm_core.finetune.data import LabelledSet
+    from usfm_core.sim.structures import write_structures_folder
+
+    n = n_train + n_heldout
+    folder = work / f"phantoms_small_{size}_{n}"
+    if not (folder / "manifest.csv").is_file():
+        write_structures_folder(
+            folder, n, size, seed=PHANTOMS["seed"], test_fraction=n_heldout / n, small=True
+        )
+    data = LabelledSet.from_folder(folder, "segmentation")
+    data.resolve_mask_classes()
+    train = [i for i, it in enumerate(data.items) if it.split != "test"]
+    heldout = [i for i, it in enumerate(data.items) if it.split == "test"]
+    return data, {"train": train, "heldout": heldout}
+
+
+def busi_set(shared: Path, work: Path):
+    """BUSI lesions on the shipped ``breast-lesion`` split: train, and its val split as the
+    held-out part (the test split is left alone)."""
+    data, splits = _anchor_module().load_task("breast-lesion", shared, work)
+    return data, {"train": splits["train"], "heldout": splits["val"]}
+
+
+# ------------------------------------------------------------------------------ training
+def train_budget(
+    model: Net, data, indices: list[int], *, seed: int, budget_s: float, batch_size: int
+) -> dict[str, Any]:
+    """Train ``model`` until ``budget_s`` CPU-seconds of this process have passed
+    (``time.process_time()``; batches, augmentation, forward, backward, step), the learning
+    rate following a cosine over the budget. The dataset cache is filled before the clock
+    starts. Returns ``{"steps", "cpu_s", "wall_s", "cpu_s_per_step", "final_loss"}``."""
+    from usfm_core.finetune.data import SupervisedDataset
+    from usfm_core.finetune.train import segmentation_loss
+
+    torch.manual_seed(seed)
+    ds = SupervisedDataset(data, indices, "segmentation", model.input_size, augment=True, seed=seed)
+    for i in range(len(ds)):
+        ds._load(i)  # decode + resize once, outside the budget
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=len(ds) > batch_size,
+    )
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"]
+    )
+    model.train()
+    steps, losses, cpu0, wall0 = 0, [], time.process_time(), time.perf_counter()
+    while True:
+        for x, y in loader:
+            used = time.process_time() - cpu0
+            if used >= budget_s:
+                break
+            for group in opt.param_groups:
+                group["lr"] = RECIPE["lr"] * 0.5 * (1 + math.cos(math.pi * used / budget_s))
+            loss = segmentation_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            losses.append(float(loss.detach()))
+        else:
+            continue
+        break
+    cpu = time.process_time() - cpu0
+    return {
+        "steps": steps,
+        "cpu_s": round(cpu, 1),
+        "wall_s": round(time.perf_counter() - wall0, 1),
+        "cpu_s_per_step": round(cpu / max(steps, 1), 3),
+        "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
+    }
+
+
+@torch.no_grad()
+def segment_cpu_s(model: Net, side: int = 256, repeats: int = 5) -> float:
+    """Median CPU-seconds of one ``side²`` frame through ``model`` (after one warm-up)."""
+    model.eval()
+    x = torch.randn(1, 1, side, side)
+    model(x)
+    times = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        model(x)
+        times.append(time.process_time() - c0)
+    return round(statistics.median(times), 4)
+
+
+def score(model: Net, data, indices: list[int]) -> dict[str, Any]:
+    """``usfm-core evaluate``'s metrics on ``indices``, reduced to Dice: mean over classes,
+    per class, and the failure count (image Dice < 0.5)."""
+    from usfm_core.evaluate.report import score_items
+
+    full = score_items(model, data, indices, batch_size=8)
+    return {
+        "dice": full["dice"],
+        "per_class": {k: v["dice"] for k, v in (full.get("per_class") or {}).items()},
+        "n_scored": full.get("n_scored"),
+        "n_dice_below_0.5": full.get("n_dice_below_0.5"),
+    }
+
+
+# ------------------------------------------------------------------------------- reports
+def summary(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{task: {arm: {dice_mean, dice_std, seeds, per_class, steps, cpu_s_per_step,
+    segment_256_s}}}`` over the runs made with the current budget and learning rate."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    budget, lr = results["recipe"]["budget_cpu_s"], results["recipe"]["lr"]
+    for run in results["runs"].values():
+        if run.get("budget_cpu_s") != budget or run.get("lr", 5e-4) != lr:
+            continue
+        out.setdefault(run["task"], {}).setdefault(run["arm"], []).append(run)  # type: ignore[arg-type]
+    for arms in out.values():
+        for arm, runs in list(arms.items()):
+            dice = [r["test"]["dice"] for r in runs]
+            classes = sorted({c for r in runs for c in r["test"]["per_class"]})
+            arms[arm] = {
+                "seeds": sorted(r["seed"] for r in runs),
+                "dice_mean": float(np.mean(dice)),
+                "dice_std": float(np.std(dice)),
+                "dice_by_seed": {str(r["seed"]): r["test"]["dice"] for r in runs},
+                "per_class": {
+                    c: float(np.nanmean([r["test"]["per_class"].get(c, np.nan) for r in runs]))
+                    for c in classes
+                },
+                "steps": float(np.mean([r["train"]["steps"] for r in runs])),
+                "cpu_s": float(np.mean([r["train"]["cpu_s"] for r in runs])),
+                "cpu_s_per_step": float(np.mean([r["train"]["cpu_s_per_step"] for r in runs])),
+                "segment_256_s": float(np.median([r["segment_256_s"] for r in runs])),
+                "params": runs[0]["params"],
+            }
+    return out
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    """Markdown rows: per task and arm, Dice mean ± std over seeds and per class, steps."""
+    lines = [
+        "| task | arm | params | seeds | Dice (mean ± std) | per class | train CPU-s | steps "
+        "| CPU-s / step | Segment 256² (CPU-s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, arms in summary(results).items():
+        for arm in ARMS:
+            s = arms.get(arm)
+            if s is None:
+                continue
+            per = ", ".join(f"{c} {100 * v:.1f}" for c, v in s["per_class"].items())
+            lines.append(
+                f"| {task} | {arm} | {s['params'] / 1e6:.2f} M | {len(s['seeds'])} "
+                f"| {100 * s['dice_mean']:.1f} ± {100 * s['dice_std']:.1f} | {per} "
+                f"| {s['cpu_s']:.0f} | {s['steps']:.0f} | {s['cpu_s_per_step']:.2f} "
+                f"| {s['segment_256_s']:.3f} |"
+            )
+    return lines
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:3]))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--budget", type=float, default=100.0, help="CPU-seconds of training")
+    ap.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak learning rate")
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--work", type=Path, default=ROOT / "work" / "small_structures")
+    ap.add_argument("--out", type=Path, help="results JSON (default by mode)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sets, 64², 3 CPU-s per run")
+    ap.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.seeds = args.seeds[:1]
+    torch.set_num_threads(args.threads)
+    RECIPE["lr"] = args.lr
+    from usfm_core.utils import atomic_write_text
+
+    anchor = _anchor_module()
+    size = SMOKE["input_size"] if args.smoke else RECIPE["input_size"]
+    batch = SMOKE["batch_size"] if args.smoke else RECIPE["batch_size"]
+    budget = SMOKE["budget_s"] if args.smoke else args.budget
+    name = "small_structures_smoke.json" if args.smoke else "small_structures.json"
+    out = args.out or RESULTS_DIR / name
+    results: dict[str, Any] = {}
+    if out.is_file() and not args.fresh:
+        results = json.loads(out.read_text())
+    results.update(
+        benchmark="small_structures",
+        mode="smoke" if args.smoke else "full",
+        recipe={**RECIPE, "input_size": size, "batch_size": batch, "budget_cpu_s": budget},
+        machine=results.get("machine") or anchor.machine(),
+    )
+    runs = results.setdefault("runs", {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        results["machine_last"] = anchor.machine()
+        atomic_write_text(out, json.dumps(results, indent=1))
+
+    for task in args.tasks:
+        if task == "phantoms":
+            n = SMOKE if args.smoke else PHANTOMS
+            data, splits = phantom_set(args.work, n["n_train"], n["n_heldout"], size)
+            n_classes = 3
+        else:
+            data, splits = busi_set(args.shared, args.work)
+            if args.smoke:
+                splits = {k: v[: SMOKE[f"n_{k}"]] for k, v in splits.items()}
+            n_classes = 1
+        for seed in args.seeds:
+            for arm in args.arms:
+                key = f"{task}/{arm}/{seed}/{budget:g}/lr{args.lr:g}"
+                if key in runs:
+                    print(f"{key}: done before, kept")
+                    continue
+                model, what = build_arm(arm, n_classes, size, seed)
+                print(f"{key}: training {what}", flush=True)
+                train = train_budget(
+                    model, data, splits["train"], seed=seed, budget_s=budget, batch_size=batch
+                )
+                test = score(model, data, splits["heldout"])
+                runs[key] = {
+                    "task": task,
+                    "arm": arm,
+                    "seed": seed,
+                    "budget_cpu_s": budget,
+                    "lr": args.lr,
+                    "what": what,
+                    "params": sum(p.numel() for p in model.parameters()),
+                    "n_train": len(splits["train"]),
+                    "n_heldout": len(splits["heldout"]),
+                    "train": train,
+                    "test": test,
+                    "segment_256_s": segment_cpu_s(model),
+                    "uptime": anchor.machine()["uptime"],
+                }
+                print(
+                    f"{key}: held-out Dice {test['dice']:.3f} after {train['steps']} steps "
+                    f"({train['cpu_s']} CPU-s, {train['wall_s']} wall-s)",
+                    flush=True,
+                )
+                save()
+    results["summary"] = summary(results)
+    save()
+    print("\n".join(table(results)))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
