@@ -150,20 +150,14 @@ def train_budget(
     (``time.process_time()``; batches, augmentation, forward, backward, step), the learning
     rate following a cosine over the budget. The dataset cache is filled before the clock
     starts. Returns ``{"steps", "cpu_s", "wall_s", "cpu_s_per_step", "final_loss"}``."""
-    from usfm_core.finetune.data import SupervisedDataset
+    from usfm_core.finetune.data import SupervisedDataset, training_loader
     from usfm_core.finetune.train import segmentation_loss
 
     torch.manual_seed(seed)
     ds = SupervisedDataset(data, indices, "segmentation", model.input_size, augment=True, seed=seed)
     for i in range(len(ds)):
         ds._load(i)  # decode + resize once, outside the budget
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=len(ds) > batch_size,
-    )
+    loader = training_loader(ds, batch_size, seed)
     opt = torch.optim.AdamW(
         model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"]
     )

@@ -215,7 +215,7 @@ def train_anchor(
     "s_per_step", "cpu_s_per_step"}`` (wall and CPU seconds per training step, batch
     loading included); ``model`` ends with the best epoch's weights.
     """
-    from usfm_core.finetune.data import SupervisedDataset
+    from usfm_core.finetune.data import SupervisedDataset, training_loader
     from usfm_core.finetune.train import evaluate_split, segmentation_loss, selection_score
 
     torch.manual_seed(seed)
@@ -224,13 +224,7 @@ def train_anchor(
         data, splits["train"], "segmentation", size, augment=True, seed=seed
     )
     val_ds = SupervisedDataset(data, splits["val"], "segmentation", size)
-    loader = torch.utils.data.DataLoader(
-        train_ds,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=len(train_ds) > batch_size,
-    )
+    loader = training_loader(train_ds, batch_size, seed)
     planned = epochs * len(loader)
     total = planned if max_steps is None else min(max_steps, planned)
     opt = torch.optim.AdamW(

@@ -738,3 +738,18 @@ class SupervisedDataset:
         f = img.astype(np.float32) / 255.0
         f = np.clip(f ** rng.uniform(0.8, 1.25) * rng.uniform(0.9, 1.1), 0, 1)
         return (f * 255).round().astype(np.uint8), mask
+
+
+def training_loader(ds: SupervisedDataset, batch_size: int, seed: int):
+    """The fine-tuning loader over ``ds``: shuffled by a generator seeded with ``seed`` (the
+    same order for the same seed), batches ``(B, 1, S, S)``, the last partial batch dropped
+    unless the dataset fits in one batch."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=len(ds) > batch_size,
+    )

@@ -42,6 +42,7 @@ from usfm_core.finetune.data import (
     label_subset,
     resolve_splits,
     save_splits,
+    training_loader,
 )
 from usfm_core.finetune.models import (
     Classifier,
@@ -254,14 +255,7 @@ def finetune(
 
     train_ds = SupervisedDataset(dataset, train_idx, task, input_size, augment=augment, seed=seed)
     val_ds = SupervisedDataset(dataset, splits["val"], task, input_size)
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        train_ds,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=gen,
-        drop_last=len(train_ds) > batch_size,
-    )
+    loader = training_loader(train_ds, batch_size, seed)
     total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
