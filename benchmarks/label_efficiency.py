@@ -83,6 +83,8 @@ class TaskRecipe:
     lr: float = 5e-4
     n_val: int = 6
     est_s: float = 60.0
+    # Backbone lr = lr × this (decoder keeps lr); 1 = one rate (the recorded grid's recipe).
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -570,6 +572,8 @@ def architecture_id(backbone: Any) -> str:
 def run_key(spec: RunSpec, recipe: TaskRecipe, arm_id: str, proof: Proof) -> dict[str, Any]:
     """What a cached result must match to be reused: the cell, the recipe and the backbone."""
     recipe_doc = {k: v for k, v in asdict(recipe).items() if k != "est_s"}
+    if recipe.backbone_lr_scale == 1.0:  # keys of runs cached before the option existed
+        del recipe_doc["backbone_lr_scale"]
     return {
         **asdict(spec),
         "recipe": recipe_doc,
@@ -633,6 +637,7 @@ def seg_run(
             val_every=max(1, recipe.steps // recipe.n_val),
             patience=10**6,
             lr=recipe.lr,
+            backbone_lr_scale=recipe.backbone_lr_scale,
             batch_size=recipe.batch,
             input_size=recipe.size,
             device="cpu",
@@ -1353,6 +1358,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="merged summary JSON (+ .md); default results/label_efficiency_<setting>.json",
     )
+    proof.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="segmentation arms: backbone lr = S x the recipe's lr (decoder keeps it); with "
+        "S != 1 use another --results-dir (the recorded grid used 1)",
+    )
     proof.add_argument("--redo", action="store_true", help="re-run cached runs that are stale")
     proof.add_argument("--plan", action="store_true", help="print the plan, run nothing")
     proof.add_argument(
@@ -1364,6 +1377,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(inference_worker(json.loads(args.worker))))
         return 0
     setting = SETTINGS[args.setting or ("quick" if args.quick else "full")]
+    if args.backbone_lr_scale != 1.0 and setting.proof is not None:
+        tasks = {
+            name: replace(r, backbone_lr_scale=args.backbone_lr_scale) if r.steps else r
+            for name, r in setting.proof.tasks.items()
+        }
+        setting = replace(setting, proof=replace(setting.proof, tasks=tasks))
     if args.threads:
         import torch
 

@@ -312,3 +312,40 @@ def test_load_backbone_from_a_pretrain_run_folder_with_its_config(tmp_path):
     for (k, v), (k2, v2) in zip(bb.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     assert isinstance(load_backbone(run / "backbone"), VMamba)
+
+
+def _one_step_changes(tmp_path: Path, scale: float) -> tuple[float, float, dict]:
+    """Mean |Δw| of the backbone and mean |w| of the decoder after one optimiser step (same
+    initial weights and batch in every call), and the saved model's metadata."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 80, (4, 64, 64)).astype(np.uint8)
+    masks = np.zeros((4, 64, 64), np.uint8)
+    masks[:, 16:40, 20:44] = 1
+    images[masks > 0] += 150
+    torch.manual_seed(0)
+    backbone = CnnBackbone()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    res = finetune(
+        "seg", (images, masks), tmp_path / f"s{scale}", backbone=backbone, epochs=1,
+        max_steps=1, batch_size=4, input_size=64, lr=1e-2, augment=False,
+        backbone_lr_scale=scale,
+    )  # fmt: skip
+    model, meta = load_finetuned(res.model_dir)
+    after = model.state_dict()
+    bb = np.mean([(after[f"backbone.{k}"] - v).abs().mean().item() for k, v in before.items()
+                  if v.is_floating_point()])  # fmt: skip
+    dec = [k for k in after if not k.startswith("backbone.")]  # same init in both runs
+    return float(bb), float(np.mean([after[k].abs().mean().item() for k in dec])), meta
+
+
+def test_backbone_lr_scale_slows_only_the_backbone(tmp_path):
+    """At AdamW's first step every parameter moves by ≈ lr (|m/√v| = 1), so a backbone lr of
+    0.1 × lr moves the backbone 10 × less while the decoder gets the same update."""
+    bb1, dec1, meta1 = _one_step_changes(tmp_path, 1.0)
+    bb01, dec01, meta01 = _one_step_changes(tmp_path, 0.1)
+    assert bb1 > 0 and 0.07 < bb01 / bb1 < 0.13
+    assert dec01 == pytest.approx(dec1, rel=1e-5)
+    assert meta01["extra"]["optimizer"]["backbone_lr_scale"] == 0.1
+    assert meta1["extra"]["optimizer"]["lr"] == 1e-2
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        _one_step_changes(tmp_path, 0.0)

@@ -74,6 +74,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (seg) / 1e-3 (cls)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="backbone learning rate = S x --lr (decoder/head keep --lr); e.g. 0.3 to move "
+        "pretrained features less than the new layers (default 1: one rate for all)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--input-size", type=int, default=224, help="square size, multiple of 32")
     p.add_argument("--linear-probe", action="store_true", help="freeze the backbone")
@@ -155,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             lr=args.lr,
             optimizer=args.optimizer,
+            backbone_lr_scale=args.backbone_lr_scale,
             freeze_backbone=args.linear_probe,
             batch_size=args.batch_size,
             input_size=args.input_size,

@@ -121,6 +121,25 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return soft_dice_loss(logits, target) + ce
 
 
+def parameter_groups(
+    model: nn.Module, lr: float, backbone_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: the trainable backbone parameters at ``lr·backbone_lr_scale``,
+    everything else (decoder, head) at ``lr``. One group when the scale is 1 (or nothing of the
+    backbone trains), so the default optimiser is exactly the single-group one."""
+    backbone = getattr(model, "backbone", None)
+    in_backbone = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    slow = [p for p in trainable if id(p) in in_backbone]
+    if backbone_lr_scale == 1.0 or not slow:
+        return [{"params": trainable, "lr": lr}]
+    fast = [p for p in trainable if id(p) not in in_backbone]
+    return [
+        {"params": slow, "lr": lr * backbone_lr_scale, "name": "backbone"},
+        {"params": fast, "lr": lr, "name": "decoder"},
+    ]
+
+
 def finetune(
     task: str,
     data: str | Path | LabelledSet | tuple[np.ndarray, np.ndarray],
@@ -140,6 +159,7 @@ def finetune(
     lr: float | None = None,
     weight_decay: float | None = None,
     optimizer: str = "adamw",
+    backbone_lr_scale: float = 1.0,
     freeze_backbone: bool = False,
     batch_size: int = 16,
     input_size: int = 224,
@@ -174,6 +194,9 @@ def finetune(
         split_seed: seed of the train/val/test split (kept fixed across ``seed``s).
         lr, weight_decay: default 1e-4 / 5e-2 (segmentation, OpenUS) and 1e-3 / 1e-4
             (classification, US-JEPA linear probe); SGD uses momentum 0.9.
+        backbone_lr_scale: the backbone's learning rate as a fraction of ``lr`` (the decoder /
+            head keep ``lr``), e.g. 0.3 to move pretrained features less than the new layers;
+            the cosine schedule scales both groups alike. 1.0 = one learning rate for all.
         freeze_backbone: linear probe: only the head trains, the backbone stays in eval mode.
         input_size: square model input side, divisible by 32.
         max_steps: stop after this many optimiser steps in total (quick runs, tests).
@@ -201,6 +224,11 @@ def finetune(
         raise ConfigError(f"input size must be divisible by 32, got {input_size}")
     if optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if not 0 < backbone_lr_scale <= 10:
+        raise ConfigError(
+            f"backbone_lr_scale must be in (0, 10], got {backbone_lr_scale} "
+            "(to keep the backbone fixed, use freeze_backbone / --linear-probe)"
+        )
     if val_every is not None and val_every < 1:
         raise ConfigError(f"val_every must be >= 1 step, got {val_every}")
     if time_budget_s is not None and time_budget_s <= 0:
@@ -244,9 +272,9 @@ def finetune(
     model.classes = _model_classes(task, dataset, model.n_classes)
     model.to(dev)
     model.set_backbone_trainable(not freeze_backbone)
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = lr if lr is not None else (1e-4 if task == "segmentation" else 1e-3)
     wd = weight_decay if weight_decay is not None else (5e-2 if task == "segmentation" else 1e-4)
+    params = parameter_groups(model, lr, backbone_lr_scale)
     opt = (
         torch.optim.AdamW(params, lr=lr, weight_decay=wd)
         if optimizer == "adamw"
@@ -269,6 +297,12 @@ def finetune(
         "split_rule": split_rule,
         "test_items": [dataset.items[i].key for i in splits["test"]],
         "backbone_source": backbone_source,
+        "optimizer": {
+            "name": optimizer,
+            "lr": lr,
+            "weight_decay": wd,
+            "backbone_lr_scale": backbone_lr_scale,
+        },
     }
     if task == "segmentation":
         extra.update(mask_classes=dataset.mask_classes, mask_values=dataset.mask_values)
@@ -291,7 +325,7 @@ def finetune(
             "step": step,
             "train_loss": float(np.mean(losses)),
             **{f"val_{k}": v for k, v in val.items()},
-            "lr": sched.get_last_lr()[0],
+            "lr": sched.get_last_lr()[-1],  # the decoder/head group
             "seconds": round(time.perf_counter() - t0, 2),
         }
         history.append(row)
