@@ -1359,6 +1359,12 @@ def main(argv: list[str] | None = None) -> int:
         help="merged summary JSON (+ .md); default results/label_efficiency_<setting>.json",
     )
     proof.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="segmentation arms: override the recipe's learning rate (use another --results-dir)",
+    )
+    proof.add_argument(
         "--backbone-lr-scale",
         type=float,
         default=1.0,
@@ -1377,9 +1383,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(inference_worker(json.loads(args.worker))))
         return 0
     setting = SETTINGS[args.setting or ("quick" if args.quick else "full")]
-    if args.backbone_lr_scale != 1.0 and setting.proof is not None:
+    if (args.backbone_lr_scale != 1.0 or args.lr) and setting.proof is not None:
+        change = {"backbone_lr_scale": args.backbone_lr_scale}
+        if args.lr:
+            change["lr"] = args.lr
         tasks = {
-            name: replace(r, backbone_lr_scale=args.backbone_lr_scale) if r.steps else r
+            name: replace(r, **change) if r.steps else r  # segmentation recipes only
             for name, r in setting.proof.tasks.items()
         }
         setting = replace(setting, proof=replace(setting.proof, tasks=tasks))

@@ -9,8 +9,12 @@
 #   bash tools/pretrain_backbone.sh --steps 12000   # a longer schedule (set once, keep it)
 #   bash tools/pretrain_backbone.sh --hours 1       # stop after 1 h wall clock; rerun to go on
 #   bash tools/pretrain_backbone.sh --dry-run       # the plan only
+#   bash tools/pretrain_backbone.sh --method mae    # a baseline (mae | jepa) at the same budget:
+#                                                   # same data, preset, steps and batch; its own
+#                                                   # views and optimiser (docs/pretraining.md)
 #
-# Options / environment: --steps N (STEPS, default 6000: epochs = N / 100), --hours H (HOURS:
+# Options / environment: --method M (METHOD, default openus; mae / jepa write to
+# $HOME/usfm_runs/pretrain-small-fast-M), --steps N (STEPS, default 6000: epochs = N / 100), --hours H (HOURS:
 # wall-clock budget of this sitting, default none), --out DIR (OUT, default
 # $HOME/usfm_runs/pretrain-small-fast-i12: outside the checkout, which may be replaced between
 # sessions), --data DIR (DATA, default $HOME/usfm_runs/data), SHARED (default ../shared/data),
@@ -21,7 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-6000}
 HOURS=${HOURS:-}
-OUT=${OUT:-$HOME/usfm_runs/pretrain-small-fast-i12}
+METHOD=${METHOD:-openus}
+OUT=${OUT:-}
 DATA=${DATA:-$HOME/usfm_runs/data}
 SHARED=${SHARED:-../shared/data}
 SAVE_EVERY=${SAVE_EVERY:-50}
@@ -31,6 +36,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --steps) STEPS=$2; shift 2 ;;
     --hours) HOURS=$2; shift 2 ;;
+    --method) METHOD=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --dry-run) dry="--dry-run"; shift ;;
@@ -40,6 +46,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 export OMP_NUM_THREADS=${THREADS:-2}
+case $METHOD in
+openus) OUT=${OUT:-$HOME/usfm_runs/pretrain-small-fast-i12} ;;
+mae|jepa) OUT=${OUT:-$HOME/usfm_runs/pretrain-small-fast-$METHOD} ;;
+*) echo "--method must be openus, mae or jepa" >&2; exit 2 ;;
+esac
 if [ $((STEPS % 100)) -ne 0 ] || [ "$STEPS" -lt 200 ]; then
     echo "--steps must be a multiple of 100 and >= 200 (100 steps per epoch)" >&2; exit 2
 fi
@@ -56,11 +67,14 @@ fi
 # The recipe: the small-fast preset (its defaults carry the issue-12 distillation fixes and
 # 16-px mask cells) with the schedules stretched over STEPS steps; warm-ups scale with them.
 epochs=$((STEPS / 100))
-cmd=(usfm-core pretrain --config small-fast --data "$DATA/pretrain" --out "$OUT" $resume $dry
-     --set "epochs=$epochs" --set "steps_per_epoch=100" --set "save_every=$SAVE_EVERY"
-     --set "log_every=10" --set "loss.warmup_teacher_temp_epochs=$(( epochs / 10 > 2 ? epochs / 10 : 2 ))"
-     --set "optim.warmup_epochs=$(( epochs / 20 > 1 ? epochs / 20 : 1 ))" --set "workers=1"
-     "${extra[@]}")
+cmd=(usfm-core pretrain --config small-fast --method "$METHOD" --data "$DATA/pretrain" --out "$OUT"
+     $resume $dry --set "epochs=$epochs" --set "steps_per_epoch=100" --set "save_every=$SAVE_EVERY"
+     --set "log_every=10" --set "workers=1")
+if [ "$METHOD" = openus ]; then  # the baselines keep their papers' warm-ups (method_defaults)
+    cmd+=(--set "loss.warmup_teacher_temp_epochs=$(( epochs / 10 > 2 ? epochs / 10 : 2 ))"
+          --set "optim.warmup_epochs=$(( epochs / 20 > 1 ? epochs / 20 : 1 ))")
+fi
+cmd+=("${extra[@]}")
 echo "${cmd[*]}"
 if [ -n "$HOURS" ] && [ -z "$dry" ]; then
     secs=$(python -c "print(int(float('$HOURS') * 3600))")
