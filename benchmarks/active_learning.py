@@ -85,7 +85,9 @@ RESULTS_DIR = HERE / "results" / "active_learning"
 SUMMARY = HERE / "results" / "active_learning.json"
 TIMING = HERE / "results" / "active_learning_timing.json"
 PLOT = REPO / "docs" / "images" / "active_learning.png"
-STRATEGIES = ("suggest", "random", "even")
+STRATEGIES = ("suggest", "suggest-typical", "random", "even")
+# The product's suggestion rules (``select_frames`` strategy "kcenter" / "typical").
+SUGGEST_VARIANTS = ("suggest", "suggest-typical")
 DATASETS = ("busi", "hc18", "sim")
 TITLES = {"busi": "BUSI lesions", "hc18": "HC18 fetal heads", "sim": "simulated cine"}
 SIM_TEST_SEED = 5000
@@ -237,14 +239,21 @@ def random_pick(n: int, labelled: Sequence[int], k: int, rng: np.random.Generato
 
 
 def suggest_pick(
-    model: Any, frames: np.ndarray, labelled: Sequence[int], k: int, size: int, seed: int
+    model: Any,
+    frames: np.ndarray,
+    labelled: Sequence[int],
+    k: int,
+    size: int,
+    seed: int,
+    rule: str = "kcenter",
 ) -> list[int]:
-    """The product's top-``k`` suggestions (``score_frames`` + ``select_frames``) with
-    ``model`` (a bare backbone in round 1, the last round's segmenter later)."""
+    """The product's top-``k`` suggestions (``score_frames`` + ``select_frames`` with the
+    diversity ``rule``) with ``model`` (a bare backbone in round 1, the last round's segmenter
+    later)."""
     from usfm_core.finetune.suggest import score_frames, select_frames
 
     scores = score_frames(model, frames, input_size=size, batch_size=8)
-    return [s.frame for s in select_frames(scores, k, labelled, seed=seed)]
+    return [s.frame for s in select_frames(scores, k, labelled, seed=seed, strategy=rule)]
 
 
 # ---------------------------------------------------------------------------- one run
@@ -305,9 +314,10 @@ def run_one(
     curve = []
     for r in range(1, setting.rounds + 1):
         t0 = time.perf_counter()
-        if strategy == "suggest":
+        if strategy in ("suggest", "suggest-typical"):
             ranker = backbone if model is None else model
-            new = suggest_pick(ranker, pool.frames, labelled, setting.k, setting.size, seed)
+            rule = "typical" if strategy == "suggest-typical" else "kcenter"
+            new = suggest_pick(ranker, pool.frames, labelled, setting.k, setting.size, seed, rule)
         elif strategy == "random":
             new = random_pick(n, labelled, setting.k, rng)
         elif strategy == "even":
@@ -533,27 +543,36 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
                 ),
             }
         st = entry["strategies"]
-        if "suggest" in st and "random" in st:
+        for variant in SUGGEST_VARIANTS:
+            if variant not in st or "random" not in st:
+                continue
             # Compared on the seeds both strategies have (paired), every round both reached.
-            common = set(st["suggest"]["seeds"]) & set(st["random"]["seeds"])
+            common = set(st[variant]["seeds"]) & set(st["random"]["seeds"])
             by = {
                 s: curve_stats([d for d in runs if d["key"]["strategy"] == s], common)
-                for s in ("suggest", "random")
+                for s in (variant, "random")
             }
-            sug, rnd = by["suggest"], by["random"]
+            sug, rnd = by[variant], by["random"]
             m = min(len(sug), len(rnd))
             if common and m:
-                entry["compared_seeds"] = sorted(common)
-                entry["labels_to_match_random"] = labels_to_match_random(
+                # "suggest" (the product default) keeps the historical top-level keys.
+                sub = entry if variant == "suggest" else entry.setdefault(variant, {})
+                sub["compared_seeds"] = sorted(common)
+                sub["labels_to_match_random"] = labels_to_match_random(
                     [x["n_labelled"] for x in rnd[:m]],
                     [x["mean"] for x in sug[:m]],
                     [x["mean"] for x in rnd[:m]],
                     setting.k,
                 )
-                entry["never_worse_than_random"] = never_worse(sug[:m], rnd[:m])
-                entry["complete"] = len(common) >= len(setting.seeds) and m == setting.rounds
+                sub["never_worse_than_random"] = never_worse(sug[:m], rnd[:m])
+                sub["complete"] = len(common) >= len(setting.seeds) and m == setting.rounds
         out["datasets"][dataset] = entry
     out["targets"] = target_checks(out["datasets"])
+    typical = {
+        d: e["suggest-typical"] for d, e in out["datasets"].items() if "suggest-typical" in e
+    }
+    if typical:
+        out["targets_typical"] = target_checks(typical)
     return out
 
 
@@ -607,13 +626,15 @@ def markdown(summary: dict[str, Any]) -> str:
         seeds = ", ".join(f"{s}: {len(v['seeds'])}" for s, v in st.items())
         lines.append("")
         lines.append(f"Seeds per strategy: {seeds}.")
-        if "labels_to_match_random" in entry:
-            ltm = entry["labels_to_match_random"]
-            nw = entry["never_worse_than_random"]
+        for name, sub in (("Suggest", entry), ("Suggest-typical", entry.get("suggest-typical"))):
+            if not sub or "labels_to_match_random" not in sub:
+                continue
+            ltm = sub["labels_to_match_random"]
+            nw = sub["never_worse_than_random"]
             reached = "" if ltm["reached"] else " (never reached; lower bound)"
             lines.append(
-                f"Suggest vs random on seeds {entry['compared_seeds']}"
-                f"{'' if entry['complete'] else ' (incomplete grid)'}: "
+                f"{name} vs random on seeds {sub['compared_seeds']}"
+                f"{'' if sub['complete'] else ' (incomplete grid)'}: "
                 f"labels_to_match_random = {ltm['value']:.2f}{reached}; "
                 f"never worse than random - 1 std: {'yes' if nw['met'] else 'NO'} "
                 f"(margins {nw['margins']})."
@@ -621,6 +642,10 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("")
     for t in summary["targets"]:
         lines.append(f"- {t['target']}: {'met' if t['met'] else 'missed'} ({t['values']})")
+    for t in summary.get("targets_typical", []):
+        lines.append(
+            f"- typical rule, {t['target']}: {'met' if t['met'] else 'missed'} ({t['values']})"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -636,7 +661,12 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     items = list(summary["datasets"].items())
     fig, axes = plt.subplots(1, max(1, len(items)), figsize=(4.2 * max(1, len(items)), 3.4))
     axes = np.atleast_1d(axes)
-    colours = {"suggest": "tab:red", "random": "tab:gray", "even": "tab:blue"}
+    colours = {
+        "suggest": "tab:red",
+        "suggest-typical": "tab:orange",
+        "random": "tab:gray",
+        "even": "tab:blue",
+    }
     for ax, (dataset, entry) in zip(axes, items):
         for strategy, s in entry["strategies"].items():
             x = [r["n_labelled"] for r in s["rounds"]]

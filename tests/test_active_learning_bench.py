@@ -93,7 +93,9 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
     assert al.main(argv) == 0
     files = sorted(results.glob("smoke/*/*.json"))
     assert [f.relative_to(results / "smoke").as_posix() for f in files] == [
-        f"{d}/{s}-s0.json" for d in ("hc18", "sim") for s in ("even", "random", "suggest")
+        f"{d}/{s}-s0.json"
+        for d in ("hc18", "sim")
+        for s in ("even", "random", "suggest", "suggest-typical")
     ]
     setting = al.SETTINGS["smoke"]
     for f in files:
@@ -108,6 +110,7 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
     hc = summary["datasets"]["hc18"]
     assert [r["n_labelled"] for r in hc["strategies"]["random"]["rounds"]] == [2, 4]
     assert "labels_to_match_random" in hc and len(summary["targets"]) == 3
+    assert "labels_to_match_random" in hc["suggest-typical"] and summary["targets_typical"]
     assert png.stat().st_size > 10_000 and out.with_suffix(".md").is_file()
 
     # resume: nothing reruns while every cached key matches ...

@@ -174,3 +174,62 @@ def test_cli_suggest_refuses_input_and_bad_model(tiff_cine, capsys):
     assert main(["suggest", "no-such-model", str(tiff_cine), "--k", "2"]) == 1
     err = capsys.readouterr().err
     assert "no model named 'no-such-model'" in err and "sim-lesion" in err
+
+
+def _blobs_with_outliers(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings ``(63, 16)``: three modes of 30 / 20 / 10 frames around orthogonal
+    directions, plus 3 outliers half-way between the modes; the mode of each frame (-1 outlier)."""
+    rng = np.random.default_rng(seed)
+    eye = np.eye(16)
+    parts, mode = [], []
+    for m, n in enumerate((30, 20, 10)):
+        parts.append(eye[m] + 0.15 * rng.standard_normal((n, 16)))
+        mode += [m] * n
+    parts.append(np.stack([eye[0] + eye[1], eye[1] + eye[2], eye[0] + eye[2]]) / 1.4
+                 + 0.4 * rng.standard_normal((3, 16)))  # fmt: skip
+    mode += [-1] * 3
+    emb = np.concatenate(parts)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), np.array(mode)
+
+
+def test_typical_strategy_picks_dense_frames_of_every_mode():
+    """TypiClust rule: 3 picks with nothing labelled = one per mode, each among its mode's
+    most typical (densest) frames, never an outlier; k-center's picks are farther out."""
+    emb, mode = _blobs_with_outliers()
+    scores = FrameScores(embeddings=emb)
+    typical = [s.frame for s in select_frames(scores, 3, strategy="typical")]
+    assert sorted(mode[typical]) == [0, 1, 2]
+    for f in typical:
+        members = np.flatnonzero(mode == mode[f])
+        centre = emb[members].mean(0)
+        closeness = emb[members] @ centre
+        assert emb[f] @ centre >= np.quantile(closeness, 0.5)  # in the denser half of its mode
+    kcenter = [s.frame for s in select_frames(scores, 3, strategy="kcenter")]
+    centre_of = {m: emb[mode == m].mean(0) for m in (0, 1, 2)}
+
+    def off_centre(picks):
+        return np.mean([1 - emb[f] @ centre_of[mode[f]] / np.linalg.norm(centre_of[mode[f]])
+                        if mode[f] >= 0 else 1.0 for f in picks])  # fmt: skip
+
+    assert off_centre(typical) < off_centre(kcenter)
+
+
+def test_typical_strategy_goes_to_uncovered_modes_and_uses_uncertainty():
+    """Labels in modes 0 and 1 send the next pick to mode 2; with w = 1 the pick inside the
+    chosen cluster is its most uncertain frame; the result is deterministic per seed."""
+    emb, mode = _blobs_with_outliers(1)
+    labelled = [int(np.flatnonzero(mode == 0)[0]), int(np.flatnonzero(mode == 1)[0])]
+    unc = np.random.default_rng(2).random(len(emb)).astype(np.float32)
+    scores = FrameScores(embeddings=emb, uncertainty=unc)
+    pick = select_frames(scores, 1, labelled, uncertainty_weight=0.0, strategy="typical")[0]
+    assert mode[pick.frame] == 2 and pick.diversity > 0
+    sure = select_frames(scores, 1, labelled, uncertainty_weight=1.0, strategy="typical")[0]
+    in_mode2 = np.flatnonzero(mode == 2)
+    assert sure.frame == in_mode2[np.argmax(unc[in_mode2])]
+    again = select_frames(scores, 4, labelled, strategy="typical", seed=5)
+    assert [s.frame for s in again] == [
+        s.frame for s in select_frames(scores, 4, labelled, strategy="typical", seed=5)
+    ]
+    assert not {s.frame for s in again} & set(labelled)
+    with pytest.raises(ConfigError, match="strategy"):
+        select_frames(scores, 1, strategy="coreset")

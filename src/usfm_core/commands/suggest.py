@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="weight of uncertainty vs diversity in [0, 1] (default: 0 with nothing labelled, "
         "else 0.5; always 0 for a bare backbone)",
     )
+    p.add_argument(
+        "--strategy",
+        choices=["kcenter", "typical"],
+        default="kcenter",
+        help="diversity rule: kcenter (farthest from the labelled frames) or typical "
+        "(TypiClust: the densest frame of the least-covered k-means cluster)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the table: FILE.csv or FILE.json")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing --out file (never the input)"
@@ -177,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         args.labelled,
         uncertainty_weight=args.uncertainty_weight,
         seed=args.seed,
+        strategy=args.strategy,
     )
     rows = [s.to_row() for s in suggestions]
     if names is not None:

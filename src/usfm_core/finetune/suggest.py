@@ -38,6 +38,17 @@ the first label is the most typical frame (the medoid) and the next ones cover t
 ties (duplicate frames) are broken by a seeded random order: the result is deterministic given
 ``seed``.
 
+**Typical strategy** (``strategy="typical"``, TypiClust: Hacohen, Dekel & Weinshall, "Active
+learning on a budget", ICML 2022). Greedy k-center favours the frames farthest from everything,
+i.e. outliers, which in the full benchmark chased atypical images and lost to random at 5-30
+labels. The typical rule instead clusters the embeddings with k-means into ``|labelled| + k``
+clusters and, ``k`` times, takes the cluster with the fewest labelled or picked frames (ties:
+the largest cluster) and picks in it the candidate maximising
+``(1 - w) · typicality + w · uncertainty`` (both min-max normalised within the cluster's
+candidates), where typicality = 1 / (mean distance to the frame's ``min(20, size - 1)``
+nearest neighbours in its cluster): dense, representative frames of the modes not yet covered.
+``diversity`` is then still reported as the distance to the nearest labelled / earlier pick.
+
 Frames are streamed in batches (``batch_size``), converted to float32 one batch at a time;
 only the embeddings ``(T, D)`` and a few numbers per frame are kept.
 """
@@ -62,6 +73,10 @@ from usfm_core.threads import torch_threads
 DEFAULT_UNCERTAINTY_WEIGHT = 0.5
 #: Input side used for a bare backbone (a task model has its own ``input_size``).
 DEFAULT_BACKBONE_INPUT = 224
+#: Ranking rules of :func:`select_frames` (module doc).
+STRATEGIES = ("kcenter", "typical")
+#: Neighbours in the typicality density (TypiClust's 20).
+TYPICAL_NEIGHBOURS = 20
 
 
 @dataclass(frozen=True)
@@ -369,8 +384,10 @@ def select_frames(
     *,
     uncertainty_weight: float | None = None,
     seed: int = 0,
+    strategy: str = "kcenter",
 ) -> list[Suggestion]:
-    """Rank ``k`` unlabelled frames to label next (greedy k-center + uncertainty; module doc).
+    """Rank ``k`` unlabelled frames to label next (greedy k-center or typical clusters, mixed
+    with uncertainty; module doc).
 
     Args:
         scores: from :func:`score_frames`.
@@ -378,8 +395,11 @@ def select_frames(
         labelled: indices of frames already labelled (never suggested; the k-center start).
         uncertainty_weight: ``w`` in ``[0, 1]``; default 0 with nothing labelled, else
             :data:`DEFAULT_UNCERTAINTY_WEIGHT`; forced to 0 without uncertainty.
-        seed: order in which exact ties (duplicate frames) are broken.
+        seed: order in which exact ties (duplicate frames) are broken; k-means seed.
+        strategy: ``"kcenter"`` (default) or ``"typical"`` (module doc).
     """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     emb = np.asarray(scores.embeddings, dtype=np.float32)
     n = emb.shape[0]
     if k < 1:
@@ -404,6 +424,8 @@ def select_frames(
     dist = np.full(n, np.inf)
     for i in labelled:
         dist = np.minimum(dist, _distances(emb, emb[i]))
+    if strategy == "typical":
+        return _select_typical(emb, candidates, dist, k, u_norm, w, unc, tiebreak, seed)
     out: list[Suggestion] = []
     scale: float | None = None
     while len(out) < k and candidates.any():
@@ -449,6 +471,7 @@ def suggest_frames(
     flip: bool = True,
     progress: Callable[[int], None] | None = None,
     threads: int | None = None,
+    strategy: str = "kcenter",
 ) -> list[Suggestion]:
     """Rank the ``k`` frames most worth labelling next: :func:`score_frames` then
     :func:`select_frames` (arguments as there). Returns suggestions best first."""
@@ -462,7 +485,90 @@ def suggest_frames(
         progress=progress,
         threads=threads,
     )
-    return select_frames(scores, k, labelled, uncertainty_weight=uncertainty_weight, seed=seed)
+    return select_frames(
+        scores, k, labelled, uncertainty_weight=uncertainty_weight, seed=seed, strategy=strategy
+    )
+
+
+def kmeans_labels(emb: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Cluster index ``(T,)`` of each unit embedding ``(T, D)`` (scikit-learn k-means, k-means++
+    start, 4 restarts, seeded)."""
+    from sklearn.cluster import KMeans
+
+    n_clusters = max(1, min(n_clusters, len(np.unique(emb, axis=0))))
+    km = KMeans(n_clusters=n_clusters, n_init=4, random_state=seed)
+    return km.fit_predict(emb.astype(np.float64))
+
+
+def typicality(emb: np.ndarray, neighbours: int = TYPICAL_NEIGHBOURS) -> np.ndarray:
+    """TypiClust's density ``(T,)`` of unit embeddings ``(T, D)``: 1 / mean distance to the
+    ``min(neighbours, T - 1)`` nearest other frames (one frame alone: 1)."""
+    n = len(emb)
+    if n < 2:
+        return np.ones(n)
+    e = emb.astype(np.float64)
+    d = np.sqrt(np.clip(2.0 - 2.0 * e @ e.T, 0.0, 4.0))
+    np.fill_diagonal(d, np.inf)
+    m = min(neighbours, n - 1)
+    near = np.partition(d, m - 1, axis=1)[:, :m]
+    return 1.0 / (near.mean(1) + 1e-8)
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    """Values rescaled to ``[0, 1]`` (all zeros when they are all equal)."""
+    span = float(np.ptp(values)) if len(values) else 0.0
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values, np.float64)
+
+
+def _select_typical(
+    emb: np.ndarray,
+    candidates: np.ndarray,
+    dist: np.ndarray,
+    k: int,
+    u_norm: np.ndarray,
+    w: float,
+    unc: np.ndarray | None,
+    tiebreak: np.ndarray,
+    seed: int,
+) -> list[Suggestion]:
+    """The typical rule of :func:`select_frames` (module doc). ``candidates`` ``(T,)`` bool
+    (unlabelled), ``dist`` ``(T,)`` distance to the nearest labelled frame (inf: none),
+    ``u_norm`` ``(T,)`` uncertainty min-max normalised over the candidates."""
+    n_labelled = int((~candidates).sum())
+    clusters = kmeans_labels(emb, n_labelled + k, seed)
+    n_clusters = int(clusters.max()) + 1
+    size = np.bincount(clusters, minlength=n_clusters)
+    covered = np.bincount(clusters[~candidates], minlength=n_clusters).astype(np.int64)
+    typ = np.zeros(len(emb))
+    for c in range(n_clusters):
+        members = np.flatnonzero(clusters == c)
+        typ[members] = typicality(emb[members])
+    candidates = candidates.copy()
+    dist = dist.copy()
+    out: list[Suggestion] = []
+    while len(out) < k and candidates.any():
+        open_ = np.array([candidates[clusters == c].any() for c in range(n_clusters)])
+        # Fewest labels first, then the biggest cluster, then the seeded order.
+        order = sorted(
+            np.flatnonzero(open_), key=lambda c: (covered[c], -size[c], tiebreak[c % len(tiebreak)])
+        )
+        c = int(order[0])
+        members = np.flatnonzero(candidates & (clusters == c))
+        score = (1 - w) * _minmax(typ[members]) + w * _minmax(u_norm[members])
+        pick = int(members[_argmax(score, tiebreak[members])])
+        out.append(
+            Suggestion(
+                rank=len(out) + 1,
+                frame=pick,
+                score=float(score.max()),
+                uncertainty=None if unc is None else float(unc[pick]),
+                diversity=None if np.isinf(dist[pick]) else float(dist[pick]),
+            )
+        )
+        candidates[pick] = False
+        covered[c] += 1
+        dist = np.minimum(dist, _distances(emb, emb[pick]))
+    return out
 
 
 def _weight(weight: float | None, any_labelled: bool, has_uncertainty: bool) -> float:
