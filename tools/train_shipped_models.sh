@@ -3,23 +3,29 @@
 # Every number in docs/models/*.md comes from these commands (2 CPU cores, no GPU).
 #
 #   bash tools/train_shipped_models.sh prepare      # data folders (test images kept out)
-#   bash tools/train_shipped_models.sh pretrain     # OpenUS, VMamba small-fast, ~1 h on 1 core
+#   bash tools/train_shipped_models.sh pretrain     # optional: the early local OpenUS run (~1 h)
 #   bash tools/train_shipped_models.sh finetune pretrained|scratch [MODEL...]
 #   bash tools/train_shipped_models.sh install      # into the package (float16, sha256)
-#   bash tools/train_shipped_models.sh evaluate     # usfm-core evaluate: shipped vs scratch
+#   bash tools/train_shipped_models.sh evaluate [MODEL...]  # usfm-core evaluate: shipped vs scratch
 #   bash tools/train_shipped_models.sh record       # metrics into index.json, tables into cards
 #
-# Environment: WORK (default work/), SHARED (default ../shared/data), THREADS (default 1).
+# Environment: WORK (default work/), SHARED (default ../shared/data), THREADS (default 1),
+# BACKBONE (default openus-small-fast: the final pre-trained backbone shipped in the package, so
+# the pretrained arm needs no local pre-training; BACKBONE=work/runs/pretrain-small-fast gives
+# the early local run the models were first trained from).
 set -euo pipefail
 WORK=${WORK:-work}
 SHARED=${SHARED:-../shared/data}
-export OMP_NUM_THREADS=${THREADS:-1}
+THREADS=${THREADS:-1}
+export OMP_NUM_THREADS=$THREADS
 DATA=$WORK/data
 RUNS=$WORK/runs
 PRETRAIN=$RUNS/pretrain-small-fast
+BACKBONE=${BACKBONE:-openus-small-fast}
+usfm() { usfm-core --threads "$THREADS" "$@"; }
 
 init_args() {  # the only difference between the two arms: where the backbone starts
-    if [ "$1" = pretrained ]; then echo "--backbone $PRETRAIN"; else echo "--preset small-fast"; fi
+    if [ "$1" = pretrained ]; then echo "--backbone $BACKBONE"; else echo "--preset small-fast"; fi
 }
 
 case "${1:?prepare|pretrain|finetune ARM|install|evaluate|record}" in
@@ -28,7 +34,7 @@ prepare)
     ;;
 pretrain)
     resume=""; [ -d "$PRETRAIN/checkpoints/last" ] && resume="--resume"
-    usfm-core pretrain --config small-fast --data "$DATA/pretrain" --out "$PRETRAIN" $resume
+    usfm pretrain --config small-fast --data "$DATA/pretrain" --out "$PRETRAIN" $resume
     ;;
 finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order)
     arm=${2:?pretrained|scratch}
@@ -38,19 +44,19 @@ finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order
         case $m in
         breast-lesion)
             # shellcheck disable=SC2046
-            usfm-core finetune --task seg --data "$DATA/busi" --out "$RUNS/breast-lesion-$arm" \
+            usfm finetune --task seg --data "$DATA/busi" --out "$RUNS/breast-lesion-$arm" \
                 $(init_args "$arm") --input-size 192 --epochs 16 --batch-size 16 --lr 5e-4 --seeds 0
             ;;
         fetal-head)
             # shellcheck disable=SC2046
-            usfm-core finetune --task seg --data "$DATA/hc18" --out "$RUNS/fetal-head-$arm" \
+            usfm finetune --task seg --data "$DATA/hc18" --out "$RUNS/fetal-head-$arm" \
                 $(init_args "$arm") --input-size 160 --epochs 10 --batch-size 16 --lr 5e-4 --seeds 0
             ;;
         breast-class)
             # Starts from the same arm's breast-lesion backbone (a lesion-aware encoder), with
             # class-weighted cross-entropy: from the bare backbone neither arm left the
             # majority-class solution within this budget.
-            usfm-core finetune --task cls --data "$DATA/busi" --out "$RUNS/breast-class-$arm" \
+            usfm finetune --task cls --data "$DATA/busi" --out "$RUNS/breast-class-$arm" \
                 --backbone "$RUNS/breast-lesion-$arm/model" --balanced --input-size 192 \
                 --epochs 20 --batch-size 16 --lr 5e-4 --seeds 0
             ;;
@@ -62,12 +68,17 @@ finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order
 install)  # into src/usfm_core/assets/models (float16 weights, sha256 in index.json)
     python tools/shipped_models.py install breast-lesion fetal-head breast-class --runs "$RUNS"
     ;;
-evaluate)  # the shipped weights vs the from-scratch baseline, same test items
-    for task in breast-lesion:busi fetal-head:hc18 breast-class:busi; do
-        name=${task%%:*}; data=${task##*:}
-        usfm-core evaluate "$name" --splits "$RUNS/$name-pretrained/splits.json" \
-            --baseline "$RUNS/$name-scratch" --data "$DATA/$data" --corruptions \
-            --out "$RUNS/report-$name"
+evaluate)  # [MODEL...]: the shipped weights vs the from-scratch baseline, same test items
+    shift
+    for name in "${@:-breast-lesion fetal-head breast-class}"; do
+      for n in $name; do
+        case $n in breast-lesion|breast-class) data=busi ;; fetal-head) data=hc18 ;;
+            *) echo "unknown model $n" >&2; exit 2 ;; esac
+        # Without a scratch run here, `record` keeps the baseline recorded earlier.
+        baseline=(); [ -d "$RUNS/$n-scratch" ] && baseline=(--baseline "$RUNS/$n-scratch")
+        usfm evaluate "$n" --splits "$RUNS/$n-pretrained/splits.json" "${baseline[@]}" \
+            --data "$DATA/$data" --corruptions --out "$RUNS/report-$n"
+      done
     done
     ;;
 record)  # metrics + check subset into index.json, evaluate's table into the model cards
