@@ -263,6 +263,13 @@ def fill_readme(readme: Path) -> None:
         keys = [k for k in ("dice", "hc_error_mm", "macro_f1", "accuracy") if k in main]
 
         def fmt(m: dict, keys: list[str] = keys) -> str:
+            if m.get("n_empty_gt") and "dice_legacy" in m:  # Dice leaves the empty masks out
+                return (
+                    f"Dice {m['dice']:.3f} on the {m['n_scored']} images with a foreground "
+                    f"(legacy definition {m['dice_legacy']:.3f})"
+                )
+            if "dice" not in m and "dice_legacy" in m:  # recorded before the Dice change
+                return f"legacy Dice {m['dice_legacy']:.3f} (earlier definition)"
             return ", ".join(
                 f"HC error {m[k]:.1f} mm" if k == "hc_error_mm" else f"{LABELS[k]} {m[k]:.3f}"
                 for k in keys
@@ -271,9 +278,11 @@ def fill_readme(readme: Path) -> None:
 
         size = (BUILTIN_DIR / name / "model.safetensors").stat().st_size / 2**20
         card = info.get("card", f"docs/models/{name}.md")
+        kept = str(info.get("baseline_source", "")).startswith("recorded earlier")
+        base_text = (fmt(base) or "–") + ("; earlier run, not re-run" if base and kept else "")
         rows.append(
             f"| `{name}` | {info['task']} | {size:.1f} MiB | {info.get('n_test', '–')} | "
-            f"{fmt(main)} | {fmt(base) or '–'} | [{Path(card).name}]({card}) |"
+            f"{fmt(main)} | {base_text} | [{Path(card).name}]({card}) |"
         )
     text = readme.read_text()
     begin, end = "<!-- shipped-models:begin -->", "<!-- shipped-models:end -->"
