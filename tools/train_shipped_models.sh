@@ -49,8 +49,9 @@ finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order
             ;;
         fetal-head)
             # shellcheck disable=SC2046
+            # 192² and 16 epochs (was 160², 10): better on validation (HC error 2.97 vs 3.64 mm).
             usfm finetune --task seg --data "$DATA/hc18" --out "$RUNS/fetal-head-$arm" \
-                $(init_args "$arm") --input-size 160 --epochs 10 --batch-size 16 --lr 5e-4 --seeds 0
+                $(init_args "$arm") --input-size 192 --epochs 16 --batch-size 16 --lr 5e-4 --seeds 0
             ;;
         breast-class)
             # Starts from the same arm's breast-lesion backbone (a lesion-aware encoder), with
