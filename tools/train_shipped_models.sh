@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train, evaluate and install the shipped models breast-lesion, fetal-head and breast-class.
-# Every number in docs/models/*.md comes from these commands (2 CPU cores, no GPU).
+# Every number in docs/models/*.md comes from these commands (one CPU thread, no GPU) and, for
+# the validation comparisons, `python tools/shipped_models.py val MODEL --data ... --task ...`.
 #
 #   bash tools/train_shipped_models.sh prepare      # data folders (test images kept out)
 #   bash tools/train_shipped_models.sh pretrain     # optional: the early local OpenUS run (~1 h)
@@ -48,8 +49,8 @@ finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order
                 $(init_args "$arm") --input-size 192 --epochs 16 --batch-size 16 --lr 5e-4 --seeds 0
             ;;
         fetal-head)
-            # shellcheck disable=SC2046
             # 192² and 16 epochs (was 160², 10): better on validation (HC error 2.97 vs 3.64 mm).
+            # shellcheck disable=SC2046
             usfm finetune --task seg --data "$DATA/hc18" --out "$RUNS/fetal-head-$arm" \
                 $(init_args "$arm") --input-size 192 --epochs 16 --batch-size 16 --lr 5e-4 --seeds 0
             ;;
