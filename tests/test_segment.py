@@ -412,3 +412,29 @@ def test_ellipse_of_a_tiny_speck_is_not_an_ill_conditioned_fit():
     # The block keeps the least-squares fit: about its 6 mm × 4 mm extent.
     assert 6.0 <= block["ellipse_major"] <= 1.5 * block["max_diameter"]
     assert 3.5 <= block["ellipse_minor"] <= block["ellipse_major"]
+
+
+def test_flip_tta_makes_masks_mirror_equivariant_and_loads_from_config(tmp_path):
+    """With flip TTA the mask of a mirrored frame is exactly the mirrored mask (the two logit
+    maps are averaged in both orders); the untrained model alone is not. A model saved with
+    ``extra.tta`` turns it on when loaded."""
+    from usfm_core.finetune.models import load_finetuned
+
+    model = _tiny_segmenter(1)
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 255, (128, 128), np.uint8) for _ in range(3)]
+    mirrored = [f[:, ::-1].copy() for f in frames]
+
+    def masks(tta, fr):
+        return list(segment_frames(model, fr, batch_size=3, tta=tta))
+
+    plain = [
+        np.array_equal(a[:, ::-1], b) for a, b in zip(masks(False, frames), masks(False, mirrored))
+    ]
+    assert not all(plain)
+    for a, b in zip(masks(True, frames), masks(True, mirrored)):
+        np.testing.assert_array_equal(a[:, ::-1], b)
+    save_finetuned(model, tmp_path / "m", {"task": "segmentation", "tta": True})
+    loaded, _ = load_finetuned(tmp_path / "m")
+    assert loaded.tta is True
+    np.testing.assert_array_equal(next(segment_frames(loaded, frames[:1])), masks(True, frames)[0])

@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="frames per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--min-pixels", type=int, default=5, help="ignore smaller objects")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="flip test-time augmentation: average the frame's and its mirror's logits (2x "
+        "the time; on by default for a model saved with extra.tta)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress display")
     p.set_defaults(func=run)
 
@@ -195,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_outputs(expand_inputs(given), args.out, given)
     device = resolve_device(args.device)
     model, meta = load_finetuned(args.model, device=device)
+    if args.tta:
+        model.tta = True
     if meta["task"] != "segmentation":
         raise USFMError(
             "this is a classification model",

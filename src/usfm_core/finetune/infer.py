@@ -37,17 +37,21 @@ def segment_frames(
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
     input_size: int | None = None,
+    tta: bool | None = None,
 ) -> Iterator[np.ndarray]:
     """Segment frames one batch at a time; yields ``(H, W) uint8`` label maps (0 = background).
 
     Each frame is resized to the model's square input (``model.input_size`` unless given),
     segmented, and the logits resized back to the frame's own ``(H, W)`` before the
     threshold / argmax, so the mask overlays the frame exactly. ``progress(n_done)`` is called
-    after each batch.
+    after each batch. ``tta``: average the logits of the frame and of its horizontal mirror
+    (flipped back): two forward passes, smoother outlines; default ``model.tta`` (a saved
+    model's ``extra.tta``), else off.
     """
     import cv2
 
     size = int(input_size or getattr(model, "input_size", 224))
+    tta = bool(getattr(model, "tta", False)) if tta is None else tta
     model = model.to(device).eval()
     done = 0
     batch: list[np.ndarray] = []
@@ -57,6 +61,8 @@ def segment_frames(
         xt = torch.from_numpy(normalize(x))[:, None].to(device)
         with torch.no_grad():
             logits = model(xt).float().cpu()
+            if tta:  # mirror, segment, mirror back, average the logits
+                logits = 0.5 * (logits + model(xt.flip(-1)).float().cpu().flip(-1))
         out = []
         for f, lg in zip(batch, logits):
             up = torch.nn.functional.interpolate(

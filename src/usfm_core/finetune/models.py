@@ -665,4 +665,6 @@ def load_finetuned(
             hint="fine-tune it first: usfm-core finetune",
         )
     meta["task"] = MODEL_TYPES[kind]
+    # Inference options saved with the model (segment_frames reads model.tta).
+    model.tta = bool((meta.get("extra") or {}).get("tta", False))
     return model, meta
