@@ -86,8 +86,8 @@ SUMMARY = HERE / "results" / "active_learning.json"
 TIMING = HERE / "results" / "active_learning_timing.json"
 PLOT = REPO / "docs" / "images" / "active_learning.png"
 STRATEGIES = ("suggest", "suggest-typical", "random", "even")
-# The product's suggestion rules (``select_frames`` strategy "kcenter" / "typical").
-SUGGEST_VARIANTS = ("suggest", "suggest-typical")
+# The benchmark's suggesting strategies and the ``select_frames`` rule each one uses.
+SUGGEST_VARIANTS = {"suggest": "kcenter", "suggest-typical": "typical"}
 DATASETS = ("busi", "hc18", "sim")
 TITLES = {"busi": "BUSI lesions", "hc18": "HC18 fetal heads", "sim": "simulated cine"}
 SIM_TEST_SEED = 5000
@@ -314,9 +314,9 @@ def run_one(
     curve = []
     for r in range(1, setting.rounds + 1):
         t0 = time.perf_counter()
-        if strategy in ("suggest", "suggest-typical"):
+        if strategy in SUGGEST_VARIANTS:
             ranker = backbone if model is None else model
-            rule = "typical" if strategy == "suggest-typical" else "kcenter"
+            rule = SUGGEST_VARIANTS[strategy]
             new = suggest_pick(ranker, pool.frames, labelled, setting.k, setting.size, seed, rule)
         elif strategy == "random":
             new = random_pick(n, labelled, setting.k, rng)

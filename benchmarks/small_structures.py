@@ -38,6 +38,7 @@ the runs already there; ``--fresh`` starts over); ``--smoke`` writes
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -60,8 +61,10 @@ PHANTOMS = {"n_train": 100, "n_heldout": 50, "seed": 0}
 SMOKE = {"n_train": 8, "n_heldout": 4, "input_size": 64, "batch_size": 4, "budget_s": 3.0}
 
 
+@functools.cache
 def _anchor_module():
-    """``benchmarks/unet_anchor.py`` (the plain U-Net, the BUSI split, ``machine()``)."""
+    """``benchmarks/unet_anchor.py`` (the plain U-Net, the BUSI split, ``machine()``), loaded
+    once per process."""
     spec = importlib.util.spec_from_file_location(
         "unet_anchor_for_small", ROOT / "benchmarks" / "unet_anchor.py"
     )

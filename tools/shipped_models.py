@@ -308,13 +308,17 @@ def main() -> None:
     v.add_argument("model", help="model name or folder")
     v.add_argument("--data", type=Path, required=True, help="e.g. work/data/busi")
     v.add_argument("--task", choices=("segmentation", "classification"), required=True)
-    v.add_argument("--out", type=Path, help="write the metrics here as JSON")
+    v.add_argument("--out", type=Path, help="write the metrics here as JSON (a new file)")
     args = ap.parse_args()
     if args.cmd == "val":
+        if args.out and args.out.exists():  # never replace a file this call did not make
+            ap.error(f"--out {args.out} exists; pass a new file name")
         metrics = val_metrics(args.model, args.data, args.task)
         text = json.dumps(metrics, indent=1, default=str)
         if args.out:
-            args.out.write_text(text + "\n")
+            from usfm_core.utils import atomic_write_text
+
+            atomic_write_text(args.out, text + "\n")
         print(text)
     if args.cmd == "prepare":
         prepare(args.shared, args.out, args.sim_frames)

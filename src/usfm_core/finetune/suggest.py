@@ -506,8 +506,7 @@ def typicality(emb: np.ndarray, neighbours: int = TYPICAL_NEIGHBOURS) -> np.ndar
     n = len(emb)
     if n < 2:
         return np.ones(n)
-    e = emb.astype(np.float64)
-    d = np.sqrt(np.clip(2.0 - 2.0 * e @ e.T, 0.0, 4.0))
+    d = _pairwise_distances(emb)
     np.fill_diagonal(d, np.inf)
     m = min(neighbours, n - 1)
     near = np.partition(d, m - 1, axis=1)[:, :m]
@@ -549,9 +548,7 @@ def _select_typical(
     while len(out) < k and candidates.any():
         open_ = np.array([candidates[clusters == c].any() for c in range(n_clusters)])
         # Fewest labels first, then the biggest cluster, then the seeded order.
-        order = sorted(
-            np.flatnonzero(open_), key=lambda c: (covered[c], -size[c], tiebreak[c % len(tiebreak)])
-        )
+        order = sorted(np.flatnonzero(open_), key=lambda c: (covered[c], -size[c], tiebreak[c]))
         c = int(order[0])
         members = np.flatnonzero(candidates & (clusters == c))
         score = (1 - w) * _minmax(typ[members]) + w * _minmax(u_norm[members])
@@ -596,8 +593,14 @@ def _argmax(values: np.ndarray, tiebreak: np.ndarray) -> int:
 def min_pairwise_distance(embeddings: np.ndarray, frames: Sequence[int]) -> float:
     """Smallest embedding distance between any two of ``frames`` (``inf`` for fewer than two):
     how well a set of frames spreads over the sequence (larger = more diverse)."""
-    e = np.asarray(embeddings, np.float64)[list(frames)]
+    e = np.asarray(embeddings)[list(frames)]
     if len(e) < 2:
         return math.inf
-    d = np.sqrt(np.clip(2 - 2 * e @ e.T, 0, 4))
+    d = _pairwise_distances(e)
     return float(d[np.triu_indices(len(e), 1)].min())
+
+
+def _pairwise_distances(emb: np.ndarray) -> np.ndarray:
+    """Euclidean distances ``(T, T)`` float64 between unit embeddings ``(T, D)``."""
+    e = np.asarray(emb, np.float64)
+    return np.sqrt(np.clip(2.0 - 2.0 * e @ e.T, 0.0, 4.0))
