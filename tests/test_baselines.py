@@ -383,3 +383,44 @@ def test_mae_sees_unblurred_views_openus_view0_is_blurred(shared_data):
 
     # DINO's blur sigmas shrink with the 64² view (0.03–0.6 px): a mild but real smoothing.
     assert roughness(blurred) < 0.97 * roughness(plain)
+
+
+def _run_recipe(tmp_path, env_extra: dict[str, str]):
+    """``tools/pretrain_backbone.sh --method jepa --dry-run`` with a fake data folder."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    for sub in ("busi", "hc18", "sim"):
+        (data / "pretrain" / sub).mkdir(parents=True, exist_ok=True)
+    script = Path(__file__).resolve().parents[1] / "tools" / "pretrain_backbone.sh"
+    env = {**os.environ, "HOME": str(tmp_path), **env_extra}
+    return subprocess.run(
+        ["bash", str(script), "--method", "jepa", "--dry-run", "--data", str(data),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def test_jepa_recipe_refuses_to_start_without_its_mae_teacher(tmp_path):
+    """SALT needs a pretrained frozen teacher: the shipped-budget recipe stops (exit 2, naming
+    the missing folder and the fix) instead of silently training against a random teacher."""
+    res = _run_recipe(tmp_path, {})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "pretrain-small-fast-mae/backbone" in res.stderr
+    assert "--method mae" in res.stderr
+
+
+def test_jepa_recipe_uses_the_teacher_and_the_scaled_predictor(tmp_path):
+    """With a teacher folder the recipe passes it as jepa.teacher_ckpt with the 128-wide
+    predictor (paper: half the encoder's width)."""
+    from usfm_core.models.serialization import save_model
+
+    teacher = tmp_path / "teacher"
+    cfg = load_config("tiny", ["method=jepa", "device=cpu"])
+    save_model(build_jepa(cfg, total_steps=1).export_backbone(), teacher)
+    res = _run_recipe(tmp_path, {"TEACHER": str(teacher)})
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("usfm-core pretrain"))
+    assert f"jepa.teacher_ckpt={teacher}" in line
+    assert "jepa.pred_dim=128" in line and "jepa.pred_heads=4" in line

@@ -11,7 +11,9 @@
 #   bash tools/pretrain_backbone.sh --dry-run       # the plan only
 #   bash tools/pretrain_backbone.sh --method mae    # a baseline (mae | jepa) at the same budget:
 #                                                   # same data, preset, steps and batch; its own
-#                                                   # views and optimiser (docs/pretraining.md)
+#                                                   # views and optimiser (docs/pretraining.md);
+#                                                   # jepa's frozen teacher is the finished MAE
+#                                                   # run's backbone (TEACHER to change it)
 #
 # Options / environment: --method M (METHOD, default openus; mae / jepa write to
 # $HOME/usfm_runs/pretrain-small-fast-M), --steps N (STEPS, default 6000: epochs = N / 100), --hours H (HOURS:
@@ -70,6 +72,19 @@ epochs=$((STEPS / 100))
 cmd=(usfm-core pretrain --config small-fast --method "$METHOD" --data "$DATA/pretrain" --out "$OUT"
      $resume $dry --set "epochs=$epochs" --set "steps_per_epoch=100" --set "save_every=$SAVE_EVERY"
      --set "log_every=10" --set "workers=1")
+if [ "$METHOD" = jepa ]; then
+    # SALT / US-JEPA: the frozen teacher is a domain encoder pretrained by reconstruction (URFM in
+    # the paper; SALT's stage 1 is pixel reconstruction): here the MAE baseline's backbone, same
+    # data. The predictor keeps the paper's depth (12) and its width ratio to the encoder
+    # (384 / 768 = 1/2 of ViT-B's; small-fast's last stage is 256 wide → 128, 4 heads of 32).
+    TEACHER=${TEACHER:-$HOME/usfm_runs/pretrain-small-fast-mae/backbone}
+    if [ ! -f "$TEACHER/config.json" ]; then
+        echo "JEPA needs its frozen teacher $TEACHER (the finished MAE run's backbone):" >&2
+        echo "  run 'bash $0 --method mae' to the end first, or set TEACHER=<backbone folder>" >&2
+        exit 2
+    fi
+    cmd+=(--set "jepa.teacher_ckpt=$TEACHER" --set "jepa.pred_dim=128" --set "jepa.pred_heads=4")
+fi
 if [ "$METHOD" = openus ]; then  # the baselines keep their papers' warm-ups (method_defaults)
     cmd+=(--set "loss.warmup_teacher_temp_epochs=$(( epochs / 10 > 2 ? epochs / 10 : 2 ))"
           --set "optim.warmup_epochs=$(( epochs / 20 > 1 ? epochs / 20 : 1 ))")
