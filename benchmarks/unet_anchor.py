@@ -8,14 +8,15 @@ same network written out here (:class:`PlainUNet`), with the shipped recipe of e
 size (192² for both models since the 2026-11-30 re-training), optimiser-step budget (epochs ×
 batches of 16), AdamW lr 5e-4 with weight decay 5e-2 and a cosine schedule, soft Dice + BCE,
 the fine-tuning augmentation (flip, small affine, intensity jitter), best epoch by validation
-Dice. Each seed's best model and the
-shipped model are then scored side by side on the test split by ``usfm-core evaluate``'s scorer
-(native resolution, per-class Dice with empty ground truth ignored, HD95, HC error in mm, failure
-counts, p10 / median / p90).
+Dice. Each seed's best model and the shipped model are then scored side by side on the test
+split by ``usfm-core evaluate``'s scorer (native resolution, per-class Dice with empty ground
+truth ignored, HD95, HC error in mm, failure counts, p10 / median / p90). ``--budget cpu``
+trains for the shipped model's fine-tuning CPU time instead of its step count.
 
     python benchmarks/unet_anchor.py --smoke                  # < 40 s: tiny subsets, 2 steps
     python benchmarks/unet_anchor.py --max-steps 5            # time 5 steps, estimate the full run
     python benchmarks/unet_anchor.py --threads 1              # full: 2 models × 3 seeds
+    python benchmarks/unet_anchor.py --budget cpu --seeds 0   # same CPU time as the shipped model
 
 The full run writes ``benchmarks/results/unet_anchor.json`` after every seed (a re-run skips the
 seeds already there; ``--fresh`` starts over) and the table ``docs/benchmarks/unet_anchor.md``
