@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -239,22 +240,21 @@ def train_anchor(
     )
     val_ds = SupervisedDataset(data, splits["val"], "segmentation", size)
     loader = training_loader(train_ds, batch_size, seed)
-    plan = {"steps": epochs * len(loader)}
-    if cpu_budget_s is not None:
-        # A provisional plan (replaced after calibration) only shapes the first steps' lr.
-        epochs = 10_000  # the step budget, not the epoch count, ends the run
-    total = plan["steps"] if max_steps is None else min(max_steps, plan["steps"])
+    # With a CPU budget this first plan is provisional: it only shapes the calibration steps'
+    # lr (the schedule reads ``planned`` when called, so re-planning re-shapes the rest).
+    planned = epochs * len(loader)
+    total = planned if max_steps is None else min(max_steps, planned)
     opt = torch.optim.AdamW(
         model.parameters(), lr=COMMON["lr"], weight_decay=COMMON["weight_decay"]
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: 0.5 * (1 + math.cos(math.pi * min(s, plan["steps"]) / max(plan["steps"], 1))),
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, planned) / max(planned, 1)))
     )
-    calib_c0 = time.process_time()
     best, best_state, best_epoch, best_val, stale, step = (-math.inf,), None, 0, {}, 0, 0
     cpu0, wall0, train_wall, train_cpu = time.process_time(), time.perf_counter(), 0.0, 0.0
-    for epoch in range(1, epochs + 1):
+    # A CPU budget ends the run by its step count, however many epochs that takes.
+    epoch_numbers = range(1, epochs + 1) if cpu_budget_s is None else itertools.count(1)
+    for epoch in epoch_numbers:
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         for x, y in loader:
@@ -267,10 +267,10 @@ def train_anchor(
             sched.step()
             step += 1
             if cpu_budget_s is not None and step == CALIBRATION_STEPS:
-                per_step = (time.process_time() - calib_c0) / step
-                plan["steps"] = max(step, int(cpu_budget_s / per_step))
-                total = plan["steps"] if max_steps is None else min(max_steps, plan["steps"])
-                print(f"  {per_step:.2f} CPU-s / step: {plan['steps']} steps fit", flush=True)
+                per_step = (time.process_time() - cpu0) / step
+                planned = max(step, int(cpu_budget_s / per_step))
+                total = planned if max_steps is None else min(max_steps, planned)
+                print(f"  {per_step:.2f} CPU-s / step: {planned} steps fit", flush=True)
         train_wall += time.perf_counter() - t0
         train_cpu += time.process_time() - c0
         val = evaluate_split(model, val_ds, "segmentation", batch_size, "cpu")
@@ -287,7 +287,7 @@ def train_anchor(
     model.load_state_dict(best_state)
     return {
         "steps": step,
-        "steps_planned": plan["steps"],
+        "steps_planned": planned,
         "cpu_budget_s": cpu_budget_s,
         "best_epoch": best_epoch,
         "val": best_val,
