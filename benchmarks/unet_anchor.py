@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "full" and args.budget == "cpu":
         mode = "cpu"
     n_seeds_full = len(args.seeds)
-    if mode != "full":
+    if mode in ("smoke", "timing"):
         args.seeds = args.seeds[:1]  # a smoke or timing run trains one seed per model
     out = (
         args.out
