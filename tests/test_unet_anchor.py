@@ -77,22 +77,30 @@ def test_split_is_the_shipped_models(anchor, shared_data, tmp_path):
     assert not set(splits["train"]) & set(splits["test"])
 
 
-def test_cpu_budget_plans_the_steps_that_fit(anchor, shared_data, tmp_path):
-    """``--budget cpu``: the step budget comes from timing the first steps — a budget of one
-    calibration step's CPU time or less trains exactly the calibration steps, with the cosine
-    schedule planned over them; a larger one plans proportionally more steps."""
+def test_cpu_budget_plans_the_steps_that_fit(anchor, shared_data, tmp_path, monkeypatch):
+    """``--budget cpu``: the step budget comes from timing the first steps. With a CPU clock that
+    advances 1 s per training forward (deterministic, whatever the machine's load), a budget
+    below one step trains exactly the calibration steps and a 12-s budget plans 12 steps, run over
+    several epochs of 4 batches."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(anchor.time, "process_time", lambda: clock["t"])
+
+    def net():
+        model = anchor.build_unet("plain", 32)[0]
+
+        def tick(module, _inputs):
+            if module.training:
+                clock["t"] += 1.0
+
+        model.register_forward_pre_hook(tick)
+        return model
+
     data, splits = anchor.load_task("breast-lesion", shared_data, tmp_path)
     small = {k: splits[k][:8] for k in ("train", "val")}
-    kw = dict(seed=0, epochs=1, batch_size=2)  # 4 batches an epoch: 3 calibration steps fit
-    tiny = anchor.train_anchor(
-        anchor.build_unet("plain", 32)[0], data, small, cpu_budget_s=1e-6, **kw
-    )
+    kw = dict(seed=0, epochs=1, batch_size=2)  # 4 batches an epoch
+    tiny = anchor.train_anchor(net(), data, small, cpu_budget_s=1e-6, **kw)
     assert tiny["steps"] == tiny["steps_planned"] == anchor.CALIBRATION_STEPS
-    assert tiny["cpu_budget_s"] == 1e-6
-    per_step = tiny["cpu_s_per_step"]
-    more = anchor.train_anchor(
-        anchor.build_unet("plain", 32)[0], data, small, cpu_budget_s=12 * per_step, **kw
-    )
-    # Several epochs of 4 batches run until the planned steps (≈ 12, timing noise allowed).
-    assert 6 <= more["steps_planned"] <= 30 and more["steps"] == more["steps_planned"]
+    assert tiny["cpu_budget_s"] == 1e-6 and tiny["cpu_s_per_step"] == 1.0
+    more = anchor.train_anchor(net(), data, small, cpu_budget_s=12.0, **kw)
+    assert more["steps"] == more["steps_planned"] == 12
     assert more["best_epoch"] >= 1
