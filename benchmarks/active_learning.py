@@ -25,7 +25,10 @@ Strategies, given the labelled frames so far:
 
 Training (the same for every strategy): round 1 builds a fresh U-Net decoder on the shipped
 backbone (``openus-small-fast``), later rounds warm-start from the previous round's model, as
-the Annotate widget does; every round runs :func:`usfm_core.finetune.propagate.propagate` for
+the Annotate widget does (settings with ``retrain``, e.g. ``full-retrain``: every round builds
+the fresh decoder on the bare backbone again, the usual active-learning protocol; with warm
+starts the model of round r has had r rounds of steps, so "labels to match random" also counts
+training steps); every round runs :func:`usfm_core.finetune.propagate.propagate` for
 ``steps`` AdamW steps on all labelled frames (product learning rates: 1e-3 for the fresh
 decoder, 2e-4 for warm starts). ``train_backbone`` False (the quick setting) freezes the
 backbone so the 2-core box can run the grid; the full setting trains it as the product does.
@@ -104,6 +107,9 @@ class Setting:
     side (pool frames are resized to it). ``k`` frames per round, ``rounds`` rounds, ``steps``
     optimiser steps of ``batch`` frames per round. ``backbone``: a model name / folder, or
     ``tiny`` (a random tiny VMamba, smoke only). ``sim_side``: simulated frame side.
+    ``retrain``: every round starts again from the bare backbone (fresh decoder) instead of
+    warm-starting from the last round's model, so a round's Dice depends on its labelled set
+    and not on how many rounds of training came before (module doc).
     """
 
     name: str
@@ -118,6 +124,7 @@ class Setting:
     train_backbone: bool
     backbone: str = "openus-small-fast"
     sim_side: int = 256
+    retrain: bool = False
 
 
 SETTINGS = {
@@ -125,6 +132,12 @@ SETTINGS = {
     "quick": Setting("quick", 120, 40, 64, 3, 4, 20, 4, (0, 1, 2), False, sim_side=128),
     # The issue's sizes: whole pools, whole test splits, the product's full fine-tuning.
     "full": Setting("full", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True),
+    # The same sizes under the usual active-learning protocol: each round retrains from the
+    # backbone for a fixed 120 steps (4x a product round; 16 epochs of the last round's 30 frames).
+    "full-retrain": Setting("full-retrain", 0, 0, 128, 5, 6, 120, 4, (0, 1, 2), True, retrain=True),
+    "smoke-retrain": Setting(
+        "smoke-retrain", 6, 3, 64, 2, 2, 1, 2, (0,), False, "tiny", sim_side=64, retrain=True
+    ),
     # Seconds: every code path on tiny pools; its numbers mean nothing.
     "smoke": Setting("smoke", 6, 3, 64, 2, 2, 1, 2, (0,), False, "tiny", sim_side=64),
 }
@@ -326,13 +339,14 @@ def run_one(
             raise ValueError(f"unknown strategy {strategy!r}")
         t1 = time.perf_counter()
         labelled = labelled + new
-        start = first_model(backbone, seed, setting.train_backbone) if model is None else model
+        fresh = model is None or setting.retrain
+        start = first_model(backbone, seed, setting.train_backbone) if fresh else model
         res = propagate(
             start,
             pool.frames[labelled],
             {j: pool.masks[i] for j, i in enumerate(labelled)},
             steps=setting.steps,
-            lr=DEFAULT_LR_NEW_DECODER if model is None else DEFAULT_LR,
+            lr=DEFAULT_LR_NEW_DECODER if fresh else DEFAULT_LR,
             batch_size=setting.batch,
             input_size=setting.size,
             seed=seed * 100 + r,
@@ -381,8 +395,11 @@ def backbone_key(backbone: Any) -> str:
 
 def run_key(setting: Setting, dataset: str, strategy: str, seed: int, bb: str) -> dict:
     """What a cached run must match to be reused."""
+    fields = asdict(setting) | {"seeds": None}
+    if not setting.retrain:  # keys written before the field existed stay valid
+        fields.pop("retrain")
     return {
-        "setting": asdict(setting) | {"seeds": None},
+        "setting": fields,
         "dataset": dataset,
         "strategy": strategy,
         "seed": seed,

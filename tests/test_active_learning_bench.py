@@ -133,3 +133,36 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
     al.main(argv)
     assert sorted(calls) == [("hc18", "random", 0), ("sim", "even", 0)]
     assert json.loads(stale.read_text())["key"]["backbone_id"] != "0" * 16
+
+
+def test_retrain_setting_starts_every_round_from_the_backbone(al, tmp_path, monkeypatch):
+    """``retrain`` settings build a fresh decoder on the bare backbone every round (and train it
+    at the new-decoder rate); warm-start settings only in round 1. Old keys stay valid."""
+    starts: list[int] = []
+    lrs: list[float] = []
+    real_first = al.first_model
+
+    def counting_first(backbone, seed, train_backbone):
+        starts.append(seed)
+        return real_first(backbone, seed, train_backbone)
+
+    import usfm_core.finetune.propagate as prop
+
+    real_prop = prop.propagate
+
+    def recording_prop(*args, **kwargs):
+        lrs.append(kwargs["lr"])
+        return real_prop(*args, **kwargs)
+
+    monkeypatch.setattr(al, "first_model", counting_first)
+    monkeypatch.setattr(prop, "propagate", recording_prop)
+    for name, n_starts in (("smoke", 1), ("smoke-retrain", 2)):
+        starts.clear()
+        lrs.clear()
+        argv = ["--setting", name, "--datasets", "sim", "--strategies", "random"]
+        argv += ["--threads", "1", "--results-dir", str(tmp_path)]
+        assert al.main(argv) == 0
+        assert len(starts) == n_starts and len(lrs) == 2
+        assert (lrs[1] == prop.DEFAULT_LR_NEW_DECODER) == (name == "smoke-retrain")
+        doc = json.loads((tmp_path / name / "sim" / "random-s0.json").read_text())
+        assert ("retrain" in doc["key"]["setting"]) == (name == "smoke-retrain")
