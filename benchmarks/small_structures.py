@@ -13,7 +13,9 @@ batch loading and augmentation included):
 * ``BasicUNet``: MONAI's plain U-Net (features 32-32-64-128-256-32, about 2 M parameters) or,
   without MONAI, its copy ``PlainUNet`` in ``benchmarks/unet_anchor.py``;
 * ``basicunet-prior``: the same with its head bias at ``unet-hr``'s 1 % foreground prior (so
-  that the new decoder's initialisation is not what the comparison measures).
+  that the new decoder's initialisation is not what the comparison measures);
+* ``unet-pre`` / ``unet-hr-pre``: the toolkit's segmenters started as a user's fine-tune starts,
+  from the shipped ``openus-small-fast`` backbone (fresh decoder), same recipe and budget.
 
 Tasks (input 160²): ``phantoms``: simulator frames with three to five small cysts and
 echogenic masses (mean radius 0.8–2 mm, 3–8 px;
@@ -54,7 +56,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-ARMS = ("unet", "unet-hr", "basicunet", "basicunet-prior")
+ARMS = ("unet", "unet-hr", "basicunet", "basicunet-prior", "unet-pre", "unet-hr-pre")
+# The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
+# fine-tune does); everything else is the same recipe.
+PRETRAINED = "openus-small-fast"
 TASKS = ("phantoms", "busi")
 RECIPE = {"lr": 2e-3, "weight_decay": 5e-2, "batch_size": 8, "input_size": 160}
 PHANTOMS = {"n_train": 100, "n_heldout": 50, "seed": 0}
@@ -97,6 +102,13 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
     if arm in ("unet", "unet-hr"):
         net: nn.Module = Segmenter(build_backbone("small-fast"), n_classes, arm)
         what = f"VMamba small-fast (scratch) + {arm} decoder"
+    elif arm in ("unet-pre", "unet-hr-pre"):
+        from usfm_core.finetune.models import load_backbone
+        from usfm_core.models.zoo import find_model
+
+        decoder = arm.removesuffix("-pre")
+        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, decoder)
+        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + {decoder} decoder"
     elif arm in ("basicunet", "basicunet-prior"):
         anchor = _anchor_module()
         if anchor.monai_version():

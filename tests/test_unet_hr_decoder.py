@@ -159,3 +159,32 @@ def test_small_structure_phantoms_are_small_and_two_classes():
     # Mean radius 0.8–2 mm at 4 px/mm: a few pixels to ~20 px across, ~1 % of the frame.
     assert 3 < np.median(widths) < 16 and max(widths) < 30
     assert (masks > 0).mean() < 0.02
+
+
+def test_small_structures_pretrained_arms_start_from_the_shipped_backbone():
+    """``benchmarks/small_structures.py``'s ``-pre`` arms: the shipped backbone's weights, a
+    fresh decoder of the named kind (the ``unet-hr`` head at its foreground prior)."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    from usfm_core.finetune.models import load_backbone
+    from usfm_core.models.zoo import find_model
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "small_structures.py"
+    spec = importlib.util.spec_from_file_location("small_structures_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shipped = load_backbone(find_model(bench.PRETRAINED).path).state_dict()
+    for arm, decoder in (("unet-pre", UNetDecoder), ("unet-hr-pre", UNetHRDecoder)):
+        net, what = bench.build_arm(arm, 3, 160, seed=0)
+        assert type(net.net.decoder) is decoder and bench.PRETRAINED in what
+        mine = net.net.backbone.state_dict()
+        assert mine.keys() == shipped.keys()
+        assert all(torch.equal(mine[k], shipped[k]) for k in shipped)
+    bias = net.net.decoder.head.bias
+    assert math.isclose(float(torch.softmax(bias, 0)[1]), UNetHRDecoder.PRIOR, rel_tol=1e-5)
+    scratch, _ = bench.build_arm("unet-hr", 3, 160, seed=0)
+    assert not torch.equal(
+        scratch.net.backbone.state_dict()[next(iter(shipped))], shipped[next(iter(shipped))]
+    )
