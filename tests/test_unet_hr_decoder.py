@@ -182,9 +182,65 @@ def test_small_structures_pretrained_arms_start_from_the_shipped_backbone():
         mine = net.net.backbone.state_dict()
         assert mine.keys() == shipped.keys()
         assert all(torch.equal(mine[k], shipped[k]) for k in shipped)
-    bias = net.net.decoder.head.bias
+    bias = net.net.decoder.head.bias.detach()
     assert math.isclose(float(torch.softmax(bias, 0)[1]), UNetHRDecoder.PRIOR, rel_tol=1e-5)
     scratch, _ = bench.build_arm("unet-hr", 3, 160, seed=0)
     assert not torch.equal(
         scratch.net.backbone.state_dict()[next(iter(shipped))], shipped[next(iter(shipped))]
     )
+
+
+def test_auto_decoder_picks_unet_hr_for_small_structures_only(shared_data):
+    """``choose_decoder``: the small-structure phantoms (median ≈ 9 px at 160²) get ``unet-hr``;
+    the BUSI lesions and HC18 heads of the shipped recipes' training splits (128²) keep
+    ``unet``, so ``auto`` does not change how the shipped models would be trained."""
+    from usfm_core.finetune.data import LabelledSet, read_mask, resolve_splits
+    from usfm_core.finetune.models import SMALL_STRUCTURE_PX, choose_decoder, structure_widths
+    from usfm_core.sim.structures import simulate_small_structures
+
+    masks = [simulate_small_structures(s, 160)[1] for s in range(12)]
+    name, why = choose_decoder(masks, 160)
+    assert name == "unet-hr" and why["median_width_px"] < SMALL_STRUCTURE_PX
+    assert why["n_structures"] >= 24  # two or more structures per frame, both classes counted
+    # The same masks viewed at 4x the side are wide enough for the plain decoder.
+    assert choose_decoder(masks, 640)[0] == "unet"
+    for name_, side in (("busi", 128), ("hc18", 128)):
+        ds = LabelledSet.from_folder(shared_data / name_, "segmentation")
+        ds.resolve_mask_classes()
+        train = resolve_splits(ds, None, None, 0)[0]["train"]
+        picked, why = choose_decoder((read_mask(ds.items[i]) for i in train[::4]), side)
+        assert picked == "unet" and why["median_width_px"] > 1.5 * SMALL_STRUCTURE_PX, why
+    # One 10x10 square: equivalent diameter 2·sqrt(100/π); empty masks count nothing.
+    square = np.zeros((40, 40), np.uint8)
+    square[5:15, 5:15] = 1
+    assert structure_widths([square, np.zeros_like(square)], 40) == pytest.approx([11.28], 1e-3)
+    assert choose_decoder([np.zeros_like(square)], 40) == (
+        "unet",
+        {
+            "decoder": "unet",
+            "median_width_px": None,
+            "n_structures": 0,
+            "threshold_px": SMALL_STRUCTURE_PX,
+            "input_size": 40,
+        },
+    )
+
+
+def test_cli_finetune_auto_decoder_chooses_and_records(tmp_path, capsys):
+    """``usfm-core finetune`` defaults to ``--decoder auto``: on small phantoms it builds the
+    ``unet-hr`` decoder, prints why and saves the evidence; ``--decoder unet`` still forces."""
+    from usfm_core.cli import main
+    from usfm_core.sim.structures import write_structures_folder
+
+    data = write_structures_folder(tmp_path / "phantoms", 10, 128, small=True)
+    common = ["finetune", "--task", "seg", "--data", str(data), "--input-size", "128"]
+    common += ["--batch-size", "4", "--max-steps", "1"]
+    assert main([*common, "--out", str(tmp_path / "auto")]) == 0
+    assert "decoder auto -> unet-hr" in capsys.readouterr().out
+    model, meta = load_finetuned(tmp_path / "auto")
+    assert isinstance(model.decoder, UNetHRDecoder) and model.config.head == "unet-hr"
+    assert meta["extra"]["decoder_choice"]["median_width_px"] < 16
+    assert main([*common, "--decoder", "unet", "--out", str(tmp_path / "forced")]) == 0
+    assert "decoder auto" not in capsys.readouterr().out
+    forced, meta = load_finetuned(tmp_path / "forced")
+    assert type(forced.decoder) is UNetDecoder and "decoder_choice" not in meta["extra"]

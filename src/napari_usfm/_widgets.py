@@ -501,6 +501,7 @@ def _finetune_job(
                 freeze_backbone=freeze,
                 device=device,
                 input_size=input_size,
+                decoder="auto",
                 batch_size=min(8, len(images)),
                 patience=epochs,
                 progress=messages.put,
@@ -642,11 +643,17 @@ class FinetuneWidget(_Base):
         if self.out_dir is None:
             return
         try:
-            read_entry(self.out_dir)
+            entry = read_entry(self.out_dir)
         except CheckpointError:
             self._notice("stopped before a model was saved")
             return
-        self._notice(f"saved {self.out_dir.name}: now selectable in Segment")
+        choice = (entry.config.get("extra") or {}).get("decoder_choice") or {}
+        why = (
+            f" (decoder {choice['decoder']}: median structure {choice['median_width_px']} px)"
+            if choice.get("median_width_px") is not None
+            else ""
+        )
+        self._notice(f"saved {self.out_dir.name}{why}: now selectable in Segment")
         EVENTS.models_changed.emit()
 
 

@@ -87,9 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--linear-probe", action="store_true", help="freeze the backbone")
     p.add_argument(
         "--decoder",
-        choices=["unet", "unet-hr", "conv", "vss"],
-        default="unet",
-        help="segmentation decoder: unet (conv + channel attention), unet-hr (unet plus a "
+        choices=["auto", "unet", "unet-hr", "conv", "vss"],
+        default="auto",
+        help="segmentation decoder: auto (default: unet-hr when the training masks' median "
+        "structure is under 16 px wide at --input-size, else unet; the choice is printed and "
+        "saved with the model), unet (conv + channel attention), unet-hr (unet plus a "
         "full-resolution path from the image, for structures a few pixels wide), conv "
         "(cheaper), vss (OpenUS's channel-aware VSS blocks; slow on CPU)",
     )
@@ -175,6 +177,13 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
         bar.close()
+        if res.decoder_choice:
+            c = res.decoder_choice
+            print(
+                f"{out}: decoder auto -> {c['decoder']} (median structure width "
+                f"{c['median_width_px']} px at {c['input_size']}², threshold "
+                f"{c['threshold_px']:g} px, {c['n_structures']} structures)"
+            )
         print(
             f"{out}: {res.split_rule}; classes {res.classes}; best epoch {res.best_epoch}, "
             f"val {_short(res.val_metrics)}, test {_short(res.test_metrics)}"

@@ -235,6 +235,53 @@ DECODERS: dict[str, type[nn.Module]] = {
     "vss": VSSDecoder,
 }
 
+#: ``decoder="auto"`` picks ``unet-hr`` when the median foreground structure is narrower than
+#: this many pixels at the model's input side: 4 cells of the stride-4 map that ``unet`` decodes
+#: before its ×4 upsample, below which its masks lose small structures (small-structure
+#: phantoms, median ≈ 10 px at 160²: ``unet`` 0-11 % Dice vs ``unet-hr`` 42-52 %; BUSI lesions
+#: and HC18 heads are several times wider and keep ``unet``; docs/benchmarks/small_structures.md).
+SMALL_STRUCTURE_PX = 16.0
+
+
+def structure_widths(masks, input_size: int) -> list[float]:
+    """Equivalent diameters (px at ``input_size``², i.e. ``2·sqrt(area / π)``) of the connected
+    components of every foreground class in ``masks``: an iterable of integer ``(H, W)``
+    masks (0 = background), each resized to ``input_size``² (nearest) first."""
+    import cv2
+    import numpy as np
+
+    widths: list[float] = []
+    for mask in masks:
+        m = cv2.resize(
+            np.asarray(mask).astype(np.uint8),
+            (input_size, input_size),
+            interpolation=cv2.INTER_NEAREST,
+        )
+        for value in np.unique(m[m > 0]):
+            n, _, stats, _ = cv2.connectedComponentsWithStats((m == value).astype(np.uint8), 8)
+            areas = stats[1:n, cv2.CC_STAT_AREA]
+            widths += [float(2 * math.sqrt(a / math.pi)) for a in areas]
+    return widths
+
+
+def choose_decoder(masks, input_size: int) -> tuple[str, dict]:
+    """The segmentation decoder for ``decoder="auto"``: ``unet-hr`` when the median structure
+    width of ``masks`` (:func:`structure_widths`) is under :data:`SMALL_STRUCTURE_PX`, else
+    ``unet`` (also when the masks hold no foreground). Returns ``(name, evidence)`` with the
+    median width, the component count and the threshold, to record with the model."""
+    import numpy as np
+
+    widths = structure_widths(masks, input_size)
+    median = float(np.median(widths)) if widths else None
+    name = "unet-hr" if median is not None and median < SMALL_STRUCTURE_PX else "unet"
+    return name, {
+        "decoder": name,
+        "median_width_px": None if median is None else round(median, 2),
+        "n_structures": len(widths),
+        "threshold_px": SMALL_STRUCTURE_PX,
+        "input_size": input_size,
+    }
+
 
 class _TaskModel(nn.Module):
     """Shared plumbing: backbone, channel repeat, and the metadata saved with the model."""

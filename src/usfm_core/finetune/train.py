@@ -40,6 +40,7 @@ from usfm_core.finetune.data import (
     LabelledSet,
     SupervisedDataset,
     label_subset,
+    read_mask,
     resolve_splits,
     save_splits,
     training_loader,
@@ -49,6 +50,7 @@ from usfm_core.finetune.models import (
     Segmenter,
     build_backbone,
     build_like,
+    choose_decoder,
     load_backbone,
     save_finetuned,
 )
@@ -84,6 +86,8 @@ class FinetuneResult:
     steps: int = 0
     best_step: int = 0
     classes: list[str] = field(default_factory=list)
+    decoder: str = ""
+    decoder_choice: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (paths as strings)."""
@@ -198,6 +202,10 @@ def finetune(
             head keep ``lr``), e.g. 0.3 to move pretrained features less than the new layers;
             the cosine schedule scales both groups alike. 1.0 = one learning rate for all.
         freeze_backbone: linear probe: only the head trains, the backbone stays in eval mode.
+        decoder: segmentation decoder (``unet``, ``unet-hr``, ``conv``, ``vss``), or ``auto``:
+            ``unet-hr`` when the training masks' median structure is under 16 px wide at
+            ``input_size`` (:func:`~usfm_core.finetune.models.choose_decoder`; the choice and
+            its evidence are saved as ``decoder_choice`` in the model's metadata), else ``unet``.
         input_size: square model input side, divisible by 32.
         max_steps: stop after this many optimiser steps in total (quick runs, tests).
         val_every: validate (and select, count patience) every N optimiser steps instead of
@@ -244,6 +252,7 @@ def finetune(
     splits, split_rule = resolve_splits(dataset, splits, splits_file, split_seed)
     train_idx = label_subset(splits["train"], dataset.labels, dataset.groups, label_ratio, seed)
     run_splits = {"train": train_idx, "val": splits["val"], "test": splits["test"]}
+    decoder, decoder_choice = _resolve_decoder(decoder, task, dataset, train_idx, input_size)
     splits_path = out_dir / "splits.json"
     save_splits(
         splits_path,
@@ -306,6 +315,8 @@ def finetune(
     }
     if task == "segmentation":
         extra.update(mask_classes=dataset.mask_classes, mask_values=dataset.mask_values)
+    if decoder_choice is not None:
+        extra["decoder_choice"] = decoder_choice
     best: tuple[float, float] = (-math.inf, -math.inf)
     best_epoch, best_state, best_val = 0, None, {}
     history: list[dict[str, Any]] = []
@@ -418,6 +429,8 @@ def finetune(
         steps=step,
         best_step=best_at,
         classes=list(model.classes),
+        decoder=decoder if task == "segmentation" else "",
+        decoder_choice=decoder_choice,
     )
     from usfm_core.utils import atomic_write_text
 
@@ -509,6 +522,21 @@ def _as_labelled(data: Any, task: str) -> LabelledSet:
         f"cannot use {type(data).__name__} as training data",
         hint="pass a folder with manifest.csv or (images, masks/labels) arrays",
     )
+
+
+def _resolve_decoder(
+    decoder: str, task: str, dataset: LabelledSet, train_idx: Sequence[int], input_size: int
+) -> tuple[str, dict | None]:
+    """``decoder`` itself, or for ``"auto"`` the choice of
+    :func:`~usfm_core.finetune.models.choose_decoder` on the training masks (read as stored,
+    resized to ``input_size``) and its evidence. Classifiers ignore the decoder."""
+    if decoder != "auto":
+        return decoder, None
+    if task != "segmentation":
+        return "unet", None
+    # At most ~500 evenly spread training masks: a median needs no more, big sets stay quick.
+    sample = list(train_idx)[:: max(1, len(train_idx) // 500)]
+    return choose_decoder((read_mask(dataset.items[i]) for i in sample), input_size)
 
 
 def _build_model(
