@@ -219,3 +219,30 @@ def test_run_round_warm_starts_from_the_latest(cine, tmp_path):
     assert info.val_dice == pytest.approx(frame_dice(r2.propagation.masks[4], gt[4]))
     assert r2.propagation.model.input_size == SIZE  # carried over from round 1's model
     assert [r.number for r in list_rounds(rounds)] == [1, 2]
+
+
+def test_auto_decoder_follows_the_painted_structures(cine, sim_lesion):
+    """``decoder="auto"`` (the Annotate widget's): a fresh decoder is ``unet-hr`` for small
+    painted dots and ``unet`` for a wide painted region, and the choice is noted in
+    ``warm_start``; a segmenter to warm-start from keeps its own decoder."""
+    import cv2
+
+    from usfm_core.finetune.models import UNetDecoder, UNetHRDecoder
+
+    frames, _ = cine
+    torch.manual_seed(0)
+    backbone = CnnBackbone(CnnCfg(width=8))
+    dots = np.zeros((96, 96), np.uint8)
+    for y, x in ((20, 20), (50, 70), (75, 30)):
+        cv2.circle(dots, (x, y), 3, 1, -1)  # ≈ 5 px wide at the 64² input
+    disk = np.zeros((96, 96), np.uint8)
+    cv2.circle(disk, (48, 48), 30, 1, -1)  # ≈ 40 px wide at 64²
+    common = dict(steps=1, input_size=SIZE, decoder="auto")
+    small = propagate(backbone, frames[:3], {1: dots}, **common)
+    assert type(small.model.decoder) is UNetHRDecoder
+    assert "decoder auto: median structure" in small.warm_start
+    wide = propagate(backbone, frames[:3], {1: disk}, **common)
+    assert type(wide.model.decoder) is UNetDecoder and "decoder auto" in wide.warm_start
+    warm = propagate(sim_lesion, frames[:3], {1: dots}, **common)
+    assert type(warm.model.decoder) is type(sim_lesion.decoder)
+    assert "decoder auto" not in warm.warm_start

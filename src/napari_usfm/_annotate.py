@@ -166,6 +166,7 @@ def _propagate_job(
         steps=steps,
         smooth=smooth,
         input_size=input_size,
+        decoder="auto",
         device=device,
     )
     while True:

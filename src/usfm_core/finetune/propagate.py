@@ -418,16 +418,25 @@ def iter_propagate(
     if bad:
         raise ConfigError(f"labelled frame(s) {bad[:5]} outside 0..{n - 1}")
     shape = _gray(seq[0]).shape
+    n_out = n_classes or label_classes(labels)
+    first = "unet" if decoder == "auto" else decoder
     model, source, new_decoder = start_model(
-        model_or_backbone,
-        n_classes=n_classes or label_classes(labels),
-        decoder=decoder,
-        seed=seed,
+        model_or_backbone, n_classes=n_out, decoder=first, seed=seed
     )
+    size = model_input_size(model, input_size)
+    if decoder == "auto" and new_decoder:
+        # A fresh decoder: pick it from the painted structures at the model's input side.
+        from usfm_core.finetune.models import choose_decoder
+
+        chosen, why = choose_decoder(labels.values(), size)
+        if chosen != first:
+            model, source, _ = start_model(
+                model_or_backbone, n_classes=n_out, decoder=chosen, seed=seed
+            )
+        source += f" (decoder auto: median structure {why['median_width_px']} px at {size}²)"
     if steps is None:
         steps = DEFAULT_STEPS_NEW_DECODER if new_decoder else DEFAULT_STEPS
     k = int(model.n_classes)
-    size = model_input_size(model, input_size)
     model.input_size = size
     masks = {int(i): _class_mask(m, k, int(i), shape) for i, m in labels.items()}
     lr = lr if lr is not None else DEFAULT_LR_NEW_DECODER if new_decoder else DEFAULT_LR
@@ -527,6 +536,9 @@ def propagate(
         track: keep the components overlapping the previous frame's mask.
         keep_labels: give painted frames back as painted and anchor smoothing on them.
         n_classes: outputs of a fresh decoder (default: 1 for binary labels, else max + 1).
+        decoder: a fresh decoder's kind (``unet``, ``unet-hr``, ...), or ``auto``: ``unet-hr``
+            when the painted structures' median width at the input side is under 16 px
+            (:func:`~usfm_core.finetune.models.choose_decoder`); noted in ``warm_start``.
         progress: called with every progress dict of :func:`iter_propagate`.
         cancel: callable returning True, or a ``threading.Event``, to stop early.
         threads: torch CPU threads for this call (restored afterwards).
