@@ -6,6 +6,7 @@ click on **Segment** with the preselected shipped model.
     xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --inspect
     xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --annotate \
         --suffix _1280x720
+    xvfb-run -a -s "-screen 0 1280x720x24" python tools/napari_screenshots.py --finetune
 
 Writes ``napari_segment_hc18{suffix}.png`` and ``napari_segment_busi{suffix}.png`` (the whole
 window, widgets included, at the size the main job opens on that screen) and prints the
@@ -182,6 +183,50 @@ def annotate_and_capture(
         viewer.close()
 
 
+def finetune_and_capture(out: Path, timeout_s: float = 900.0) -> str:
+    """The Fine-tune tab on six small-structure phantoms (160², two classes, their masks as the
+    painted Labels layer): from the shipped backbone, 1 epoch at 160², into a temporary model
+    directory; saves the window after training (``napari_finetune_auto.png``: the status line
+    names the decoder ``auto`` chose and why) and returns that status line."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_usfm.__main__ import DOCK_MAX_WIDTH, fit_window
+    from napari_usfm._widgets import FinetuneWidget
+    from usfm_core.sim.structures import simulate_small_structures
+
+    os.environ["USFM_MODEL_DIR"] = tempfile.mkdtemp(prefix="usfm-screenshots-")
+    pairs = [simulate_small_structures(s, 160) for s in range(6)]
+    viewer = napari.Viewer(title="napari-usfm", show=True)
+    try:
+        viewer.add_image(np.stack([p[0] for p in pairs]), name="phantoms")
+        viewer.add_labels(np.stack([p[1] for p in pairs]).astype(np.uint8), name="painted")
+        ft = FinetuneWidget(viewer)
+        ft.native.setMaximumWidth(DOCK_MAX_WIDTH)
+        viewer.window.add_dock_widget(ft, name="Fine-tune", area="right")
+        fit_window(viewer)
+        ft._image.reset_choices()
+        ft._labels.reset_choices()
+        ft._image.value, ft._labels.value = viewer.layers["phantoms"], viewer.layers["painted"]
+        ft._epochs.value, ft._size.value, ft._name.value = 1, 160, "small-structures"
+        ft.run()
+        start = time.perf_counter()
+        while ft._worker is None or ft.busy:
+            QApplication.processEvents()
+            time.sleep(0.02)
+            if time.perf_counter() - start > timeout_s:
+                raise TimeoutError(f"Fine-tune did not finish in {timeout_s} s")
+        if ft.error is not None:
+            raise ft.error
+        for _ in range(25):
+            QApplication.processEvents()
+            time.sleep(0.02)
+        viewer.screenshot(str(out), canvas_only=False)
+        return str(ft._status.value)
+    finally:
+        viewer.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("docs/images"))
@@ -199,8 +244,18 @@ def main() -> None:
         "frames, Propagate (napari_annotate_suggest{suffix}.png, napari_annotate_propagate"
         "{suffix}.png)",
     )
+    ap.add_argument(
+        "--finetune",
+        action="store_true",
+        help="the Fine-tune tab on small-structure phantoms (napari_finetune_auto.png): the "
+        "decoder chosen by --decoder auto in the status line",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.finetune:
+        path = args.out / f"napari_finetune_auto{args.suffix}.png"
+        print(f"finetune: {path} {finetune_and_capture(path)!r}")
+        return
     if args.annotate:
         print(f"annotate: {annotate_and_capture(args.out, args.suffix)}")
         return

@@ -570,6 +570,7 @@ class FinetuneWidget(_Base):
                 self._status,
             ]
         )
+        _wrap(self._status, lines=3)  # the saved line names the decoder chosen and why
         self.losses: list[float] = []
         self.out_dir: Path | None = None
 
@@ -648,12 +649,12 @@ class FinetuneWidget(_Base):
             self._notice("stopped before a model was saved")
             return
         choice = (entry.config.get("extra") or {}).get("decoder_choice") or {}
-        why = (
-            f" (decoder {choice['decoder']}: median structure {choice['median_width_px']} px)"
-            if choice.get("median_width_px") is not None
-            else ""
-        )
-        self._notice(f"saved {self.out_dir.name}{why}: now selectable in Segment")
+        width = choice.get("median_width_px")
+        if width:  # which decoder "auto" chose, and why (3 lines in a narrow dock)
+            decoder = choice["decoder"]
+            self._notice(f"saved {self.out_dir.name}: {decoder} (≈ {width:.0f} px structures)")
+        else:
+            self._notice(f"saved {self.out_dir.name}: now selectable in Segment")
         EVENTS.models_changed.emit()
 
 
