@@ -24,6 +24,20 @@ from pathlib import Path
 import numpy as np
 
 
+def wait_for(widget, what: str, timeout_s: float) -> None:
+    """Pump the Qt event loop until ``widget``'s worker has finished; re-raise its error."""
+    from qtpy.QtWidgets import QApplication
+
+    start = time.perf_counter()
+    while widget._worker is None or widget.busy:
+        QApplication.processEvents()
+        time.sleep(0.02)
+        if time.perf_counter() - start > timeout_s:
+            raise TimeoutError(f"{what} did not finish in {timeout_s} s")
+    if widget.error is not None:
+        raise widget.error
+
+
 def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dict:
     """Open the sample as the main job does, click Segment, wait, save the window."""
     from qtpy.QtWidgets import QApplication
@@ -34,14 +48,7 @@ def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dic
     try:
         seg = widgets["Segment"]
         seg.run()
-        start = time.perf_counter()
-        while seg._worker is None or seg.busy:
-            QApplication.processEvents()
-            time.sleep(0.02)
-            if time.perf_counter() - start > timeout_s:
-                raise TimeoutError(f"Segment on {sample} did not finish in {timeout_s} s")
-        if seg.error is not None:
-            raise seg.error
+        wait_for(seg, f"Segment on {sample}", timeout_s)
         # The reference outline is shown beside the prediction (different colours).
         for layer in viewer.layers:
             if layer.name.endswith("annotation"):
@@ -71,14 +78,7 @@ def inspect_and_capture(out: Path, timeout_s: float = 180.0) -> dict:
         viewer.window._dock_widgets["Inspect"].raise_()
         ins = widgets["Inspect"]
         ins.run()
-        start = time.perf_counter()
-        while ins._worker is None or ins.busy:
-            QApplication.processEvents()
-            time.sleep(0.02)
-            if time.perf_counter() - start > timeout_s:
-                raise TimeoutError(f"Inspect did not finish in {timeout_s} s")
-        if ins.error is not None:
-            raise ins.error
+        wait_for(ins, "Inspect", timeout_s)
         shots = {"alp": out, "reconstruction": out.with_name(f"{out.stem}_reconstruction.png")}
         for name, path in shots.items():
             if name == "reconstruction":
@@ -110,14 +110,7 @@ def annotate_and_capture(
     from napari_usfm._layers import reference_colormap
 
     def wait(widget) -> None:
-        start = time.perf_counter()
-        while widget._worker is None or widget.busy:
-            QApplication.processEvents()
-            time.sleep(0.02)
-            if time.perf_counter() - start > timeout_s:
-                raise TimeoutError(f"Annotate did not finish in {timeout_s} s")
-        if widget.error is not None:
-            raise widget.error
+        wait_for(widget, "Annotate", timeout_s)
 
     def settle() -> None:
         for _ in range(25):
@@ -210,14 +203,7 @@ def finetune_and_capture(out: Path, timeout_s: float = 900.0) -> str:
         ft._image.value, ft._labels.value = viewer.layers["phantoms"], viewer.layers["painted"]
         ft._epochs.value, ft._size.value, ft._name.value = 1, 160, "small-structures"
         ft.run()
-        start = time.perf_counter()
-        while ft._worker is None or ft.busy:
-            QApplication.processEvents()
-            time.sleep(0.02)
-            if time.perf_counter() - start > timeout_s:
-                raise TimeoutError(f"Fine-tune did not finish in {timeout_s} s")
-        if ft.error is not None:
-            raise ft.error
+        wait_for(ft, "Fine-tune", timeout_s)
         for _ in range(25):
             QApplication.processEvents()
             time.sleep(0.02)
