@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -238,12 +239,12 @@ DECODERS: dict[str, type[nn.Module]] = {
 #: ``decoder="auto"`` picks ``unet-hr`` when the median foreground structure is narrower than
 #: this many pixels at the model's input side: 4 cells of the stride-4 map that ``unet`` decodes
 #: before its ×4 upsample, below which its masks lose small structures (small-structure
-#: phantoms, median ≈ 10 px at 160²: ``unet`` 0-11 % Dice vs ``unet-hr`` 42-52 %; BUSI lesions
+#: phantoms, median ≈ 9 px at 160²: ``unet`` 0-11 % Dice vs ``unet-hr`` 42-52 %; BUSI lesions
 #: and HC18 heads are several times wider and keep ``unet``; docs/benchmarks/small_structures.md).
 SMALL_STRUCTURE_PX = 16.0
 
 
-def structure_widths(masks, input_size: int) -> list[float]:
+def structure_widths(masks: Iterable[Any], input_size: int) -> list[float]:
     """Equivalent diameters (px at ``input_size``², i.e. ``2·sqrt(area / π)``) of the connected
     components of every foreground class in ``masks``: an iterable of integer ``(H, W)``
     masks (0 = background), each resized to ``input_size``² (nearest) first."""
@@ -264,7 +265,7 @@ def structure_widths(masks, input_size: int) -> list[float]:
     return widths
 
 
-def choose_decoder(masks, input_size: int) -> tuple[str, dict]:
+def choose_decoder(masks: Iterable[Any], input_size: int) -> tuple[str, dict[str, Any]]:
     """The segmentation decoder for ``decoder="auto"``: ``unet-hr`` when the median structure
     width of ``masks`` (:func:`structure_widths`) is under :data:`SMALL_STRUCTURE_PX`, else
     ``unet`` (also when the masks hold no foreground). Returns ``(name, evidence)`` with the
