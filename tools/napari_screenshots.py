@@ -38,9 +38,17 @@ def wait_for(widget, what: str, timeout_s: float) -> None:
         raise widget.error
 
 
+def settle(rounds: int = 25) -> None:
+    """Let the canvas, layers and tables repaint before a screenshot (``rounds`` × 20 ms)."""
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(rounds):
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
 def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dict:
     """Open the sample as the main job does, click Segment, wait, save the window."""
-    from qtpy.QtWidgets import QApplication
 
     from napari_usfm.__main__ import build_viewer
 
@@ -53,9 +61,7 @@ def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dic
         for layer in viewer.layers:
             if layer.name.endswith("annotation"):
                 layer.visible = True
-        for _ in range(20):  # let the canvas and table repaint
-            QApplication.processEvents()
-            time.sleep(0.02)
+        settle(20)  # let the canvas and table repaint
         viewer.screenshot(str(out), canvas_only=False)
         window = viewer.window._qt_window.width()
         canvas = viewer.window._qt_viewer.canvas.native.width()
@@ -69,7 +75,6 @@ def segment_and_capture(sample: str, out: Path, timeout_s: float = 120.0) -> dic
 def inspect_and_capture(out: Path, timeout_s: float = 180.0) -> dict:
     """Open the simulated cine, click Inspect (the shipped backbone ``openus-small-fast`` is
     preselected) and save the window twice: ALP heatmap, then the student's reconstruction."""
-    from qtpy.QtWidgets import QApplication
 
     from napari_usfm.__main__ import build_viewer
 
@@ -85,9 +90,7 @@ def inspect_and_capture(out: Path, timeout_s: float = 180.0) -> dict:
                 viewer.layers["ALP score"].visible = False
                 viewer.layers["reconstruction"].visible = True
                 viewer.layers.selection.active = viewer.layers["reconstruction"]
-            for _ in range(20):
-                QApplication.processEvents()
-                time.sleep(0.02)
+            settle(20)
             viewer.screenshot(str(path), canvas_only=False)
         return {"model": ins._model.current_choice, "mask": float(ins.result.mask.mean())}
     finally:
@@ -103,19 +106,10 @@ def annotate_and_capture(
     Suggest (``napari_annotate_suggest{suffix}.png``: outlined frame + table) and after
     Propagate (``napari_annotate_propagate{suffix}.png``: the propagated masks on an unpainted
     frame with the simulator's mask outlined, the round line)."""
-    from qtpy.QtWidgets import QApplication
 
     from napari_usfm.__main__ import DOCK_MAX_WIDTH, build_viewer, fit_window
     from napari_usfm._annotate import AnnotateWidget
     from napari_usfm._layers import reference_colormap
-
-    def wait(widget) -> None:
-        wait_for(widget, "Annotate", timeout_s)
-
-    def settle() -> None:
-        for _ in range(25):
-            QApplication.processEvents()
-            time.sleep(0.02)
 
     # Rounds go to a temporary model directory, never the user's.
     os.environ["USFM_MODEL_DIR"] = tempfile.mkdtemp(prefix="usfm-screenshots-")
@@ -127,7 +121,7 @@ def annotate_and_capture(
         fit_window(viewer, size)
         ann._k.value = 4
         ann.suggest()
-        wait(ann)
+        wait_for(ann, "Annotate", timeout_s)
         frames = [s.frame for s in ann.suggestions]
         ann.jump_to(frames[0])
         settle()
@@ -142,7 +136,7 @@ def annotate_and_capture(
         labels.refresh()
         t0 = time.perf_counter()
         ann.propagate()
-        wait(ann)
+        wait_for(ann, "Annotate", timeout_s)
         seconds = time.perf_counter() - t0
         others = [t for t in range(truth.shape[0]) if t not in painted]
         shown = others[len(others) // 2]
@@ -182,7 +176,6 @@ def finetune_and_capture(out: Path, timeout_s: float = 900.0) -> str:
     directory; saves the window after training (``napari_finetune_auto.png``: the status line
     names the decoder ``auto`` chose and why) and returns that status line."""
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from napari_usfm.__main__ import DOCK_MAX_WIDTH, fit_window
     from napari_usfm._widgets import FinetuneWidget
@@ -204,9 +197,7 @@ def finetune_and_capture(out: Path, timeout_s: float = 900.0) -> str:
         ft._epochs.value, ft._size.value, ft._name.value = 1, 160, "small-structures"
         ft.run()
         wait_for(ft, "Fine-tune", timeout_s)
-        for _ in range(25):
-            QApplication.processEvents()
-            time.sleep(0.02)
+        settle()
         viewer.screenshot(str(out), canvas_only=False)
         return str(ft._status.value)
     finally:
