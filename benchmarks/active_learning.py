@@ -575,20 +575,16 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
                 # "suggest" (the product default) keeps the historical top-level keys.
                 sub = entry if variant == "suggest" else entry.setdefault(variant, {})
                 sub["compared_seeds"] = sorted(common)
+                n_labels = [x["n_labelled"] for x in rnd[:m]]
+                rnd_means = [x["mean"] for x in rnd[:m]]
                 sub["labels_to_match_random"] = labels_to_match_random(
-                    [x["n_labelled"] for x in rnd[:m]],
-                    [x["mean"] for x in sug[:m]],
-                    [x["mean"] for x in rnd[:m]],
-                    setting.k,
+                    n_labels, [x["mean"] for x in sug[:m]], rnd_means, setting.k
                 )
                 # Control: where random's own curve first reaches its final mean. On a flat,
                 # noisy curve this is early too, and a small labels_to_match_random means
                 # nothing unless it is below this.
                 sub["random_self_match"] = labels_to_match_random(
-                    [x["n_labelled"] for x in rnd[:m]],
-                    [x["mean"] for x in rnd[:m]],
-                    [x["mean"] for x in rnd[:m]],
-                    setting.k,
+                    n_labels, rnd_means, rnd_means, setting.k
                 )
                 sub["never_worse_than_random"] = never_worse(sug[:m], rnd[:m])
                 sub["complete"] = len(common) >= len(setting.seeds) and m == setting.rounds
