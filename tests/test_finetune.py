@@ -349,3 +349,33 @@ def test_backbone_lr_scale_slows_only_the_backbone(tmp_path):
     assert meta1["extra"]["optimizer"]["lr"] == 1e-2
     with pytest.raises(ConfigError, match="backbone_lr_scale"):
         _one_step_changes(tmp_path, 0.0)
+
+
+def test_run_folder_never_replaces_the_data_or_the_splits_file(tmp_path, capsys):
+    """``--out`` equal to the data folder, or a run folder whose ``splits.json`` is the splits
+    file given as input, is refused before anything is written: the user's files stay."""
+    from usfm_core.cli import main
+    from usfm_core.sim.structures import write_structures_folder
+
+    def refused(argv: list[str], message: str) -> None:
+        assert main(argv) != 0
+        assert message in capsys.readouterr().err
+
+    data = write_structures_folder(tmp_path / "data", 6, 64, small=True)
+    (data / "splits.json").write_text('{"mine": 1}')
+    (data / "result.json").write_text("user notes")
+    before = sorted(p.name for p in data.iterdir())
+    common = ["finetune", "--task", "seg", "--data", str(data), "--input-size", "64"]
+    common += ["--max-steps", "1", "--batch-size", "2"]
+    refused([*common, "--out", str(data)], "the output folder is one of the inputs")
+    refused([*common, "--out", str(data), "--seeds", "0", "1"], "one of the inputs")
+    run = tmp_path / "run"
+    run.mkdir()
+    splits = run / "splits.json"
+    keys = [it.key for it in LabelledSet.from_folder(data).items]
+    splits.write_text(json.dumps({"train": keys[:3], "val": keys[3:4], "test": keys[4:]}))
+    refused([*common, "--splits", str(splits), "--out", str(run)], "would overwrite the input")
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert (data / "splits.json").read_text() == '{"mine": 1}'
+    assert (data / "result.json").read_text() == "user notes"
+    assert json.loads(splits.read_text())["train"] == keys[:3]

@@ -137,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if args.splits is not None and not args.splits.is_file():
         raise ConfigError("splits file not found", path=args.splits, hint="check the path")
 
+    from usfm_core.outputs import check_out_dir
+
+    check_out_dir(args.out, [args.data])  # several runs write summary.json into --out itself
     combos = [(r, s) for r in args.label_ratio for s in args.seeds]
     summary: dict[str, dict] = {}
     for ratio, seed in combos:

@@ -242,6 +242,7 @@ def finetune(
     if time_budget_s is not None and time_budget_s <= 0:
         raise ConfigError(f"time budget must be > 0 s, got {time_budget_s}")
     out_dir = Path(out_dir)
+    _check_run_folder(out_dir, data, splits_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(resolve_device(device))
     torch.manual_seed(seed)
@@ -522,6 +523,23 @@ def _as_labelled(data: Any, task: str) -> LabelledSet:
         f"cannot use {type(data).__name__} as training data",
         hint="pass a folder with manifest.csv or (images, masks/labels) arrays",
     )
+
+
+#: Files a run writes directly in its folder (the model goes to ``model/``).
+RUN_FILES = ("splits.json", "history.csv", "result.json")
+
+
+def _check_run_folder(out_dir: Path, data: Any, splits_file: str | Path | None) -> None:
+    """Refuse, before anything is written, a run folder that is the data folder (its
+    ``splits.json`` / ``result.json`` would replace the user's) or whose files would replace
+    the splits file read as input (:func:`usfm_core.outputs.check_outputs`)."""
+    from usfm_core.outputs import check_out_dir, check_outputs
+
+    inputs = [Path(data)] if isinstance(data, (str, Path)) else []
+    check_out_dir(out_dir, inputs)
+    if splits_file is not None:
+        inputs.append(Path(splits_file))
+    check_outputs([out_dir / name for name in RUN_FILES], inputs)
 
 
 def _resolve_decoder(
