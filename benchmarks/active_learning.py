@@ -88,9 +88,15 @@ RESULTS_DIR = HERE / "results" / "active_learning"
 SUMMARY = HERE / "results" / "active_learning.json"
 TIMING = HERE / "results" / "active_learning_timing.json"
 PLOT = REPO / "docs" / "images" / "active_learning.png"
-STRATEGIES = ("suggest", "suggest-typical", "random", "even")
-# The benchmark's suggesting strategies and the ``select_frames`` rule each one uses.
-SUGGEST_VARIANTS = {"suggest": "kcenter", "suggest-typical": "typical"}
+STRATEGIES = ("suggest", "suggest-typical", "suggest-typical-w0", "random", "even")
+# The benchmark's suggesting strategies: the ``select_frames`` rule and uncertainty weight each
+# uses (None: the product default, 0 in round 1 and 0.5 once anything is labelled).
+SUGGEST_VARIANTS: dict[str, tuple[str, float | None]] = {
+    "suggest": ("kcenter", None),
+    "suggest-typical": ("typical", None),
+    # TypiClust as its paper runs it at low budgets: typicality alone, no uncertainty, every round.
+    "suggest-typical-w0": ("typical", 0.0),
+}
 DATASETS = ("busi", "hc18", "sim")
 TITLES = {"busi": "BUSI lesions", "hc18": "HC18 fetal heads", "sim": "simulated cine"}
 SIM_TEST_SEED = 5000
@@ -259,14 +265,16 @@ def suggest_pick(
     size: int,
     seed: int,
     rule: str = "kcenter",
+    weight: float | None = None,
 ) -> list[int]:
     """The product's top-``k`` suggestions (``score_frames`` + ``select_frames`` with the
-    diversity ``rule``) with ``model`` (a bare backbone in round 1, the last round's segmenter
-    later)."""
+    diversity ``rule`` and uncertainty ``weight``) with ``model`` (a bare backbone in round 1,
+    the last round's segmenter later)."""
     from usfm_core.finetune.suggest import score_frames, select_frames
 
-    scores = score_frames(model, frames, input_size=size, batch_size=8)
-    return [s.frame for s in select_frames(scores, k, labelled, seed=seed, strategy=rule)]
+    scores = score_frames(model, frames, input_size=size, batch_size=8, flip=weight != 0)
+    picks = select_frames(scores, k, labelled, seed=seed, strategy=rule, uncertainty_weight=weight)
+    return [s.frame for s in picks]
 
 
 # ---------------------------------------------------------------------------- one run
@@ -329,8 +337,10 @@ def run_one(
         t0 = time.perf_counter()
         if strategy in SUGGEST_VARIANTS:
             ranker = backbone if model is None else model
-            rule = SUGGEST_VARIANTS[strategy]
-            new = suggest_pick(ranker, pool.frames, labelled, setting.k, setting.size, seed, rule)
+            rule, weight = SUGGEST_VARIANTS[strategy]
+            new = suggest_pick(
+                ranker, pool.frames, labelled, setting.k, setting.size, seed, rule, weight
+            )
         elif strategy == "random":
             new = random_pick(n, labelled, setting.k, rng)
         elif strategy == "even":
@@ -590,11 +600,12 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
                 sub["complete"] = len(common) >= len(setting.seeds) and m == setting.rounds
         out["datasets"][dataset] = entry
     out["targets"] = target_checks(out["datasets"])
-    typical = {
-        d: e["suggest-typical"] for d, e in out["datasets"].items() if "suggest-typical" in e
-    }
-    if typical:
-        out["targets_typical"] = target_checks(typical)
+    for variant in SUGGEST_VARIANTS:
+        if variant == "suggest":
+            continue
+        sub = {d: e[variant] for d, e in out["datasets"].items() if variant in e}
+        if sub:  # "targets_typical" / "targets_typical-w0": the variants' own target lines
+            out["targets_" + variant.removeprefix("suggest-")] = target_checks(sub)
     return out
 
 
@@ -667,7 +678,9 @@ def markdown(summary: dict[str, Any]) -> str:
         seeds = ", ".join(f"{s}: {len(v['seeds'])}" for s, v in st.items())
         lines.append("")
         lines.append(f"Seeds per strategy: {seeds}.")
-        for name, sub in (("Suggest", entry), ("Suggest-typical", entry.get("suggest-typical"))):
+        for variant in SUGGEST_VARIANTS:
+            name = variant.capitalize()
+            sub = entry if variant == "suggest" else entry.get(variant)
             if not sub or "labels_to_match_random" not in sub:
                 continue
             ltm = sub["labels_to_match_random"]
@@ -685,10 +698,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("")
     for t in summary["targets"]:
         lines.append(f"- {t['target']}: {'met' if t['met'] else 'missed'} ({t['values']})")
-    for t in summary.get("targets_typical", []):
-        lines.append(
-            f"- typical rule, {t['target']}: {'met' if t['met'] else 'missed'} ({t['values']})"
-        )
+    for variant in SUGGEST_VARIANTS:
+        rule = variant.removeprefix("suggest-")
+        for t in summary.get("targets_" + rule, []) if variant != "suggest" else []:
+            lines.append(
+                f"- {rule} rule, {t['target']}: {'met' if t['met'] else 'missed'} ({t['values']})"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -707,6 +722,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     colours = {
         "suggest": "tab:red",
         "suggest-typical": "tab:orange",
+        "suggest-typical-w0": "tab:green",
         "random": "tab:gray",
         "even": "tab:blue",
     }

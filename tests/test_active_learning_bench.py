@@ -103,7 +103,7 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
     assert [f.relative_to(results / "smoke").as_posix() for f in files] == [
         f"{d}/{s}-s0.json"
         for d in ("hc18", "sim")
-        for s in ("even", "random", "suggest", "suggest-typical")
+        for s in ("even", "random", "suggest", "suggest-typical", "suggest-typical-w0")
     ]
     setting = al.SETTINGS["smoke"]
     for f in files:
@@ -120,6 +120,7 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
     assert "labels_to_match_random" in hc and len(summary["targets"]) == 4
     assert hc["random_self_match"]["value"] <= 1.0  # random reaches its own final by the end
     assert "labels_to_match_random" in hc["suggest-typical"] and summary["targets_typical"]
+    assert "labels_to_match_random" in hc["suggest-typical-w0"] and summary["targets_typical-w0"]
     assert png.stat().st_size > 10_000 and out.with_suffix(".md").is_file()
 
     # resume: nothing reruns while every cached key matches ...

@@ -151,18 +151,22 @@ def check_subset(name: str, data_root: Path, keys: list[str]) -> dict:
     return {"data": info["data"], "keys": keys, "metrics": metrics}
 
 
-def val_metrics(model_ref: str, data_root: Path, task: str) -> dict:
+def val_metrics(model_ref: str, data_root: Path, task: str, tta: bool | None = None) -> dict:
     """Score a model (name or folder) on the validation split the recipe makes for
     ``data_root`` (``split_seed`` 0): how a re-trained model is compared with the shipped one
-    without touching the test split."""
+    without touching the test split. ``tta``: force flip test-time augmentation on / off
+    (default: the model's own ``extra.tta``)."""
     from usfm_core.evaluate.report import score_items
     from usfm_core.finetune.models import load_finetuned
 
     data = LabelledSet.from_folder(data_root, task)
     splits = make_splits(data.labels, data.groups, seed=SPLIT_SEED)
     model, _ = load_finetuned(model_ref)
+    if tta is not None:
+        model.tta = tta
     return {
         "model": model_ref,
+        "tta": bool(getattr(model, "tta", False)),
         "n_val": len(splits["val"]),
         **score_items(model, data, splits["val"]),
     }
@@ -309,11 +313,15 @@ def main() -> None:
     v.add_argument("--data", type=Path, required=True, help="e.g. work/data/busi")
     v.add_argument("--task", choices=("segmentation", "classification"), required=True)
     v.add_argument("--out", type=Path, help="write the metrics here as JSON (a new file)")
+    v.add_argument(
+        "--tta", choices=("on", "off"), help="force flip test-time augmentation (default: model's)"
+    )
     args = ap.parse_args()
     if args.cmd == "val":
         if args.out and args.out.exists():  # never replace a file this call did not make
             ap.error(f"--out {args.out} exists; pass a new file name")
-        metrics = val_metrics(args.model, args.data, args.task)
+        tta = None if args.tta is None else args.tta == "on"
+        metrics = val_metrics(args.model, args.data, args.task, tta)
         text = json.dumps(metrics, indent=1, default=str)
         if args.out:
             from usfm_core.utils import atomic_write_text

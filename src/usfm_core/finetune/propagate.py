@@ -44,7 +44,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,13 +103,18 @@ def start_model(
     n_classes: int | None = None,
     decoder: str = "unet",
     seed: int = 0,
+    masks: Iterable[np.ndarray] | None = None,
+    input_size: int | None = None,
 ) -> tuple[nn.Module, str, bool]:
     """The segmenter to fine-tune: ``(model, description, is_new_decoder)``.
 
     A segmenter (module or name/folder) is copied; a backbone, or a classifier's backbone, gets
     a fresh ``decoder`` with ``n_classes`` outputs (1 = one sigmoid) seeded by ``seed``.
+    ``decoder="auto"`` picks it from the painted ``masks`` (``(H, W)`` each) at the input side
+    (``input_size``, else the backbone's) with
+    :func:`~usfm_core.finetune.models.choose_decoder`; the choice is noted in the description.
     """
-    from usfm_core.finetune.models import Segmenter
+    from usfm_core.finetune.models import Segmenter, choose_decoder
     from usfm_core.finetune.suggest import load_model_or_backbone, model_kind
 
     if isinstance(model_or_backbone, nn.Module):
@@ -121,17 +126,23 @@ def start_model(
     if kind == "segmentation":
         return copy.deepcopy(module), source, False
     backbone = module if kind == "backbone" else module.backbone
+    # A named backbone carries its pretraining crop side (load_model_or_backbone); else 224.
+    side = int(getattr(backbone, "input_size", 0) or getattr(module, "input_size", 0) or 224)
+    note = ""
+    if decoder == "auto":
+        if masks is None:
+            raise ConfigError("decoder 'auto' needs the painted masks to choose from")
+        size = int(input_size or side)
+        decoder, why = choose_decoder(masks, size)
+        note = f" (decoder auto: median structure {why['median_width_px']} px at {size}²)"
     torch.manual_seed(seed)
     model = Segmenter(copy.deepcopy(backbone), int(n_classes or 1), decoder)
     k = model.n_classes
     model.classes = ["background", "foreground"] if k == 1 else [
         "background", *(f"class{c}" for c in range(1, k))
     ]  # fmt: skip
-    # A named backbone carries its pretraining crop side (load_model_or_backbone); else 224.
-    model.input_size = int(
-        getattr(backbone, "input_size", 0) or getattr(module, "input_size", 0) or 224
-    )
-    return model, f"new {decoder} decoder on the backbone of {source}", True
+    model.input_size = side
+    return model, f"new {decoder} decoder on the backbone of {source}{note}", True
 
 
 def label_classes(labels: Mapping[int, np.ndarray]) -> int:
@@ -419,21 +430,16 @@ def iter_propagate(
         raise ConfigError(f"labelled frame(s) {bad[:5]} outside 0..{n - 1}")
     shape = _gray(seq[0]).shape
     n_out = n_classes or label_classes(labels)
-    first = "unet" if decoder == "auto" else decoder
+    # A fresh decoder ("auto") is picked from the painted structures at the input side.
     model, source, new_decoder = start_model(
-        model_or_backbone, n_classes=n_out, decoder=first, seed=seed
+        model_or_backbone,
+        n_classes=n_out,
+        decoder=decoder,
+        seed=seed,
+        masks=labels.values(),
+        input_size=input_size,
     )
     size = model_input_size(model, input_size)
-    if decoder == "auto" and new_decoder:
-        # A fresh decoder: pick it from the painted structures at the model's input side.
-        from usfm_core.finetune.models import choose_decoder
-
-        chosen, why = choose_decoder(labels.values(), size)
-        if chosen != first:
-            model, source, _ = start_model(
-                model_or_backbone, n_classes=n_out, decoder=chosen, seed=seed
-            )
-        source += f" (decoder auto: median structure {why['median_width_px']} px at {size}²)"
     if steps is None:
         steps = DEFAULT_STEPS_NEW_DECODER if new_decoder else DEFAULT_STEPS
     k = int(model.n_classes)
