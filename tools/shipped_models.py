@@ -7,6 +7,8 @@
     python tools/shipped_models.py record NAME... [--runs work/runs]    # metrics into index.json
     python tools/shipped_models.py card NAME... [--runs work/runs]      # evaluate table -> card
     python tools/shipped_models.py val MODEL --data work/data/busi --task segmentation  # val split
+    python tools/shipped_models.py postprocess work/runs/breast-lesion-pretrained/model \
+        --data work/data/busi [--tta auto|on|off] [--apply]   # TTA + post-processing, val
 
 ``prepare`` writes three labelled folders and one unlabelled pre-training folder:
 
@@ -172,6 +174,62 @@ def val_metrics(model_ref: str, data_root: Path, task: str, tta: bool | None = N
     }
 
 
+def choose_on_val(model_dir: Path, data_root: Path, tta: str, apply: bool) -> dict:
+    """Choose a segmenter's flip TTA and post-processing on the recipe's validation split of
+    ``data_root``: :func:`usfm_core.finetune.postprocess.choose_postprocess` on the logits
+    without and/or with TTA (``tta``: ``off``, ``on`` or ``auto`` = both, the better score wins,
+    off on a tie since it costs half the time). ``apply``: write ``extra.postprocess`` and
+    ``extra.tta`` into ``model_dir/config.json`` (a run folder's model, never the package's
+    copy: re-``install`` it afterwards)."""
+    from usfm_core.finetune.data import read_image, read_mask
+    from usfm_core.finetune.infer import frame_logits
+    from usfm_core.finetune.models import load_finetuned
+    from usfm_core.finetune.postprocess import choose_postprocess
+    from usfm_core.models.zoo import BUILTIN_DIR
+    from usfm_core.utils import atomic_write_text
+
+    model_dir = Path(model_dir)
+    if apply and BUILTIN_DIR.resolve() in model_dir.resolve().parents:
+        raise SystemExit(f"{model_dir}: a packaged model; apply to the run folder, then install")
+    data = LabelledSet.from_folder(data_root, "segmentation")
+    val = make_splits(data.labels, data.groups, seed=SPLIT_SEED)["val"]
+    model, _ = load_finetuned(model_dir)
+    targets = [read_mask(data.items[i]) for i in val]
+    options = {"off": [False], "on": [True], "auto": [False, True]}[tta]
+    results = []
+    for flip in options:
+        frames = (read_image(data.items[i]) for i in val)
+        logits = list(frame_logits(model, frames, batch_size=8, tta=flip))
+        best, table = choose_postprocess(logits, targets)
+        score = max(r["score"] for r in table if r["eligible"])  # the chosen one's
+        results.append({"tta": flip, "chosen": best.to_dict(), "score": score, "table": table})
+        print(f"TTA {'on' if flip else 'off'}:")
+        for row in table:
+            print(
+                f"  gate {row['min_confidence']:<5g} largest {row['keep_largest']!s:<5} "
+                f"fill {row['fill_holes']!s:<5} score {row['score']:.4f} "
+                f"dice_fg {row['dice_fg']:.4f} fp_on_empty {row['fp_on_empty']} "
+                f"emptied {row['emptied']} lost {row['lost']}"
+                f"{'' if row['eligible'] else ' (not eligible)'}"
+            )
+        print(f"  best: {best.describe()} (score {score:.4f})")
+    pick = max(range(len(results)), key=lambda i: (results[i]["score"], -i))
+    chosen = results[pick]
+    print(
+        f"chosen on {len(val)} validation items: TTA {'on' if chosen['tta'] else 'off'}, "
+        f"post-processing {chosen['chosen']}"
+    )
+    if apply:
+        path = model_dir / "config.json"
+        config = json.loads(path.read_text())
+        extra = config.setdefault("extra", {})
+        extra["postprocess"] = chosen["chosen"]
+        extra["tta"] = chosen["tta"]
+        atomic_write_text(path, json.dumps(config, indent=1) + "\n")
+        print(f"wrote extra.postprocess and extra.tta to {path}")
+    return {"model": str(model_dir), "n_val": len(val), "chosen": chosen, "runs": results}
+
+
 def install(name: str, runs: Path) -> None:
     """Copy ``runs/<name>-pretrained/model`` into the package, store its weights in float16
     (half the size; the float32 model is rebuilt on load) and record both sha256s."""
@@ -316,7 +374,21 @@ def main() -> None:
     v.add_argument(
         "--tta", choices=("on", "off"), help="force flip test-time augmentation (default: model's)"
     )
+    pp = sub.add_parser("postprocess", help="choose post-processing on the validation split")
+    pp.add_argument("model_dir", type=Path, help="a fine-tuned model folder (a run's model/)")
+    pp.add_argument("--data", type=Path, required=True, help="e.g. work/data/busi")
+    pp.add_argument("--tta", choices=("auto", "on", "off"), default="auto", help="flip TTA")
+    pp.add_argument("--apply", action="store_true", help="write the choice into config.json")
+    pp.add_argument("--out", type=Path, help="write the table here as JSON (a new file)")
     args = ap.parse_args()
+    if args.cmd == "postprocess":
+        if args.out and args.out.exists():
+            ap.error(f"--out {args.out} exists; pass a new file name")
+        res = choose_on_val(args.model_dir, args.data, args.tta, args.apply)
+        if args.out:
+            from usfm_core.utils import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
     if args.cmd == "val":
         if args.out and args.out.exists():  # never replace a file this call did not make
             ap.error(f"--out {args.out} exists; pass a new file name")

@@ -6,6 +6,7 @@
 #   bash tools/train_shipped_models.sh prepare      # data folders (test images kept out)
 #   bash tools/train_shipped_models.sh pretrain     # optional: the early local OpenUS run (~1 h)
 #   bash tools/train_shipped_models.sh finetune pretrained|scratch [MODEL...]
+#   bash tools/train_shipped_models.sh postprocess [ARM...]  # TTA + post-processing, on val
 #   bash tools/train_shipped_models.sh install      # into the package (float16, sha256)
 #   bash tools/train_shipped_models.sh evaluate [MODEL...]  # usfm-core evaluate: shipped vs scratch
 #   bash tools/train_shipped_models.sh record       # metrics into index.json, tables into cards
@@ -29,7 +30,7 @@ init_args() {  # the only difference between the two arms: where the backbone st
     if [ "$1" = pretrained ]; then echo "--backbone $BACKBONE"; else echo "--preset small-fast"; fi
 }
 
-case "${1:?prepare|pretrain|finetune ARM|install|evaluate|record}" in
+case "${1:?prepare|pretrain|finetune ARM|postprocess|install|evaluate|record}" in
 prepare)
     python tools/shipped_models.py prepare --shared "$SHARED" --out "$DATA"
     ;;
@@ -64,6 +65,22 @@ finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order
             ;;
         *) echo "unknown model $m" >&2; exit 2 ;;
         esac
+      done
+    done
+    ;;
+postprocess)  # [ARM...]: flip TTA and post-processing of the two segmenters, chosen on the
+    # validation split (tools/shipped_models.py postprocess) and written into each run's model;
+    # both arms get the same procedure so the comparison stays like for like.
+    shift
+    for arm in "${@:-pretrained scratch}"; do
+      for a in $arm; do
+        for pair in breast-lesion:busi fetal-head:hc18; do
+            n=${pair%%:*}; data=${pair##*:}
+            [ -d "$RUNS/$n-$a/model" ] || continue
+            rm -f "$RUNS/$n-$a/postprocess.json"  # this step's own earlier output
+            python tools/shipped_models.py postprocess "$RUNS/$n-$a/model" --data "$DATA/$data" \
+                --apply --out "$RUNS/$n-$a/postprocess.json"
+        done
       done
     done
     ;;

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from usfm_core.finetune.data import normalize, to_uint8
+from usfm_core.finetune.postprocess import PostProcess, labels_from_logits
 
 
 def _to_gray_u8(frame: np.ndarray) -> np.ndarray:
@@ -38,15 +39,47 @@ def segment_frames(
     progress: Callable[[int], None] | None = None,
     input_size: int | None = None,
     tta: bool | None = None,
+    postprocess: PostProcess | None = None,
 ) -> Iterator[np.ndarray]:
     """Segment frames one batch at a time; yields ``(H, W) uint8`` label maps (0 = background).
 
-    Each frame is resized to the model's square input (``model.input_size`` unless given),
-    segmented, and the logits resized back to the frame's own ``(H, W)`` before the
-    threshold / argmax, so the mask overlays the frame exactly. ``progress(n_done)`` is called
-    after each batch. ``tta``: average the logits of the frame and of its horizontal mirror
-    (flipped back): two forward passes, smoother outlines; default ``model.tta`` (a saved
-    model's ``extra.tta``), else off.
+    The logits of :func:`frame_logits` (at each frame's own size, so the mask overlays the
+    frame exactly) are thresholded (one sigmoid) or arg-maxed, then post-processed:
+    ``postprocess`` is the presence gate / largest object / hole filling of
+    :mod:`usfm_core.finetune.postprocess`, default ``model.postprocess`` (a saved model's
+    ``extra.postprocess``), else none. Other arguments as :func:`frame_logits`.
+    """
+    post = postprocess or getattr(model, "postprocess", None) or PostProcess()
+    for logits in frame_logits(
+        model,
+        frames,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        input_size=input_size,
+        tta=tta,
+    ):
+        yield labels_from_logits(logits, post)
+
+
+def frame_logits(
+    model: torch.nn.Module,
+    frames: Iterable[np.ndarray],
+    *,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    input_size: int | None = None,
+    tta: bool | None = None,
+) -> Iterator[torch.Tensor]:
+    """A segmenter's float32 logits ``(K, H, W)`` per frame, at the frame's own ``(H, W)``.
+
+    Frames are streamed in batches of ``batch_size``: each is made gray uint8, resized to the
+    model's square input (``model.input_size`` unless given, ``cv2.INTER_AREA``), normalised,
+    segmented, and its logits resized back (bilinear). ``progress(n_done)`` is called after
+    each batch. ``tta``: average the logits of the frame and of its horizontal mirror (flipped
+    back): two forward passes, smoother outlines; default ``model.tta`` (a saved model's
+    ``extra.tta``), else off.
     """
     import cv2
 
@@ -56,21 +89,19 @@ def segment_frames(
     done = 0
     batch: list[np.ndarray] = []
 
-    def run(batch: list[np.ndarray]) -> list[np.ndarray]:
+    def run(batch: list[np.ndarray]) -> list[torch.Tensor]:
         x = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in batch])
         xt = torch.from_numpy(normalize(x))[:, None].to(device)
         with torch.no_grad():
             logits = model(xt).float().cpu()
             if tta:  # mirror, segment, mirror back, average the logits
                 logits = 0.5 * (logits + model(xt.flip(-1)).float().cpu().flip(-1))
-        out = []
-        for f, lg in zip(batch, logits):
-            up = torch.nn.functional.interpolate(
+        return [
+            torch.nn.functional.interpolate(
                 lg[None], size=f.shape, mode="bilinear", align_corners=False
             )[0]
-            lab = (up[0] > 0) if up.shape[0] == 1 else up.argmax(0)
-            out.append(lab.numpy().astype(np.uint8))
-        return out
+            for f, lg in zip(batch, logits)
+        ]
 
     for frame in frames:
         batch.append(_to_gray_u8(frame))

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from usfm_core.errors import CheckpointError
+from usfm_core.errors import CheckpointError, ConfigError
+from usfm_core.finetune.postprocess import PostProcess
 
 
 class ChannelAttention(nn.Module):
@@ -713,6 +714,13 @@ def load_finetuned(
             hint="fine-tune it first: usfm-core finetune",
         )
     meta["task"] = MODEL_TYPES[kind]
-    # Inference options saved with the model (segment_frames reads model.tta).
-    model.tta = bool((meta.get("extra") or {}).get("tta", False))
+    # Inference options saved with the model (segment_frames reads them).
+    extra = meta.get("extra") or {}
+    model.tta = bool(extra.get("tta", False))
+    try:
+        model.postprocess = PostProcess.from_dict(extra.get("postprocess"))
+    except ConfigError as err:
+        raise CheckpointError(
+            str(err), path=model_dir, hint="fix or remove extra.postprocess in config.json"
+        ) from err
     return model, meta

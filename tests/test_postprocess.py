@@ -1,0 +1,134 @@
+"""Post-processing saved with a segmenter: presence gate, largest object, hole filling, and the
+choice on validation (usfm_core.finetune.postprocess)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from usfm_core.errors import CheckpointError, ConfigError
+from usfm_core.finetune.postprocess import (
+    PostProcess,
+    apply_postprocess,
+    candidate_grid,
+    choose_postprocess,
+    labels_from_logits,
+)
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+def _disc(shape, center, r) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= r * r
+
+
+def _logits_with(objects: list[tuple[np.ndarray, float]], shape=(64, 64)) -> torch.Tensor:
+    """One-sigmoid logits ``(1, H, W)``: background at p = 0.02, each object at its p."""
+    z = np.full(shape, _logit(0.02), np.float32)
+    for mask, p in objects:
+        z[mask] = _logit(p)
+    return torch.from_numpy(z)[None]
+
+
+def test_identity_is_the_plain_threshold_and_argmax():
+    rng = np.random.default_rng(0)
+    one = torch.from_numpy(rng.normal(size=(1, 20, 30)).astype(np.float32))
+    np.testing.assert_array_equal(labels_from_logits(one), (one[0] > 0).numpy())
+    three = torch.from_numpy(rng.normal(size=(3, 20, 30)).astype(np.float32))
+    np.testing.assert_array_equal(labels_from_logits(three), three.argmax(0).numpy())
+    assert PostProcess().is_identity and PostProcess(min_confidence=0.5).is_identity
+
+
+def test_largest_object_and_hole_filling_per_class():
+    lab = np.zeros((40, 60), np.uint8)
+    lab[5:25, 5:25] = 1
+    lab[12:16, 12:16] = 0  # a hole in the big class-1 object
+    lab[30:33, 30:33] = 1  # a small class-1 speck: dropped by keep_largest
+    lab[2:8, 40:50] = 2  # class 2's only object: kept
+    prob = np.full(lab.shape, 0.9)
+    out = apply_postprocess(lab, prob, PostProcess(keep_largest=True))
+    assert not out[30:33, 30:33].any() and (out[2:8, 40:50] == 2).all()
+    assert not out[12:16, 12:16].any()  # holes stay unless asked
+    out = apply_postprocess(lab, prob, PostProcess(keep_largest=True, fill_holes=True))
+    assert (out[5:25, 5:25] == 1).all() and (out[2:8, 40:50] == 2).all()
+    assert int((out == 1).sum()) == 400
+
+
+def test_presence_gate_uses_the_mean_probability_inside_the_mask():
+    shape = (64, 64)
+    confident = _logits_with([(_disc(shape, (30, 30), 8), 0.95)])
+    # A false mark: mostly just above 0.5 with a single confident pixel (its peak is 0.99).
+    faint_mask = _disc(shape, (30, 30), 8)
+    faint = _logits_with([(faint_mask, 0.55)])
+    faint[0, 30, 30] = _logit(0.99)
+    gate = PostProcess(min_confidence=0.7)
+    assert labels_from_logits(confident, gate).sum() == faint_mask.sum()
+    assert labels_from_logits(faint, gate).sum() == 0
+    assert labels_from_logits(faint, PostProcess()).sum() == faint_mask.sum()
+
+
+def test_choice_on_validation_removes_false_marks_but_never_a_found_structure():
+    shape = (64, 64)
+    lesion, mark = _disc(shape, (32, 32), 10), _disc(shape, (20, 20), 6)
+    # Lesion images found with confidence 0.9; normal images with false marks at 0.62.
+    logits = [_logits_with([(lesion, 0.9)]) for _ in range(4)]
+    logits += [_logits_with([(mark, 0.62)]) for _ in range(3)]
+    targets = [lesion.astype(np.uint8)] * 4 + [np.zeros(shape, np.uint8)] * 3
+    best, table = choose_postprocess(logits, targets)
+    assert 0.62 < best.min_confidence <= 0.9 and not best.keep_largest
+    row = next(r for r in table if r == {**r, **best.to_dict()})
+    assert row["fp_on_empty"] == 0 and row["lost"] == 0 and row["score"] == 1.0
+    assert len(table) == len(candidate_grid())
+
+    # One lesion found only faintly (0.72) and the false marks more confident (0.75): every
+    # gate that would remove the marks loses that lesion, so none is eligible.
+    logits[0] = _logits_with([(lesion, 0.72)])
+    logits[4:] = [_logits_with([(mark, 0.75)]) for _ in range(3)]
+    best, table = choose_postprocess(logits, targets)
+    assert best.min_confidence < 0.75 and best.is_identity
+    assert all(not r["eligible"] for r in table if r["min_confidence"] >= 0.75)
+    # Without the rule the higher score wins (3 false marks gone, 1 lesion lost).
+    best_free, _ = choose_postprocess(logits, targets, max_lost=None)
+    assert best_free.min_confidence >= 0.8
+
+
+def test_config_round_trip_and_bad_configs_name_the_field(tmp_path):
+    from test_segment import _tiny_segmenter
+    from usfm_core.finetune.infer import segment_frames
+    from usfm_core.finetune.models import load_finetuned, save_finetuned
+
+    post = PostProcess(min_confidence=0.75, keep_largest=True, fill_holes=True)
+    assert PostProcess.from_dict(post.to_dict()) == post
+    assert PostProcess.from_dict(None) == PostProcess()
+    for bad, word in (
+        ({"min_confidence": 1.5}, "min_confidence"),
+        ({"min_confidence": "high"}, "min_confidence"),
+        ({"keep_largest": 1}, "keep_largest"),
+        ({"largest": True}, "unknown"),
+        ([0.7], "dict"),
+    ):
+        with pytest.raises(ConfigError, match=word):
+            PostProcess.from_dict(bad)
+
+    model = _tiny_segmenter(1)
+    save_finetuned(model, tmp_path / "m", {"task": "segmentation", "postprocess": post.to_dict()})
+    loaded, _ = load_finetuned(tmp_path / "m")
+    assert loaded.postprocess == post
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 255, (96, 96), np.uint8)
+    expected = next(segment_frames(model, [frame], postprocess=post))
+    np.testing.assert_array_equal(next(segment_frames(loaded, [frame])), expected)
+
+    cfg = tmp_path / "m" / "config.json"
+    data = json.loads(cfg.read_text())
+    data["extra"]["postprocess"] = {"min_confidence": 2}
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="min_confidence") as err:
+        load_finetuned(tmp_path / "m")
+    assert str(tmp_path / "m") in str(err.value)
