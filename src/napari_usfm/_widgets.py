@@ -105,8 +105,23 @@ def _model_description(path: str | None) -> tuple[str, str]:
         if str(entry.path) == str(path):
             extra = entry.config.get("extra", {}) or {}
             short = entry.info.get("description") or extra.get("description") or ""
-            return short, entry.description
+            return short, entry.description + _inference_note(extra)
     return "", ""
+
+
+def _inference_note(extra: dict) -> str:
+    """The saved inference options of a model (flip TTA, post-processing) as a tooltip line,
+    or ``""``; a malformed entry is left to the loader to report."""
+    from usfm_core.finetune.postprocess import PostProcess
+
+    try:
+        post = PostProcess.from_dict(extra.get("postprocess"))
+    except Exception:
+        return ""
+    parts = ([f"post-processing: {post.describe()}"] if not post.is_identity else []) + (
+        ["flip TTA"] if extra.get("tta") else []
+    )
+    return ("\n" + "; ".join(parts)) if parts else ""
 
 
 def _wrap(label: Label, lines: int = 2) -> Label:
@@ -284,9 +299,7 @@ class SegmentWidget(_Base):
         # Same rows and numbering as usfm-core segment's measurements.csv (units in the names).
         self._columns = _summary_columns("mm")
         self._table = Table(value={key: [] for key in self._columns})
-        self._csv = _file_edit(
-            label="save to", mode="w", filter="*.csv", value="measurements.csv"
-        )
+        self._csv = _file_edit(label="save to", mode="w", filter="*.csv", value="measurements.csv")
         self._save = PushButton(text="Save measurements")
         self._run.changed.connect(self.run)
         self._cancel.changed.connect(self.cancel)

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 # Files never taken from a folder input (tables, notes, configs beside the images).
 SKIP_SUFFIXES = frozenset({".csv", ".txt", ".json", ".md", ".yaml", ".yml", ".xml", ".log", ".py"})
@@ -69,8 +71,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="flip test-time augmentation: average the frame's and its mirror's logits (2x "
         "the time; on by default for a model saved with extra.tta)",
     )
+    p.add_argument(
+        "--presence-gate",
+        type=_gate,
+        default=None,
+        metavar="P",
+        help="empty a frame's mask when its pixels' mean probability is below P (e.g. 0.7; 0 "
+        "= off); default: the model's saved post-processing (breast-lesion: 0.7)",
+    )
+    p.add_argument(
+        "--keep-largest", action="store_true", help="keep only the largest object per class"
+    )
+    p.add_argument("--fill-holes", action="store_true", help="fill holes inside objects")
+    p.add_argument(
+        "--no-postprocess",
+        action="store_true",
+        help="ignore the model's saved post-processing (presence gate, largest object, holes)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress display")
     p.set_defaults(func=run)
+
+
+def postprocess_from_args(saved: Any, args: argparse.Namespace) -> Any:
+    """The :class:`~usfm_core.finetune.postprocess.PostProcess` a run uses: the model's saved
+    one (``saved``; none with ``--no-postprocess``), with the flags given on top."""
+    from usfm_core.finetune.postprocess import PostProcess
+
+    base = PostProcess() if args.no_postprocess or saved is None else saved
+    gate = base.min_confidence if args.presence_gate is None else args.presence_gate
+    return PostProcess(
+        min_confidence=gate,
+        keep_largest=base.keep_largest or args.keep_largest,
+        fill_holes=base.fill_holes or args.fill_holes,
+    )
+
+
+def _gate(text: str) -> float:
+    """argparse type of ``--presence-gate``: a probability in ``[0, 1)``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text!r}")
+    return value
 
 
 def _pixel_size(text: str) -> tuple[float, float]:
@@ -203,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
     model, meta = load_finetuned(args.model, device=device)
     if args.tta:
         model.tta = True
+    model.postprocess = postprocess_from_args(getattr(model, "postprocess", None), args)
     if meta["task"] != "segmentation":
         raise USFMError(
             "this is a classification model",
@@ -253,6 +298,10 @@ def run(args: argparse.Namespace) -> int:
     if len(warnings) > MAX_WARNINGS_SHOWN:
         print(f"warning: ... and {len(warnings) - MAX_WARNINGS_SHOWN} more", file=sys.stderr)
     print(f"wrote {len(plan) - len(failures)} mask(s) and {args.out / 'measurements.csv'}")
+    extras = [f"post-processing: {model.postprocess.describe()}"]
+    if getattr(model, "tta", False):
+        extras.append("flip TTA")
+    print("  " + "; ".join(extras))
     if failures:
         print(f"{len(failures)} of {len(plan)} input(s) failed:", file=sys.stderr)
         for path, reason in failures:
