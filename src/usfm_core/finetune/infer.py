@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,31 +35,20 @@ def segment_frames(
     model: torch.nn.Module,
     frames: Iterable[np.ndarray],
     *,
-    batch_size: int = 4,
-    device: str = "cpu",
-    progress: Callable[[int], None] | None = None,
-    input_size: int | None = None,
-    tta: bool | None = None,
     postprocess: PostProcess | None = None,
+    **options: Any,
 ) -> Iterator[np.ndarray]:
     """Segment frames one batch at a time; yields ``(H, W) uint8`` label maps (0 = background).
 
     The logits of :func:`frame_logits` (at each frame's own size, so the mask overlays the
-    frame exactly) are thresholded (one sigmoid) or arg-maxed, then post-processed:
+    frame exactly; ``options``: its ``batch_size``, ``device``, ``progress``, ``input_size``
+    and ``tta``) are thresholded (one sigmoid) or arg-maxed, then post-processed:
     ``postprocess`` is the presence gate / largest object / hole filling of
     :mod:`usfm_core.finetune.postprocess`, default ``model.postprocess`` (a saved model's
-    ``extra.postprocess``), else none. Other arguments as :func:`frame_logits`.
+    ``extra.postprocess``), else none.
     """
     post = postprocess or getattr(model, "postprocess", None) or PostProcess()
-    for logits in frame_logits(
-        model,
-        frames,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        input_size=input_size,
-        tta=tta,
-    ):
+    for logits in frame_logits(model, frames, **options):
         yield labels_from_logits(logits, post)
 
 
