@@ -363,9 +363,9 @@ def test_main_window_gives_the_canvas_most_of_the_width(qtbot, model_dir, size):
         seg = widgets["Segment"]
         assert seg._model.native.currentText() == "fetal-head"
         assert "HC18" in (seg._model.tooltip or "")
-        # The saved inference options are in the tooltip too (breast-lesion: gate + TTA).
+        # The saved inference options are in the tooltip too (breast-lesion: flip TTA).
         assert seg.select_model("breast-lesion")
-        assert "presence gate 0.7; flip TTA" in (seg._model.tooltip or "")
+        assert "flip TTA" in (seg._model.tooltip or "")
         seg.select_model("fetal-head")
         # Reset view: the image's centre is the camera's centre.
         image = viewer.layers["HC18 fetal head"]

@@ -134,19 +134,16 @@ def test_config_round_trip_and_bad_configs_name_the_field(tmp_path):
     assert str(tmp_path / "m") in str(err.value)
 
 
-def test_segment_cli_applies_the_saved_gate_and_the_flags(shared_data, tmp_path, capsys):
-    """The shipped breast-lesion model on real BUSI images (normal and lesion): its saved
-    presence gate either keeps a frame's raw mask exactly or empties it; ``--presence-gate
-    0.99`` empties every mask; ``--no-postprocess`` gives the raw masks."""
+def test_segment_cli_gate_flags_on_real_images(shared_data, tmp_path, capsys):
+    """The shipped breast-lesion model on real BUSI images (normal and lesion): ``--presence-gate
+    0.7`` either keeps a frame's raw mask exactly or empties it; 0.99 empties every mask;
+    ``--no-postprocess`` gives the raw masks; the run prints what it applied."""
     import shutil
 
     import cv2
 
     from usfm_core.cli import main
-    from usfm_core.finetune.models import load_finetuned
 
-    saved = load_finetuned("breast-lesion")[0].postprocess
-    assert saved.min_confidence > 0.5  # chosen on validation (docs/models/breast-lesion.md)
     scans = tmp_path / "scans"
     scans.mkdir()
     for name in ("normal_1", "normal_2", "normal_3", "benign_1", "malignant_1"):
@@ -158,12 +155,12 @@ def test_segment_cli_applies_the_saved_gate_and_the_flags(shared_data, tmp_path,
         return {p.name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in out.glob("*_mask.png")}
 
     raw = masks(tmp_path / "raw", "--no-postprocess")
-    assert "post-processing: none" in capsys.readouterr().out
-    gated = masks(tmp_path / "gated")
-    assert f"presence gate {saved.min_confidence:g}" in capsys.readouterr().out
+    assert "post-processing: none; flip TTA" in capsys.readouterr().out
+    gated = masks(tmp_path / "gated", "--presence-gate", "0.7", "--keep-largest")
+    assert "presence gate 0.7, largest object" in capsys.readouterr().out
     assert raw.keys() == gated.keys() and len(raw) == 5
     for name, m in gated.items():
-        assert not m.any() or np.array_equal(m, raw[name]), name
+        assert not m.any() or not (m & ~raw[name]).any(), name  # a subset of the raw mask
     assert any(m.any() for m in raw.values())
     strict = masks(tmp_path / "strict", "--presence-gate", "0.99")
     assert not any(m.any() for m in strict.values())

@@ -174,17 +174,20 @@ def val_metrics(model_ref: str, data_root: Path, task: str, tta: bool | None = N
     }
 
 
-def choose_on_val(model_dir: Path, data_root: Path, tta: str, apply: bool) -> dict:
+def choose_on_val(
+    model_dir: Path, data_root: Path, tta: str, apply: bool, gates: list[float] | None = None
+) -> dict:
     """Choose a segmenter's flip TTA and post-processing on the recipe's validation split of
     ``data_root``: :func:`usfm_core.finetune.postprocess.choose_postprocess` on the logits
     without and/or with TTA (``tta``: ``off``, ``on`` or ``auto`` = both, the better score wins,
     off on a tie since it costs half the time). ``apply``: write ``extra.postprocess`` and
     ``extra.tta`` into ``model_dir/config.json`` (a run folder's model, never the package's
-    copy: re-``install`` it afterwards)."""
+    copy: re-``install`` it afterwards). ``gates``: presence-gate thresholds to try (default
+    :data:`usfm_core.finetune.postprocess.GATE_GRID`; ``[0]``: no gate)."""
     from usfm_core.finetune.data import read_image, read_mask
     from usfm_core.finetune.infer import frame_logits
     from usfm_core.finetune.models import load_finetuned
-    from usfm_core.finetune.postprocess import choose_postprocess
+    from usfm_core.finetune.postprocess import candidate_grid, choose_postprocess
     from usfm_core.models.zoo import BUILTIN_DIR
     from usfm_core.utils import atomic_write_text
 
@@ -200,7 +203,8 @@ def choose_on_val(model_dir: Path, data_root: Path, tta: str, apply: bool) -> di
     for flip in options:
         frames = (read_image(data.items[i]) for i in val)
         logits = list(frame_logits(model, frames, batch_size=8, tta=flip))
-        best, table = choose_postprocess(logits, targets)
+        grid = [c for c in candidate_grid() if gates is None or c.min_confidence in gates]
+        best, table = choose_postprocess(logits, targets, grid)
         score = max(r["score"] for r in table if r["eligible"])  # the chosen one's
         results.append({"tta": flip, "chosen": best.to_dict(), "score": score, "table": table})
         print(f"TTA {'on' if flip else 'off'}:")
@@ -379,12 +383,15 @@ def main() -> None:
     pp.add_argument("--data", type=Path, required=True, help="e.g. work/data/busi")
     pp.add_argument("--tta", choices=("auto", "on", "off"), default="auto", help="flip TTA")
     pp.add_argument("--apply", action="store_true", help="write the choice into config.json")
+    pp.add_argument(
+        "--gates", type=float, nargs="+", help="presence-gate thresholds to try (0: none)"
+    )
     pp.add_argument("--out", type=Path, help="write the table here as JSON (a new file)")
     args = ap.parse_args()
     if args.cmd == "postprocess":
         if args.out and args.out.exists():
             ap.error(f"--out {args.out} exists; pass a new file name")
-        res = choose_on_val(args.model_dir, args.data, args.tta, args.apply)
+        res = choose_on_val(args.model_dir, args.data, args.tta, args.apply, args.gates)
         if args.out:
             from usfm_core.utils import atomic_write_text
 
