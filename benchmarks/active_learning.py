@@ -17,6 +17,8 @@ Strategies, given the labelled frames so far:
   :func:`~usfm_core.finetune.suggest.select_frames` with the current round's model (first
   round: the bare backbone, i.e. pure k-center diversity from its embeddings; later rounds:
   the last round's segmenter, uncertainty weight 0.5, the product's default);
+* ``suggest-typical`` / ``suggest-typical-w0``: the same with ``select_frames``' typical rule
+  (TypiClust), with the product's uncertainty weights / with weight 0 in every round;
 * ``random``: ``k`` unlabelled frames drawn uniformly (``numpy`` generator seeded by the seed);
 * ``even``: evenly spaced indices of the pool (pool in data-set order, a cine in time order):
   with ``m`` frames labelled after the round, the grid ``(j + 0.5) · N / m`` is walked from the

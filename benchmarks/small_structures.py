@@ -15,12 +15,16 @@ batch loading and augmentation included):
 * ``basicunet-prior``: the same with its head bias at ``unet-hr``'s 1 % foreground prior (so
   that the new decoder's initialisation is not what the comparison measures);
 * ``unet-pre`` / ``unet-hr-pre``: the toolkit's segmenters started as a user's fine-tune starts,
-  from the shipped ``openus-small-fast`` backbone (fresh decoder), same recipe and budget.
+  from the shipped ``openus-small-fast`` backbone (fresh decoder), same recipe and budget;
+* ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
+  :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
+  decoder at the full rate.
 
 Tasks (input 160²): ``phantoms``: simulator frames with three to five small cysts and
 echogenic masses (mean radius 0.8–2 mm, 3–8 px;
 :func:`usfm_core.sim.structures.simulate_small_structures`), two foreground classes, 100
-training frames and 50 held-out frames of other seeds;
+training frames and 50 held-out frames of other seeds; ``phantoms-dev``: the same kind of
+set from another simulator seed, for choosing recipe changes (``phantoms`` stays the report);
 ``busi``: BUSI lesions (binary), trained on the shipped ``breast-lesion`` model's train split
 and scored on its validation split (the test split is never read). Recipe: AdamW lr 2e-3,
 weight decay 5e-2, cosine schedule over the CPU budget, batch 8, soft Dice + cross-entropy,
@@ -56,13 +60,23 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-ARMS = ("unet", "unet-hr", "basicunet", "basicunet-prior", "unet-pre", "unet-hr-pre")
+ARMS = (
+    "unet",
+    "unet-hr",
+    "basicunet",
+    "basicunet-prior",
+    "unet-pre",
+    "unet-hr-pre",
+    "unet-hr-pre-slowbb",
+)
+SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
 # fine-tune does); everything else is the same recipe.
 PRETRAINED = "openus-small-fast"
-TASKS = ("phantoms", "busi")
+TASKS = ("phantoms", "busi", "phantoms-dev")
 RECIPE = {"lr": 2e-3, "weight_decay": 5e-2, "batch_size": 8, "input_size": 160}
 PHANTOMS = {"n_train": 100, "n_heldout": 50, "seed": 0}
+PHANTOMS_DEV_SEED = 100_000  # dev frames use seeds 100000+ (frame i: seed + i; the report 0-149)
 SMOKE = {"n_train": 8, "n_heldout": 4, "input_size": 64, "batch_size": 4, "budget_s": 3.0}
 
 
@@ -85,9 +99,26 @@ class Net(nn.Module):
 
     task = "segmentation"
 
-    def __init__(self, net: nn.Module, n_classes: int, input_size: int):
+    def __init__(
+        self, net: nn.Module, n_classes: int, input_size: int, backbone_lr_scale: float = 1.0
+    ):
         super().__init__()
         self.net, self.n_classes, self.input_size, self.classes = net, n_classes, input_size, []
+        self.backbone_lr_scale = backbone_lr_scale
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """AdamW groups: the net's ``backbone`` (if any) at ``lr × backbone_lr_scale``, the
+        rest at ``lr``; each group keeps its scale as ``lr_scale`` for the schedule."""
+        backbone = getattr(self.net, "backbone", None)
+        if backbone is None or self.backbone_lr_scale == 1.0:
+            return [{"params": list(self.parameters()), "lr": lr, "lr_scale": 1.0}]
+        ids = {id(p) for p in backbone.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        scale = self.backbone_lr_scale
+        return [
+            {"params": list(backbone.parameters()), "lr": lr * scale, "lr_scale": scale},
+            {"params": rest, "lr": lr, "lr_scale": 1.0},
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -102,13 +133,16 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
     if arm in ("unet", "unet-hr"):
         net: nn.Module = Segmenter(build_backbone("small-fast"), n_classes, arm)
         what = f"VMamba small-fast (scratch) + {arm} decoder"
-    elif arm in ("unet-pre", "unet-hr-pre"):
+    elif arm in ("unet-pre", "unet-hr-pre", "unet-hr-pre-slowbb"):
         from usfm_core.finetune.models import load_backbone
         from usfm_core.models.zoo import find_model
 
-        decoder = arm.removesuffix("-pre")
+        decoder = arm.removesuffix("-slowbb").removesuffix("-pre")
         net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, decoder)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + {decoder} decoder"
+        if arm.endswith("-slowbb"):
+            what += f", backbone lr x{SLOW_BACKBONE:g}"
+            return Net(net, n_classes, input_size, backbone_lr_scale=SLOW_BACKBONE), what
     elif arm in ("basicunet", "basicunet-prior"):
         anchor = _anchor_module()
         if anchor.monai_version():
@@ -131,18 +165,16 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
 
 
 # ---------------------------------------------------------------------------------- data
-def phantom_set(work: Path, n_train: int, n_heldout: int, size: int):
-    """Small-structure phantoms as a labelled folder under ``work`` (written once):
-    ``(LabelledSet, {"train": [...], "heldout": [...]})``."""
+def phantom_set(work: Path, n_train: int, n_heldout: int, size: int, seed: int = 0):
+    """Small-structure phantoms of simulator ``seed`` as a labelled folder under ``work``
+    (written once): ``(LabelledSet, {"train": [...], "heldout": [...]})``."""
     from usfm_core.finetune.data import LabelledSet
     from usfm_core.sim.structures import write_structures_folder
 
     n = n_train + n_heldout
-    folder = work / f"phantoms_small_{size}_{n}"
+    folder = work / f"phantoms_small_{size}_{n}{f'_seed{seed}' if seed else ''}"
     if not (folder / "manifest.csv").is_file():
-        write_structures_folder(
-            folder, n, size, seed=PHANTOMS["seed"], test_fraction=n_heldout / n, small=True
-        )
+        write_structures_folder(folder, n, size, seed=seed, test_fraction=n_heldout / n, small=True)
     data = LabelledSet.from_folder(folder, "segmentation")
     data.resolve_mask_classes()
     train = [i for i, it in enumerate(data.items) if it.split != "test"]
@@ -173,9 +205,7 @@ def train_budget(
     for i in range(len(ds)):
         ds._load(i)  # decode + resize once, outside the budget
     loader = training_loader(ds, batch_size, seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"]
-    )
+    opt = torch.optim.AdamW(model.param_groups(RECIPE["lr"]), weight_decay=RECIPE["weight_decay"])
     model.train()
     steps, losses, cpu0, wall0 = 0, [], time.process_time(), time.perf_counter()
     while True:
@@ -184,7 +214,8 @@ def train_budget(
             if used >= budget_s:
                 break
             for group in opt.param_groups:
-                group["lr"] = RECIPE["lr"] * 0.5 * (1 + math.cos(math.pi * used / budget_s))
+                cosine = 0.5 * (1 + math.cos(math.pi * used / budget_s))
+                group["lr"] = RECIPE["lr"] * group["lr_scale"] * cosine
             loss = segmentation_loss(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -330,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out, json.dumps(results, indent=1))
 
     for task in args.tasks:
-        if task == "phantoms":
+        if task in ("phantoms", "phantoms-dev"):
             n = SMOKE if args.smoke else PHANTOMS
-            data, splits = phantom_set(args.work, n["n_train"], n["n_heldout"], size)
+            seed0 = PHANTOMS_DEV_SEED if task == "phantoms-dev" else PHANTOMS["seed"]
+            data, splits = phantom_set(args.work, n["n_train"], n["n_heldout"], size, seed0)
             n_classes = 3
         else:
             data, splits = busi_set(args.shared, args.work)
