@@ -16,6 +16,9 @@ batch loading and augmentation included):
   that the new decoder's initialisation is not what the comparison measures);
 * ``unet-pre`` / ``unet-hr-pre``: the toolkit's segmenters started as a user's fine-tune starts,
   from the shipped ``openus-small-fast`` backbone (fresh decoder), same recipe and budget;
+* ``unet-hrw-pre``: a prototype (benchmark only) of a wider full-resolution path, shaped like
+  BasicUNet's top level: 32 channels at strides 1 and 2, two convs in each stem and after the
+  stride-1 fusion (:class:`WideHRDecoder`), from the shipped backbone;
 * ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
   :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
   decoder at the full rate.
@@ -68,6 +71,7 @@ ARMS = (
     "unet-pre",
     "unet-hr-pre",
     "unet-hr-pre-slowbb",
+    "unet-hrw-pre",
 )
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
@@ -124,6 +128,31 @@ class Net(nn.Module):
         return self.net(x)
 
 
+def wide_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
+    """The ``unet-hrw-pre`` prototype: :class:`~usfm_core.finetune.models.UNetHRDecoder` with
+    32 channels at strides 1 and 2 and two 3×3 convs in each stem and after the stride-1 fusion
+    (BasicUNet's top level has two 32-channel convs down and two up)."""
+    from usfm_core.finetune.models import UNetHRDecoder, _conv_norm_act, _prior_bias_
+
+    class WideHRDecoder(UNetHRDecoder):
+        HR_WIDTHS = (32, 32)
+
+        def __init__(self, in_dims: list[int], n_out: int):
+            super().__init__(in_dims, n_out)
+            w1, _ = self.HR_WIDTHS
+            self.stem1 = nn.Sequential(_conv_norm_act(1, w1), _conv_norm_act(w1, w1))
+            self.post1 = _conv_norm_act(w1, w1)
+            _prior_bias_(self.head.bias, self.PRIOR)
+
+        def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+            s1 = self.stem1(image)
+            s2 = self.stem2(s1)
+            x = self.fuse2(self.decode_stride4(feats), s2)
+            return self.head(self.post1(self.fuse1(x, s1)))
+
+    return WideHRDecoder(in_dims, n_out)
+
+
 def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net, str]:
     """The arm's network, freshly initialised from ``seed``; returns it and a description."""
     from usfm_core.finetune.models import Segmenter, build_backbone
@@ -133,6 +162,14 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
     if arm in ("unet", "unet-hr"):
         net: nn.Module = Segmenter(build_backbone("small-fast"), n_classes, arm)
         what = f"VMamba small-fast (scratch) + {arm} decoder"
+    elif arm == "unet-hrw-pre":
+        from usfm_core.finetune.models import _backbone_dims, load_backbone
+        from usfm_core.models.zoo import find_model
+
+        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
+        torch.manual_seed(seed)
+        net.decoder = wide_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
+        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + wide unet-hr (proto)"
     elif arm in ("unet-pre", "unet-hr-pre", "unet-hr-pre-slowbb"):
         from usfm_core.finetune.models import load_backbone
         from usfm_core.models.zoo import find_model
