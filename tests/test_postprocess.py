@@ -162,7 +162,9 @@ def test_segment_cli_gate_flags_on_real_images(shared_data, tmp_path, capsys):
     for name, m in gated.items():
         assert not m.any() or not (m & ~raw[name]).any(), name  # a subset of the raw mask
     assert any(m.any() for m in raw.values())
-    strict = masks(tmp_path / "strict", "--presence-gate", "0.99")
+    strict = masks(tmp_path / "strict", "--presence-gate", "0.99", "--no-tta")
+    out = capsys.readouterr().out
+    assert "presence gate 0.99" in out and "flip TTA" not in out
     assert not any(m.any() for m in strict.values())
     with pytest.raises(SystemExit):
         masks(tmp_path / "bad", "--presence-gate", "1.5")

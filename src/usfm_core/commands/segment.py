@@ -71,13 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="flip test-time augmentation: average the frame's and its mirror's logits (2x "
         "the time; on by default for a model saved with extra.tta)",
     )
+    p.add_argument("--no-tta", action="store_true", help="switch a model's saved TTA off")
     p.add_argument(
         "--presence-gate",
         type=_gate,
         default=None,
         metavar="P",
         help="empty a frame's mask when its pixels' mean probability is below P (e.g. 0.7; 0 "
-        "= off); default: the model's saved post-processing (breast-lesion: 0.7)",
+        "= off); default: the model's saved post-processing (extra.postprocess)",
     )
     p.add_argument(
         "--keep-largest", action="store_true", help="keep only the largest object per class"
@@ -241,12 +242,14 @@ def run(args: argparse.Namespace) -> int:
         raise USFMError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.min_pixels < 0:
         raise USFMError(f"--min-pixels must be >= 0, got {args.min_pixels}")
+    if args.tta and args.no_tta:
+        raise USFMError("--tta and --no-tta contradict each other; pass one")
     given = check_inputs(list(args.inputs))
     plan = plan_outputs(expand_inputs(given), args.out, given)
     device = resolve_device(args.device)
     model, meta = load_finetuned(args.model, device=device)
-    if args.tta:
-        model.tta = True
+    if args.tta or args.no_tta:
+        model.tta = bool(args.tta)
     model.postprocess = postprocess_from_args(getattr(model, "postprocess", None), args)
     if meta["task"] != "segmentation":
         raise USFMError(
