@@ -19,6 +19,9 @@ batch loading and augmentation included):
 * ``unet-hrw-pre``: a prototype (benchmark only) of a wider full-resolution path, shaped like
   BasicUNet's top level: 32 channels at strides 1 and 2, two convs in each stem and after the
   stride-1 fusion (:class:`WideHRDecoder`), from the shipped backbone;
+* ``unet-hr-pre-mfb``: ``unet-hr-pre`` with the cross-entropy term class-weighted by median
+  frequency balancing (Eigen & Fergus 2015: weight_c = median_f / f_c over the training masks'
+  pixel frequencies), a benchmark-only test of the class-collapse diagnosis;
 * ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
   :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
   decoder at the full rate.
@@ -72,6 +75,7 @@ ARMS = (
     "unet-hr-pre",
     "unet-hr-pre-slowbb",
     "unet-hrw-pre",
+    "unet-hr-pre-mfb",
 )
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
@@ -109,6 +113,7 @@ class Net(nn.Module):
         super().__init__()
         self.net, self.n_classes, self.input_size, self.classes = net, n_classes, input_size, []
         self.backbone_lr_scale = backbone_lr_scale
+        self.balanced_ce = False  # the -mfb arm: class-weighted cross-entropy
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the net's ``backbone`` (if any) at ``lr × backbone_lr_scale``, the
@@ -170,13 +175,17 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         torch.manual_seed(seed)
         net.decoder = wide_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + wide unet-hr (proto)"
-    elif arm in ("unet-pre", "unet-hr-pre", "unet-hr-pre-slowbb"):
+    elif arm in ("unet-pre", "unet-hr-pre", "unet-hr-pre-slowbb", "unet-hr-pre-mfb"):
         from usfm_core.finetune.models import load_backbone
         from usfm_core.models.zoo import find_model
 
-        decoder = arm.removesuffix("-slowbb").removesuffix("-pre")
+        decoder = arm.removesuffix("-mfb").removesuffix("-slowbb").removesuffix("-pre")
         net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, decoder)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + {decoder} decoder"
+        if arm.endswith("-mfb"):
+            model = Net(net, n_classes, input_size)
+            model.balanced_ce = True
+            return model, what + ", median-frequency-balanced cross-entropy"
         if arm.endswith("-slowbb"):
             what += f", backbone lr x{SLOW_BACKBONE:g}"
             return Net(net, n_classes, input_size, backbone_lr_scale=SLOW_BACKBONE), what
@@ -227,6 +236,19 @@ def busi_set(shared: Path, work: Path):
 
 
 # ------------------------------------------------------------------------------ training
+def median_frequency_weights(ds, n_classes: int) -> torch.Tensor:
+    """Median frequency balancing ``(K,)``: ``median(f) / f_c`` over the pixel frequencies
+    ``f_c`` of each class in the dataset's (cached, resized) training masks."""
+    counts = np.zeros(n_classes)
+    for i in range(len(ds)):
+        _, mask = ds._load(i)
+        counts += np.bincount(np.asarray(mask).ravel().astype(np.int64), minlength=n_classes)[
+            :n_classes
+        ]
+    freq = counts / counts.sum()
+    return torch.tensor(np.median(freq) / np.maximum(freq, 1e-12), dtype=torch.float32)
+
+
 def train_budget(
     model: Net, data, indices: list[int], *, seed: int, budget_s: float, batch_size: int
 ) -> dict[str, Any]:
@@ -234,14 +256,17 @@ def train_budget(
     (``time.process_time()``; batches, augmentation, forward, backward, step), the learning
     rate following a cosine over the budget. The dataset cache is filled before the clock
     starts. Returns ``{"steps", "cpu_s", "wall_s", "cpu_s_per_step", "final_loss"}``."""
+    from torch.nn import functional as F
+
     from usfm_core.finetune.data import SupervisedDataset, training_loader
-    from usfm_core.finetune.train import segmentation_loss
+    from usfm_core.finetune.train import segmentation_loss, soft_dice_loss
 
     torch.manual_seed(seed)
     ds = SupervisedDataset(data, indices, "segmentation", model.input_size, augment=True, seed=seed)
     for i in range(len(ds)):
         ds._load(i)  # decode + resize once, outside the budget
     loader = training_loader(ds, batch_size, seed)
+    weights = median_frequency_weights(ds, model.n_classes) if model.balanced_ce else None
     opt = torch.optim.AdamW(model.param_groups(RECIPE["lr"]), weight_decay=RECIPE["weight_decay"])
     model.train()
     steps, losses, cpu0, wall0 = 0, [], time.process_time(), time.perf_counter()
@@ -253,7 +278,11 @@ def train_budget(
             for group in opt.param_groups:
                 cosine = 0.5 * (1 + math.cos(math.pi * used / budget_s))
                 group["lr"] = RECIPE["lr"] * group["lr_scale"] * cosine
-            loss = segmentation_loss(model(x), y)
+            logits = model(x)
+            if weights is None:
+                loss = segmentation_loss(logits, y)
+            else:  # soft Dice + class-weighted cross-entropy (the -mfb arm)
+                loss = soft_dice_loss(logits, y) + F.cross_entropy(logits, y, weight=weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
