@@ -21,7 +21,8 @@ batch loading and augmentation included):
   stride-1 fusion (:class:`WideHRDecoder`), from the shipped backbone;
 * ``unet-hr-pre-mfb``: ``unet-hr-pre`` with the cross-entropy term class-weighted by median
   frequency balancing (Eigen & Fergus 2015: weight_c = median_f / f_c over the training masks'
-  pixel frequencies), a benchmark-only test of the class-collapse diagnosis;
+  pixel frequencies), a benchmark-only test of the class-collapse diagnosis; ``-sqrtfb``: the
+  gentler square root of those weights;
 * ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
   :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
   decoder at the full rate.
@@ -76,6 +77,7 @@ ARMS = (
     "unet-hr-pre-slowbb",
     "unet-hrw-pre",
     "unet-hr-pre-mfb",
+    "unet-hr-pre-sqrtfb",
 )
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
@@ -113,7 +115,7 @@ class Net(nn.Module):
         super().__init__()
         self.net, self.n_classes, self.input_size, self.classes = net, n_classes, input_size, []
         self.backbone_lr_scale = backbone_lr_scale
-        self.balanced_ce = False  # the -mfb arm: class-weighted cross-entropy
+        self.balanced_ce = 0.0  # -mfb / -sqrtfb: CE weights = median-frequency weights ** this
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the net's ``backbone`` (if any) at ``lr × backbone_lr_scale``, the
@@ -175,17 +177,24 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         torch.manual_seed(seed)
         net.decoder = wide_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + wide unet-hr (proto)"
-    elif arm in ("unet-pre", "unet-hr-pre", "unet-hr-pre-slowbb", "unet-hr-pre-mfb"):
+    elif arm in (
+        "unet-pre",
+        "unet-hr-pre",
+        "unet-hr-pre-slowbb",
+        "unet-hr-pre-mfb",
+        "unet-hr-pre-sqrtfb",
+    ):
         from usfm_core.finetune.models import load_backbone
         from usfm_core.models.zoo import find_model
 
-        decoder = arm.removesuffix("-mfb").removesuffix("-slowbb").removesuffix("-pre")
+        decoder = arm.split("-pre")[0]
         net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, decoder)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + {decoder} decoder"
-        if arm.endswith("-mfb"):
+        if arm.endswith("fb"):  # -mfb / -sqrtfb
             model = Net(net, n_classes, input_size)
-            model.balanced_ce = True
-            return model, what + ", median-frequency-balanced cross-entropy"
+            model.balanced_ce = 0.5 if arm.endswith("-sqrtfb") else 1.0
+            power = f"{model.balanced_ce:g}"
+            return model, what + f", cross-entropy weighted by (median frequency)^{power}"
         if arm.endswith("-slowbb"):
             what += f", backbone lr x{SLOW_BACKBONE:g}"
             return Net(net, n_classes, input_size, backbone_lr_scale=SLOW_BACKBONE), what
@@ -266,7 +275,9 @@ def train_budget(
     for i in range(len(ds)):
         ds._load(i)  # decode + resize once, outside the budget
     loader = training_loader(ds, batch_size, seed)
-    weights = median_frequency_weights(ds, model.n_classes) if model.balanced_ce else None
+    weights = None
+    if model.balanced_ce:
+        weights = median_frequency_weights(ds, model.n_classes) ** model.balanced_ce
     opt = torch.optim.AdamW(model.param_groups(RECIPE["lr"]), weight_decay=RECIPE["weight_decay"])
     model.train()
     steps, losses, cpu0, wall0 = 0, [], time.process_time(), time.perf_counter()
