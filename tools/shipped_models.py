@@ -198,12 +198,12 @@ def choose_on_val(
     val = make_splits(data.labels, data.groups, seed=SPLIT_SEED)["val"]
     model, _ = load_finetuned(model_dir)
     targets = [read_mask(data.items[i]) for i in val]
+    frames = [read_image(data.items[i]) for i in val]  # read once for both TTA settings
+    grid = [c for c in candidate_grid() if gates is None or c.min_confidence in gates]
     options = {"off": [False], "on": [True], "auto": [False, True]}[tta]
     results = []
     for flip in options:
-        frames = (read_image(data.items[i]) for i in val)
         logits = list(frame_logits(model, frames, batch_size=8, tta=flip))
-        grid = [c for c in candidate_grid() if gates is None or c.min_confidence in gates]
         best, table = choose_postprocess(logits, targets, grid)
         score = max(r["score"] for r in table if r["eligible"])  # the chosen one's
         results.append({"tta": flip, "chosen": best.to_dict(), "score": score, "table": table})

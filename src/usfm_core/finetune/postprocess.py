@@ -9,7 +9,7 @@ Three optional steps, applied per frame to the logits already resized to the fra
   probability of the predicted labels over its foreground pixels is below this value (sigmoid
   for one output, softmax otherwise; the mask itself is ``p > 0.5`` / argmax as before, so
   ``0`` or any value ≤ 0.5 switches the gate off). The mean separated BUSI's lesion images from
-  its normal ones better than the prob probability or the mask's area (validation AUC 0.90 vs
+  its normal ones better than the peak probability or the mask's area (validation AUC 0.90 vs
   0.87 / 0.72 for the shipped ``breast-lesion``); it is applied first, to the raw mask;
 * ``keep_largest``: only the largest 8-connected object of each class is kept;
 * ``fill_holes``: holes inside each class's objects are filled.
@@ -104,8 +104,18 @@ class PostProcess:
 def labels_from_logits(logits: torch.Tensor, post: PostProcess | None = None) -> np.ndarray:
     """Label map ``(H, W)`` uint8 (0 = background) from one frame's logits ``(K, H, W)``
     (``K = 1``: one sigmoid, foreground where the logit > 0; else argmax), post-processed."""
+    post = post or PostProcess()
+    if post.is_identity:  # every frame of a model without post-processing: no probabilities
+        return _threshold(logits)
     labels, prob = raw_labels(logits)
-    return apply_postprocess(labels, prob, post or PostProcess())
+    return apply_postprocess(labels, prob, post)
+
+
+def _threshold(logits: torch.Tensor) -> np.ndarray:
+    """The label map ``(H, W)`` uint8 of logits ``(K, H, W)``: logit > 0 for one sigmoid,
+    else argmax."""
+    lab = logits[0] > 0 if logits.shape[0] == 1 else logits.argmax(0)
+    return lab.numpy().astype(np.uint8)
 
 
 def raw_labels(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -113,9 +123,10 @@ def raw_labels(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     label map (uint8) and each pixel's probability of its label (for one sigmoid: of the
     foreground)."""
     if logits.shape[0] == 1:
-        return (logits[0] > 0).numpy().astype(np.uint8), torch.sigmoid(logits[0]).numpy()
-    prob = torch.softmax(logits, 0)
-    return logits.argmax(0).numpy().astype(np.uint8), prob.max(0).values.numpy()
+        prob = torch.sigmoid(logits[0])
+    else:
+        prob = torch.softmax(logits, 0).max(0).values
+    return _threshold(logits), prob.numpy()
 
 
 def apply_postprocess(labels: np.ndarray, prob: np.ndarray, post: PostProcess) -> np.ndarray:
