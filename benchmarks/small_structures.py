@@ -22,7 +22,8 @@ batch loading and augmentation included):
 * ``unet-hr-pre-mfb``: ``unet-hr-pre`` with the cross-entropy term class-weighted by median
   frequency balancing (Eigen & Fergus 2015: weight_c = median_f / f_c over the training masks'
   pixel frequencies), a benchmark-only test of the class-collapse diagnosis; ``-sqrtfb``: the
-  gentler square root of those weights;
+  gentler square root of those weights (any arm + ``-sqrtfb``: the same weighting on that arm,
+  e.g. ``basicunet-prior-sqrtfb`` as the control, ``unet-hrw-pre-sqrtfb``);
 * ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
   :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
   decoder at the full rate.
@@ -78,6 +79,8 @@ ARMS = (
     "unet-hrw-pre",
     "unet-hr-pre-mfb",
     "unet-hr-pre-sqrtfb",
+    "unet-hrw-pre-sqrtfb",
+    "basicunet-prior-sqrtfb",
 )
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
@@ -164,6 +167,11 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
     """The arm's network, freshly initialised from ``seed``; returns it and a description."""
     from usfm_core.finetune.models import Segmenter, build_backbone
 
+    for suffix, power in (("-sqrtfb", 0.5), ("-mfb", 1.0)):
+        if arm.endswith(suffix):  # class-weighted cross-entropy on top of the base arm
+            model, what = build_arm(arm.removesuffix(suffix), n_classes, input_size, seed)
+            model.balanced_ce = power
+            return model, what + f", cross-entropy weighted by (median frequency)^{power:g}"
     torch.manual_seed(seed)
     n_out = n_classes
     if arm in ("unet", "unet-hr"):
@@ -177,24 +185,13 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         torch.manual_seed(seed)
         net.decoder = wide_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + wide unet-hr (proto)"
-    elif arm in (
-        "unet-pre",
-        "unet-hr-pre",
-        "unet-hr-pre-slowbb",
-        "unet-hr-pre-mfb",
-        "unet-hr-pre-sqrtfb",
-    ):
+    elif arm in ("unet-pre", "unet-hr-pre", "unet-hr-pre-slowbb"):
         from usfm_core.finetune.models import load_backbone
         from usfm_core.models.zoo import find_model
 
         decoder = arm.split("-pre")[0]
         net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, decoder)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + {decoder} decoder"
-        if arm.endswith("fb"):  # -mfb / -sqrtfb
-            model = Net(net, n_classes, input_size)
-            model.balanced_ce = 0.5 if arm.endswith("-sqrtfb") else 1.0
-            power = f"{model.balanced_ce:g}"
-            return model, what + f", cross-entropy weighted by (median frequency)^{power}"
         if arm.endswith("-slowbb"):
             what += f", backbone lr x{SLOW_BACKBONE:g}"
             return Net(net, n_classes, input_size, backbone_lr_scale=SLOW_BACKBONE), what
@@ -245,19 +242,6 @@ def busi_set(shared: Path, work: Path):
 
 
 # ------------------------------------------------------------------------------ training
-def median_frequency_weights(ds, n_classes: int) -> torch.Tensor:
-    """Median frequency balancing ``(K,)``: ``median(f) / f_c`` over the pixel frequencies
-    ``f_c`` of each class in the dataset's (cached, resized) training masks."""
-    counts = np.zeros(n_classes)
-    for i in range(len(ds)):
-        _, mask = ds._load(i)
-        counts += np.bincount(np.asarray(mask).ravel().astype(np.int64), minlength=n_classes)[
-            :n_classes
-        ]
-    freq = counts / counts.sum()
-    return torch.tensor(np.median(freq) / np.maximum(freq, 1e-12), dtype=torch.float32)
-
-
 def train_budget(
     model: Net, data, indices: list[int], *, seed: int, budget_s: float, batch_size: int
 ) -> dict[str, Any]:
@@ -268,7 +252,11 @@ def train_budget(
     from torch.nn import functional as F
 
     from usfm_core.finetune.data import SupervisedDataset, training_loader
-    from usfm_core.finetune.train import segmentation_loss, soft_dice_loss
+    from usfm_core.finetune.train import (
+        median_frequency_weights,
+        segmentation_loss,
+        soft_dice_loss,
+    )
 
     torch.manual_seed(seed)
     ds = SupervisedDataset(data, indices, "segmentation", model.input_size, augment=True, seed=seed)
@@ -276,8 +264,10 @@ def train_budget(
         ds._load(i)  # decode + resize once, outside the budget
     loader = training_loader(ds, batch_size, seed)
     weights = None
-    if model.balanced_ce:
-        weights = median_frequency_weights(ds, model.n_classes) ** model.balanced_ce
+    if model.balanced_ce and model.n_classes > 1:  # binary masks: one sigmoid, no CE weights
+        # the product's weights (``usfm-core finetune``'s default for several structures)
+        masks = (ds._load(i)[1] for i in range(len(ds)))
+        weights = median_frequency_weights(masks, model.n_classes, model.balanced_ce)
     opt = torch.optim.AdamW(model.param_groups(RECIPE["lr"]), weight_decay=RECIPE["weight_decay"])
     model.train()
     steps, losses, cpu0, wall0 = 0, [], time.process_time(), time.perf_counter()

@@ -226,6 +226,9 @@ def test_multiclass_beats_union_per_class_and_test_items_never_train(
     assert extra["split_rule"].startswith("manifest split column")
     assert set(extra["test_items"]) == test_keys
     assert extra["mask_classes"] == ["background", "cyst", "echogenic"]
+    # two structures: the cross-entropy is class-weighted by default (sqrt median frequency)
+    bg, cyst, echo = extra["ce_weights"]
+    assert bg < 1 <= min(cyst, echo) and max(cyst, echo) > 1  # the median class gets 1
     assert res.classes == ["background", "cyst", "echogenic"]
     rows = list(csv.DictReader(open(res.history_path)))
     assert [int(r["step"]) for r in rows] == [60, 120, 180, 240, 300]  # --val-every 60
@@ -315,6 +318,30 @@ def test_cli_splits_val_every_from_scratch_like_and_evaluate(phantoms, tmp_path,
     assert [(r["label"], r["class"]) for r in rows] == [("2", "echogenic")]
 
 
+def test_median_frequency_weights_on_phantom_masks(phantoms):
+    """``(median f / f_c)^power`` over the pixel frequencies of the masks: computed by hand on
+    the phantoms' masks; power 1 is full median-frequency balancing; an absent class gets 0
+    and does not enter the median."""
+    from usfm_core.finetune.train import median_frequency_weights
+
+    ds = LabelledSet.from_folder(phantoms)
+    ds.resolve_mask_classes()
+    masks = [read_mask(it) for it in ds.items[:20]]
+    counts = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=3)[:3]
+    freq = counts / counts.sum()
+    assert freq[0] > 0.9 and (freq[1:] > 0).all()  # small structures on a large background
+    expected = np.median(freq) / freq
+    torch.testing.assert_close(
+        median_frequency_weights(masks, 3, power=1.0), torch.tensor(expected, dtype=torch.float32)
+    )
+    sqrt = median_frequency_weights(masks, 3)
+    torch.testing.assert_close(sqrt, torch.tensor(np.sqrt(expected), dtype=torch.float32))
+    with_absent = median_frequency_weights([np.where(m == 2, 0, m) for m in masks], 3, 1.0)
+    f2 = np.array([counts[0] + counts[2], counts[1]]) / counts.sum()
+    assert with_absent[2] == 0
+    assert with_absent[:2].tolist() == pytest.approx((np.median(f2) / f2).tolist(), rel=1e-5)
+
+
 def test_time_budget_stops_training(phantoms, tmp_path):
     """A 0.2 s budget and a first step that takes 0.3 s: exactly one step, then validation."""
     import time
@@ -335,8 +362,10 @@ def test_time_budget_stops_training(phantoms, tmp_path):
         input_size=64,
         batch_size=4,
         progress=slow,
+        balanced=False,
     )
     assert res.steps == 1 and res.best_epoch == 1
+    assert "ce_weights" not in json.loads((res.model_dir / "config.json").read_text())["extra"]
     with pytest.raises(ConfigError, match="val_every"):
         backbone = CnnBackbone(CnnCfg(width=16, convs=2))
         finetune("seg", phantoms, tmp_path / "u", backbone=backbone, val_every=0)

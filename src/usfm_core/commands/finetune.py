@@ -98,8 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience (epochs)")
     p.add_argument(
         "--balanced",
-        action="store_true",
-        help="classification: class-weighted cross-entropy (inverse class frequency)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="class-weighted cross-entropy: classification by inverse class frequency (default "
+        "off); segmentation of several structures by square-root median pixel frequency "
+        "(default on for two or more structures; --no-balanced turns it off)",
     )
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps")
     p.add_argument(

@@ -24,7 +24,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,16 +113,45 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     return (1 - (2 * inter + eps) / (denom + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, ce_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Soft Dice + cross-entropy (BCE for one logit).
 
-    ``logits (B, K, H, W)``, ``target (B, H, W)`` int64.
+    ``logits (B, K, H, W)``, ``target (B, H, W)`` int64; ``ce_weight (K,)``: per-class weights
+    of the cross-entropy term (softmax models only, e.g. :func:`median_frequency_weights`).
     """
     if logits.shape[1] == 1:
         ce = F.binary_cross_entropy_with_logits(logits[:, 0], (target > 0).float())
     else:
-        ce = F.cross_entropy(logits, target)
+        ce = F.cross_entropy(logits, target, weight=ce_weight)
     return soft_dice_loss(logits, target) + ce
+
+
+def median_frequency_weights(
+    masks: Iterable[np.ndarray], n_classes: int, power: float = 0.5
+) -> torch.Tensor:
+    """Class weights ``(K,)`` for a softmax segmenter's cross-entropy: ``(median(f) / f_c)^power``
+    over the pixel frequencies ``f_c`` of each class in ``masks`` (``(H, W)`` class-index maps).
+
+    ``power`` 1 is median-frequency balancing (Eigen & Fergus 2015); the default square root is
+    gentler. Why: with several small structures the unweighted loss let a decoder stay on
+    background for one class for a whole short run (2 of 3 seeds on simulator phantoms); the
+    square root removed that collapse on a development set without the over-segmentation full
+    balancing caused (``docs/benchmarks/small_structures.md``). A class absent from ``masks``
+    gets weight 0 (nothing to learn from; the median is over the present classes).
+    """
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for mask in masks:
+        flat = np.asarray(mask).ravel().astype(np.int64)
+        counts += np.bincount(flat[flat < n_classes], minlength=n_classes)[:n_classes]
+    present = counts > 0
+    if not present.any():
+        return torch.ones(n_classes)
+    freq = counts / counts.sum()
+    weights = np.zeros(n_classes)
+    weights[present] = (np.median(freq[present]) / freq[present]) ** power
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def parameter_groups(
@@ -173,7 +202,7 @@ def finetune(
     time_budget_s: float | None = None,
     patience: int = 10,
     augment: bool = True,
-    balanced: bool = False,
+    balanced: bool | None = None,
     splits: dict[str, list[int]] | None = None,
     splits_file: str | Path | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
@@ -212,9 +241,13 @@ def finetune(
             at the end of every epoch.
         time_budget_s: stop training after this many seconds (training + validation).
         patience: validations without improvement before stopping.
-        balanced: classification only: weight the cross-entropy by inverse class frequency
-            in the training subset (``n / (K · n_k)``), so the majority class cannot win the
-            macro-F1 model selection by default.
+        balanced: class-weighted cross-entropy. Classification: inverse class frequency in
+            the training subset (``n / (K · n_k)``), so the majority class cannot win the
+            macro-F1 model selection; default off. Segmentation with a softmax over several
+            structures: square-root median-frequency weights of the training masks' pixels
+            (:func:`median_frequency_weights`); default (None) on for two or more structures,
+            off for one (a sigmoid model has no class weights). The weights are saved as
+            ``extra.ce_weights``.
         splits: precomputed ``{"train", "val", "test"}`` item indices; else ``splits_file``
             (a ``splits.json``), else the manifest's ``split`` column, else a grouped,
             stratified 70/15/15 split (:func:`usfm_core.finetune.data.resolve_splits`). The
@@ -302,6 +335,11 @@ def finetune(
     weight = None
     if balanced and task == "classification":
         weight = balanced_class_weights(dataset.labels[train_idx], model.n_classes).to(dev)
+    elif task == "segmentation" and balanced is not False:
+        # default (None): only with two or more structures (K >= 3); True: any softmax model
+        if model.n_classes >= (2 if balanced else 3):
+            masks = (train_ds._load(i)[1] for i in range(len(train_ds)))  # cached for training
+            weight = median_frequency_weights(masks, model.n_classes).to(dev)
 
     extra = {
         "split_rule": split_rule,
@@ -316,6 +354,8 @@ def finetune(
     }
     if task == "segmentation":
         extra.update(mask_classes=dataset.mask_classes, mask_values=dataset.mask_values)
+    if weight is not None:
+        extra["ce_weights"] = [round(float(w), 6) for w in weight]
     if decoder_choice is not None:
         extra["decoder_choice"] = decoder_choice
     best: tuple[float, float] = (-math.inf, -math.inf)
@@ -607,7 +647,7 @@ def _loss(
     task: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     if task == "segmentation":
-        return segmentation_loss(logits, target)
+        return segmentation_loss(logits, target, weight)
     return F.cross_entropy(logits, target, weight=weight)
 
 
