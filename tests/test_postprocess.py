@@ -169,3 +169,36 @@ def test_segment_cli_gate_flags_on_real_images(shared_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         masks(tmp_path / "bad", "--presence-gate", "1.5")
     assert "--presence-gate: must be a probability" in capsys.readouterr().err
+
+
+def test_saved_inference_size_is_used_and_checked(tmp_path):
+    """``extra.infer_size``: frames go through the network at that side (seen by a forward
+    hook on the real model), the mask still comes back at the frame's size and equals
+    ``frame_logits(..., input_size=...)``; a bad value is refused at load, naming the field and
+    the folder."""
+    from test_segment import _tiny_segmenter
+    from usfm_core.finetune.infer import frame_logits, segment_frames
+    from usfm_core.finetune.models import load_finetuned, save_finetuned
+
+    model = _tiny_segmenter(1)
+    save_finetuned(model, tmp_path / "m", {"task": "segmentation", "infer_size": 128})
+    loaded, _ = load_finetuned(tmp_path / "m")
+    assert loaded.infer_size == 128 and loaded.input_size != 128
+    seen: list[tuple[int, ...]] = []
+    loaded.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    frame = np.random.default_rng(2).integers(0, 255, (90, 110), np.uint8)
+    mask = next(segment_frames(loaded, [frame]))
+    assert seen == [(1, 1, 128, 128)] and mask.shape == (90, 110)
+    at_128 = next(frame_logits(model, [frame], input_size=128))
+    np.testing.assert_array_equal(mask, (at_128[0] > 0).numpy().astype(np.uint8))
+    default = next(frame_logits(model, [frame]))  # the training size: a different result
+    assert not torch.equal(default, at_128)
+
+    cfg = tmp_path / "m" / "config.json"
+    for bad in (250, "256", True, 0):
+        data = json.loads(cfg.read_text())
+        data["extra"]["infer_size"] = bad
+        cfg.write_text(json.dumps(data))
+        with pytest.raises(CheckpointError, match="infer_size") as err:
+            load_finetuned(tmp_path / "m")
+        assert str(tmp_path / "m") in str(err.value)

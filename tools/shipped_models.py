@@ -9,6 +9,8 @@
     python tools/shipped_models.py val MODEL --data work/data/busi --task segmentation  # val split
     python tools/shipped_models.py postprocess work/runs/breast-lesion-pretrained/model \
         --data work/data/busi [--tta auto|on|off] [--apply]   # TTA + post-processing, val
+    python tools/shipped_models.py infer-size work/runs/fetal-head-pretrained/model \
+        --data work/data/hc18 --sizes 224 256 [--apply]       # inference input side, val
 
 ``prepare`` writes three labelled folders and one unlabelled pre-training folder:
 
@@ -234,6 +236,60 @@ def choose_on_val(
     return {"model": str(model_dir), "n_val": len(val), "chosen": chosen, "runs": results}
 
 
+def choose_infer_size(model_dir: Path, data_root: Path, sizes: list[int], apply: bool) -> dict:
+    """Choose a segmenter's inference input side among ``sizes`` on the recipe's validation
+    split of ``data_root`` (with the model's saved TTA and post-processing): by the mean
+    |HC error| when the items carry a reference circumference (the fetal-head measure), else by
+    Dice; ties go to the smaller size (less time). ``apply`` writes ``extra.infer_size`` into
+    ``model_dir/config.json`` (removed when the training size wins)."""
+    from usfm_core.evaluate.report import score_items
+    from usfm_core.finetune.models import load_finetuned
+    from usfm_core.models.zoo import BUILTIN_DIR
+    from usfm_core.utils import atomic_write_text
+
+    model_dir = Path(model_dir)
+    if apply and BUILTIN_DIR.resolve() in model_dir.resolve().parents:
+        raise SystemExit(f"{model_dir}: a packaged model; apply to the run folder, then install")
+    bad = [s for s in sizes if s <= 0 or s % 32]
+    if bad:
+        raise SystemExit(f"--sizes must be positive multiples of 32, got {bad}")
+    data = LabelledSet.from_folder(data_root, "segmentation")
+    val = make_splits(data.labels, data.groups, seed=SPLIT_SEED)["val"]
+    model, _ = load_finetuned(model_dir)
+    rows = []
+    for size in sorted(set(sizes)):
+        model.infer_size = size
+        m = score_items(model, data, val)
+        hc = m.get("hc_error_mm")
+        rows.append({"size": size, "dice": m["dice"], "hc_error_mm": hc, **_tails(m)})
+        hc_txt = (
+            f", mean |HC error| {hc:.2f} mm (median {m['hc_error_mm_median']:.2f})" if hc else ""
+        )
+        print(f"input {size}²: Dice {m['dice'] * 100:.2f}{hc_txt}", flush=True)
+    by_hc = all(r["hc_error_mm"] is not None for r in rows)
+    best = min(rows, key=lambda r: (r["hc_error_mm"] if by_hc else -r["dice"], r["size"]))
+    rule = "HC error" if by_hc else "Dice"
+    print(f"chosen on {len(val)} validation items: input {best['size']}² (by {rule})")
+    if apply:
+        path = model_dir / "config.json"
+        config = json.loads(path.read_text())
+        extra = config.setdefault("extra", {})
+        trained = (config.get("config") or config).get("input_size")
+        if best["size"] == int(trained or 0):
+            extra.pop("infer_size", None)
+        else:
+            extra["infer_size"] = best["size"]
+        atomic_write_text(path, json.dumps(config, indent=1) + "\n")
+        print(f"wrote extra.infer_size to {path}")
+    return {"model": str(model_dir), "n_val": len(val), "chosen": best["size"], "rows": rows}
+
+
+def _tails(metrics: dict) -> dict:
+    """The failure counts of a score_items result worth keeping in a selection table."""
+    keys = ("hc_error_mm_median", "n_hc_error_over_10mm", "n_dice_below_0.5")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
 def install(name: str, runs: Path) -> None:
     """Copy ``runs/<name>-pretrained/model`` into the package, store its weights in float16
     (half the size; the float32 model is rebuilt on load) and record both sha256s."""
@@ -387,7 +443,21 @@ def main() -> None:
         "--gates", type=float, nargs="+", help="presence-gate thresholds to try (0: none)"
     )
     pp.add_argument("--out", type=Path, help="write the table here as JSON (a new file)")
+    sz = sub.add_parser("infer-size", help="choose the inference input side on validation")
+    sz.add_argument("model_dir", type=Path, help="a fine-tuned model folder (a run's model/)")
+    sz.add_argument("--data", type=Path, required=True, help="e.g. work/data/hc18")
+    sz.add_argument("--sizes", type=int, nargs="+", required=True, help="e.g. 224 256")
+    sz.add_argument("--apply", action="store_true", help="write the choice into config.json")
+    sz.add_argument("--out", type=Path, help="write the table here as JSON (a new file)")
     args = ap.parse_args()
+    if args.cmd == "infer-size":
+        if args.out and args.out.exists():
+            ap.error(f"--out {args.out} exists; pass a new file name")
+        res = choose_infer_size(args.model_dir, args.data, args.sizes, args.apply)
+        if args.out:
+            from usfm_core.utils import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
     if args.cmd == "postprocess":
         if args.out and args.out.exists():
             ap.error(f"--out {args.out} exists; pass a new file name")

@@ -121,6 +121,8 @@ def _inference_note(extra: dict) -> str:
     parts = ([f"post-processing: {post.describe()}"] if not post.is_identity else []) + (
         ["flip TTA"] if extra.get("tta") else []
     )
+    if extra.get("infer_size"):
+        parts.append(f"input {extra['infer_size']}²")
     return ("\n" + "; ".join(parts)) if parts else ""
 
 

@@ -304,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
     extras = [f"post-processing: {model.postprocess.describe()}"]
     if getattr(model, "tta", False):
         extras.append("flip TTA")
+    if getattr(model, "infer_size", None):
+        extras.append(f"input {model.infer_size}² (trained at {model.input_size}²)")
     print("  " + "; ".join(extras))
     if failures:
         print(f"{len(failures)} of {len(plan)} input(s) failed:", file=sys.stderr)

@@ -65,7 +65,9 @@ def frame_logits(
     """A segmenter's float32 logits ``(K, H, W)`` per frame, at the frame's own ``(H, W)``.
 
     Frames are streamed in batches of ``batch_size``: each is made gray uint8, resized to the
-    model's square input (``model.input_size`` unless given, ``cv2.INTER_AREA``), normalised,
+    model's square input (``input_size`` if given, else the model's saved inference size
+    ``model.infer_size`` — ``extra.infer_size``, chosen on validation — else its training
+    ``model.input_size``; ``cv2.INTER_AREA``), normalised,
     segmented, and its logits resized back (bilinear). ``progress(n_done)`` is called after
     each batch. ``tta``: average the logits of the frame and of its horizontal mirror (flipped
     back): two forward passes, smoother outlines; default ``model.tta`` (a saved model's
@@ -73,7 +75,8 @@ def frame_logits(
     """
     import cv2
 
-    size = int(input_size or getattr(model, "input_size", 224))
+    saved = getattr(model, "infer_size", None) or getattr(model, "input_size", 224)
+    size = int(input_size or saved)
     tta = bool(getattr(model, "tta", False)) if tta is None else tta
     model = model.to(device).eval()
     done = 0

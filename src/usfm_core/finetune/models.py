@@ -717,6 +717,7 @@ def load_finetuned(
     # Inference options saved with the model (segment_frames reads them).
     extra = meta.get("extra") or {}
     model.tta = bool(extra.get("tta", False))
+    model.infer_size = _infer_size(extra.get("infer_size"), model_dir)
     try:
         model.postprocess = PostProcess.from_dict(extra.get("postprocess"))
     except ConfigError as err:
@@ -724,3 +725,17 @@ def load_finetuned(
             str(err), path=model_dir, hint="fix or remove extra.postprocess in config.json"
         ) from err
     return model, meta
+
+
+def _infer_size(value: Any, model_dir: Path) -> int | None:
+    """A saved ``extra.infer_size`` (the square input side used at inference when it differs
+    from the training ``input_size``; None: the same), checked: a positive multiple of 32."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 32:
+        raise CheckpointError(
+            f"extra.infer_size must be a positive multiple of 32, got {value!r}",
+            path=model_dir,
+            hint="fix or remove extra.infer_size in config.json",
+        )
+    return int(value)
