@@ -180,3 +180,33 @@ def test_loaders_take_model_names(index, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no model named 'no-such-model'") as err:
         load_model("no-such-model")
     assert "sim-lesion" in err.value.hint
+
+
+def test_infer_size_choice_on_validation_writes_only_the_run_folder(shared_data, tmp_path):
+    """``tools/shipped_models.py infer-size`` scores the recipe's validation split at each size
+    (by HC error on HC18 items), writes ``extra.infer_size`` into a run folder's copy (and drops
+    it when the training size wins), and refuses the packaged model."""
+    import shutil
+
+    from usfm_core.finetune.models import load_finetuned
+    from usfm_core.models.zoo import find_model
+
+    tool = _shipped_tool()
+    rows = (shared_data / "hc18" / "manifest.csv").read_text().splitlines()
+    folder = tmp_path / "hc18"
+    folder.mkdir()
+    for sub in ("images", "masks"):
+        (folder / sub).symlink_to(shared_data / "hc18" / sub)
+    (folder / "manifest.csv").write_text("\n".join(rows[:41]) + "\n")  # 40 items
+    run_model = tmp_path / "model"
+    shutil.copytree(find_model("fetal-head").path, run_model)
+    res = tool.choose_infer_size(run_model, folder, [224, 256], apply=True)
+    by_size = {r["size"]: r for r in res["rows"]}
+    assert set(by_size) == {224, 256} and res["n_val"] >= 4
+    best = min(by_size, key=lambda s: (by_size[s]["hc_error_mm"], s))
+    assert res["chosen"] == best
+    loaded, meta = load_finetuned(run_model)
+    assert loaded.infer_size == (None if best == 224 else best)
+    assert (meta["extra"].get("infer_size") is None) == (best == 224)
+    with pytest.raises(SystemExit, match="packaged"):
+        tool.choose_infer_size(find_model("fetal-head").path, folder, [224], apply=True)

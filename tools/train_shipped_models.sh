@@ -6,7 +6,7 @@
 #   bash tools/train_shipped_models.sh prepare      # data folders (test images kept out)
 #   bash tools/train_shipped_models.sh pretrain     # optional: the early local OpenUS run (~1 h)
 #   bash tools/train_shipped_models.sh finetune pretrained|scratch [MODEL...]
-#   bash tools/train_shipped_models.sh postprocess [ARM...]  # TTA + post-processing, on val
+#   bash tools/train_shipped_models.sh postprocess [ARM...]  # TTA, post-processing, input size: val
 #   bash tools/train_shipped_models.sh install      # into the package (float16, sha256)
 #   bash tools/train_shipped_models.sh evaluate [MODEL...]  # usfm-core evaluate: shipped vs scratch
 #   bash tools/train_shipped_models.sh record       # metrics into index.json, tables into cards
@@ -69,20 +69,25 @@ finetune)  # ARM [MODEL...]: models of one arm (default all three, in this order
       done
     done
     ;;
-postprocess)  # [ARM...]: flip TTA and post-processing of the two segmenters, chosen on the
-    # validation split (tools/shipped_models.py postprocess) and written into each run's model;
+postprocess)  # [ARM...]: flip TTA, post-processing and inference size of the two segmenters,
+    # chosen on the validation split (tools/shipped_models.py postprocess, infer-size) and
+    # written into each run's model;
     # both arms get the same procedure so the comparison stays like for like. No presence gate
     # (--gates 0): chosen on validation at 0.7, breast-lesion's gate emptied 7 test lesion
     # images (docs/models/breast-lesion.md), so it stays an opt-in (segment --presence-gate).
     shift
     for arm in "${@:-pretrained scratch}"; do
       for a in $arm; do
-        for pair in breast-lesion:busi fetal-head:hc18; do
-            n=${pair%%:*}; data=${pair##*:}
+        for pair in breast-lesion:busi:160,192,224 fetal-head:hc18:224,256; do
+            n=${pair%%:*}; rest=${pair#*:}; data=${rest%%:*}; sizes=${rest#*:}
             [ -d "$RUNS/$n-$a/model" ] || continue
-            rm -f "$RUNS/$n-$a/postprocess.json"  # this step's own earlier output
+            rm -f "$RUNS/$n-$a/postprocess.json" "$RUNS/$n-$a/infer_size.json"  # this step's own
             python tools/shipped_models.py postprocess "$RUNS/$n-$a/model" --data "$DATA/$data" \
                 --gates 0 --apply --out "$RUNS/$n-$a/postprocess.json"
+            # then the inference input side (the training size and its neighbours), with the
+            # TTA / post-processing just chosen: by HC error for fetal-head, Dice otherwise
+            python tools/shipped_models.py infer-size "$RUNS/$n-$a/model" --data "$DATA/$data" \
+                --sizes ${sizes//,/ } --apply --out "$RUNS/$n-$a/infer_size.json"
         done
       done
     done
