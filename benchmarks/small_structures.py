@@ -19,6 +19,8 @@ batch loading and augmentation included):
 * ``unet-hrw-pre``: a prototype (benchmark only) of a wider full-resolution path, shaped like
   BasicUNet's top level: 32 channels at strides 1 and 2, two convs in each stem and after the
   stride-1 fusion (:class:`WideHRDecoder`), from the shipped backbone;
+* ``unet-hrn-pre``: a prototype of a narrower full-resolution path (8 and 16 channels at strides
+  1 and 2 instead of 16 and 32), for more steps per CPU-second (:func:`narrow_hr_decoder`);
 * ``unet-hr-pre-mfb``: ``unet-hr-pre`` with the cross-entropy term class-weighted by median
   frequency balancing (Eigen & Fergus 2015: weight_c = median_f / f_c over the training masks'
   pixel frequencies), a benchmark-only test of the class-collapse diagnosis; ``-sqrtfb``: the
@@ -81,6 +83,10 @@ ARMS = (
     "unet-hr-pre-sqrtfb",
     "unet-hrw-pre-sqrtfb",
     "basicunet-prior-sqrtfb",
+    "unet-hr-pre-bd",
+    "unet-hr-pre-sqrtfb-bd",
+    "basicunet-prior-bd",
+    "unet-hrn-pre-sqrtfb",
 )
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
@@ -119,6 +125,7 @@ class Net(nn.Module):
         self.net, self.n_classes, self.input_size, self.classes = net, n_classes, input_size, []
         self.backbone_lr_scale = backbone_lr_scale
         self.balanced_ce = 0.0  # -mfb / -sqrtfb: CE weights = median-frequency weights ** this
+        self.batch_dice = False  # -bd: one soft Dice per class over the batch
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the net's ``backbone`` (if any) at ``lr × backbone_lr_scale``, the
@@ -163,10 +170,26 @@ def wide_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
     return WideHRDecoder(in_dims, n_out)
 
 
+def narrow_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
+    """The ``unet-hrn-pre`` prototype: :class:`~usfm_core.finetune.models.UNetHRDecoder` with
+    half the channels at strides 1 and 2 (8, 16 instead of 16, 32): the two skip fusions at
+    strides 1 and 2 are ~70 % of the decoder's multiply-adds at 160², so this buys steps."""
+    from usfm_core.finetune.models import UNetHRDecoder
+
+    class NarrowHRDecoder(UNetHRDecoder):
+        HR_WIDTHS = (8, 16)
+
+    return NarrowHRDecoder(in_dims, n_out)
+
+
 def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net, str]:
     """The arm's network, freshly initialised from ``seed``; returns it and a description."""
     from usfm_core.finetune.models import Segmenter, build_backbone
 
+    if arm.endswith("-bd"):  # soft Dice over the whole batch instead of per image
+        model, what = build_arm(arm.removesuffix("-bd"), n_classes, input_size, seed)
+        model.batch_dice = True
+        return model, what + ", batch soft Dice"
     for suffix, power in (("-sqrtfb", 0.5), ("-mfb", 1.0)):
         if arm.endswith(suffix):  # class-weighted cross-entropy on top of the base arm
             model, what = build_arm(arm.removesuffix(suffix), n_classes, input_size, seed)
@@ -177,6 +200,14 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
     if arm in ("unet", "unet-hr"):
         net: nn.Module = Segmenter(build_backbone("small-fast"), n_classes, arm)
         what = f"VMamba small-fast (scratch) + {arm} decoder"
+    elif arm == "unet-hrn-pre":
+        from usfm_core.finetune.models import _backbone_dims, load_backbone
+        from usfm_core.models.zoo import find_model
+
+        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
+        torch.manual_seed(seed)
+        net.decoder = narrow_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
+        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + narrow unet-hr (proto)"
     elif arm == "unet-hrw-pre":
         from usfm_core.finetune.models import _backbone_dims, load_backbone
         from usfm_core.models.zoo import find_model
@@ -280,10 +311,14 @@ def train_budget(
                 cosine = 0.5 * (1 + math.cos(math.pi * used / budget_s))
                 group["lr"] = RECIPE["lr"] * group["lr_scale"] * cosine
             logits = model(x)
-            if weights is None:
+            if weights is None and not model.batch_dice:
                 loss = segmentation_loss(logits, y)
-            else:  # soft Dice + class-weighted cross-entropy (the -mfb arm)
-                loss = soft_dice_loss(logits, y) + F.cross_entropy(logits, y, weight=weights)
+            else:  # soft Dice (per image or -bd over the batch) + class-weighted CE (-fb arms)
+                if logits.shape[1] == 1:
+                    ce = F.binary_cross_entropy_with_logits(logits[:, 0], (y > 0).float())
+                else:
+                    ce = F.cross_entropy(logits, y, weight=weights)
+                loss = soft_dice_loss(logits, y, batch=model.batch_dice) + ce
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -94,13 +94,18 @@ class FinetuneResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5, batch: bool = False
+) -> torch.Tensor:
     """1 − soft Dice, averaged over the batch and foreground channels.
 
     Args:
         logits: ``(B, K, H, W)``; K = 1 is binary (sigmoid), K ≥ 2 softmax with 0 = background
             (left out of the mean, as background Dice is trivially high).
         target: ``(B, H, W)`` int64 labels.
+        batch: one Dice per channel over the whole batch (MONAI's ``batch=True``) instead of
+            one per image: an image without a class then does not ask for exactly zero
+            probability of it everywhere (its per-image Dice is ≈ 0 until the sum is < eps).
     """
     if logits.shape[1] == 1:
         prob = torch.sigmoid(logits)
@@ -108,8 +113,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     else:
         prob = logits.softmax(1)[:, 1:]
         onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
-    inter = (prob * onehot).sum((2, 3))
-    denom = prob.sum((2, 3)) + onehot.sum((2, 3))
+    dims = (0, 2, 3) if batch else (2, 3)
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
     return (1 - (2 * inter + eps) / (denom + eps)).mean()
 
 
