@@ -26,6 +26,8 @@ batch loading and augmentation included):
   pixel frequencies), a benchmark-only test of the class-collapse diagnosis; ``-sqrtfb``: the
   gentler square root of those weights (any arm + ``-sqrtfb``: the same weighting on that arm,
   e.g. ``basicunet-prior-sqrtfb`` as the control, ``unet-hrw-pre-sqrtfb``);
+* ``-fastdec`` (any ``-pre`` arm): the fresh decoder and head at :data:`FAST_DECODER` × the
+  recipe's learning rate, the pretrained backbone at the recipe's;
 * ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
   :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
   decoder at the full rate.
@@ -87,7 +89,9 @@ ARMS = (
     "unet-hr-pre-sqrtfb-bd",
     "basicunet-prior-bd",
     "unet-hrn-pre-sqrtfb",
+    "unet-hr-pre-sqrtfb-fastdec",
 )
+FAST_DECODER = 3.0  # decoder / head learning-rate scale of the ``-fastdec`` arm
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
 # fine-tune does); everything else is the same recipe.
@@ -126,19 +130,21 @@ class Net(nn.Module):
         self.backbone_lr_scale = backbone_lr_scale
         self.balanced_ce = 0.0  # -mfb / -sqrtfb: CE weights = median-frequency weights ** this
         self.batch_dice = False  # -bd: one soft Dice per class over the batch
+        self.decoder_lr_scale = 1.0  # -fastdec: everything but the backbone at lr × this
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the net's ``backbone`` (if any) at ``lr × backbone_lr_scale``, the
-        rest at ``lr``; each group keeps its scale as ``lr_scale`` for the schedule."""
+        rest at ``lr × decoder_lr_scale``; each group keeps its scale as ``lr_scale`` for the
+        schedule."""
         backbone = getattr(self.net, "backbone", None)
-        if backbone is None or self.backbone_lr_scale == 1.0:
+        if backbone is None or self.backbone_lr_scale == self.decoder_lr_scale == 1.0:
             return [{"params": list(self.parameters()), "lr": lr, "lr_scale": 1.0}]
         ids = {id(p) for p in backbone.parameters()}
         rest = [p for p in self.parameters() if id(p) not in ids]
-        scale = self.backbone_lr_scale
+        scale, fast = self.backbone_lr_scale, self.decoder_lr_scale
         return [
             {"params": list(backbone.parameters()), "lr": lr * scale, "lr_scale": scale},
-            {"params": rest, "lr": lr, "lr_scale": 1.0},
+            {"params": rest, "lr": lr * fast, "lr_scale": fast},
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +192,10 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
     """The arm's network, freshly initialised from ``seed``; returns it and a description."""
     from usfm_core.finetune.models import Segmenter, build_backbone
 
+    if arm.endswith("-fastdec"):  # the fresh decoder at FAST_DECODER × the recipe's rate
+        model, what = build_arm(arm.removesuffix("-fastdec"), n_classes, input_size, seed)
+        model.decoder_lr_scale = FAST_DECODER
+        return model, what + f", decoder lr x{FAST_DECODER:g}"
     if arm.endswith("-bd"):  # soft Dice over the whole batch instead of per image
         model, what = build_arm(arm.removesuffix("-bd"), n_classes, input_size, seed)
         model.batch_dice = True

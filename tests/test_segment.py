@@ -47,6 +47,28 @@ def test_measure_ellipse_anisotropic_spacing():
     assert px["unit"] == "px" and px["objects"][0]["n_pixels"] == int(mask.sum())
 
 
+def test_ellipse_iou_flags_a_head_joined_to_another_structure(shared_data):
+    """``ellipse_iou``: a filled ellipse (rotated, anisotropic pixels) overlaps its fit almost
+    exactly; so does every HC18 ground-truth head; the same head joined to a block beside it
+    (the shipped model's worst failure mode) does not, and neither does a half head."""
+    dy, dx = 0.2, 0.25
+    ellipse = _ellipse((200, 240), (120, 100), (60, 40), angle=30)
+    assert measure_mask(ellipse, (dy, dx))["objects"][0]["ellipse_iou"] > 0.97
+    assert measure_mask(ellipse)["objects"][0]["ellipse_iou"] > 0.97
+    joined = ellipse.copy()
+    joined[10:90, 60:200] = 1  # a structure above the head, touching it
+    assert measure_mask(joined, (dy, dx))["objects"][0]["ellipse_iou"] < 0.85
+    half = ellipse.copy()
+    half[:, 120:] = 0
+    assert measure_mask(half, (dy, dx))["objects"][0]["ellipse_iou"] < 0.9
+    rows = list(csv.DictReader(open(shared_data / "hc18" / "manifest.csv")))
+    rows = [r for r in rows if float(r["mask_fraction"]) > 0.02][:8]
+    for r in rows:
+        mask = cv2.imread(str(shared_data / "hc18" / r["mask"]), cv2.IMREAD_GRAYSCALE) > 127
+        px = float(r["pixel_size_mm"])
+        assert measure_mask(mask, (px, px))["objects"][0]["ellipse_iou"] > 0.97
+
+
 def test_measure_several_objects_and_labels():
     mask = np.zeros((64, 64), np.uint8)
     mask[5:15, 5:15] = 1
@@ -438,3 +460,25 @@ def test_flip_tta_makes_masks_mirror_equivariant_and_loads_from_config(tmp_path)
     loaded, _ = load_finetuned(tmp_path / "m")
     assert loaded.tta is True
     np.testing.assert_array_equal(next(segment_frames(loaded, frames[:1])), masks(True, frames)[0])
+
+
+def test_segment_status_names_the_largest_objects_circumference():
+    """The Segment widget's done line for one frame: the largest object's circumference and
+    fit IoU from the same rows as measurements.csv; nothing for several frames or no object."""
+    pytest.importorskip("qtpy")
+    from napari_usfm._widgets import _largest_object_line
+    from usfm_core.finetune.infer import measurement_rows
+
+    mask = _ellipse((120, 160), (80, 60), (40, 25), angle=20)
+    mask[5:12, 5:12] = 1  # a smaller second object
+    rows = measurement_rows(mask, (0.2, 0.2))
+    line = _largest_object_line(rows)
+    assert line == (
+        f"; largest: circumference {rows[0]['circumference_mm']:.1f} mm, "
+        f"fit IoU {rows[0]['ellipse_iou']:.2f}"
+    )
+    assert rows[0]["ellipse_iou"] > 0.95 and rows[0]["area_px2"] > rows[1]["area_px2"]
+    assert "px" in _largest_object_line(measurement_rows(mask))
+    several = rows + measurement_rows(mask, (0.2, 0.2), frame=1)
+    assert _largest_object_line(several) == ""
+    assert _largest_object_line(measurement_rows(np.zeros((8, 8), np.uint8))) == ""

@@ -300,6 +300,7 @@ class SegmentWidget(_Base):
         self.progress = _progress_bar("frames")
         # Same rows and numbering as usfm-core segment's measurements.csv (units in the names).
         self._columns = _summary_columns("mm")
+        _wrap(self._status, lines=5)  # the done line names the largest object's circumference
         self._table = Table(value={key: [] for key in self._columns})
         self._csv = _file_edit(label="save to", mode="w", filter="*.csv", value="measurements.csv")
         self._save = PushButton(text="Save measurements")
@@ -450,7 +451,9 @@ class SegmentWidget(_Base):
     def _segment_done(self) -> None:
         self.labels_layer.refresh()
         self._update_table()
-        self._notice(f"segmented {len(self.frames_done)} frame(s), {len(self.rows)} object(s)")
+        self._table.native.resizeColumnsToContents()  # the numbers, not just the first columns
+        done = f"segmented {len(self.frames_done)} frame(s), {len(self.rows)} object(s)"
+        self._notice(done + _largest_object_line(self.rows))
 
     def save_measurements(self, *_: Any) -> Path | None:
         """Write the measurements as CSV: the columns of ``usfm-core segment``'s
@@ -468,6 +471,20 @@ class SegmentWidget(_Base):
             writer.writerows(self.rows)
         self._notice(f"saved {path}")
         return path
+
+
+def _largest_object_line(rows: list[dict[str, Any]]) -> str:
+    """``"; largest: circumference 170.7 mm, fit IoU 0.98"`` (IoU of the ellipse fit) for the
+    largest object of a one-frame result (what a user segmenting one image looks for first,
+    visible without scrolling the table), else ``""``."""
+    objects = [r for r in rows if r.get("object") not in ("", None)]
+    if not objects or len({r.get("frame") for r in rows}) != 1:
+        return ""
+    top = objects[0]  # rows are numbered largest first
+    unit = "mm" if top.get("unit") == "mm" else "px"
+    circ = float(top.get(f"circumference_{unit}") or "nan")
+    iou = float(top.get("ellipse_iou") or "nan")
+    return f"; largest: circumference {circ:.1f} {unit}, fit IoU {iou:.2f}"
 
 
 def _summary_columns(unit: str) -> tuple[str, ...]:
