@@ -19,6 +19,8 @@ batch loading and augmentation included):
 * ``unet-hrw-pre``: a prototype (benchmark only) of a wider full-resolution path, shaped like
   BasicUNet's top level: 32 channels at strides 1 and 2, two convs in each stem and after the
   stride-1 fusion (:class:`WideHRDecoder`), from the shipped backbone;
+* ``unet-hrb-pre``: a prototype with BasicUNet's own top two levels (32 channels, two convs,
+  instance norm, LeakyReLU) under the VMamba features (:func:`basic_hr_decoder`);
 * ``unet-hrn-pre``: a prototype of a narrower full-resolution path (8 and 16 channels at strides
   1 and 2 instead of 16 and 32), for more steps per CPU-second (:func:`narrow_hr_decoder`);
 * ``unet-hr-pre-mfb``: ``unet-hr-pre`` with the cross-entropy term class-weighted by median
@@ -90,6 +92,7 @@ ARMS = (
     "basicunet-prior-bd",
     "unet-hrn-pre-sqrtfb",
     "unet-hr-pre-sqrtfb-fastdec",
+    "unet-hrb-pre-sqrtfb",
 )
 FAST_DECODER = 3.0  # decoder / head learning-rate scale of the ``-fastdec`` arm
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
@@ -188,6 +191,50 @@ def narrow_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
     return NarrowHRDecoder(in_dims, n_out)
 
 
+def basic_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
+    """The ``unet-hrb-pre`` prototype: the toolkit's stride-4 U-Net decoder on the VMamba
+    features, under BasicUNet's own top two levels: at strides 1 and 2 two 3×3 convs of 32
+    channels each with instance norm and LeakyReLU (MONAI's defaults), max-pool down, and after
+    each fusion (bilinear up, 1×1 to 32, concatenate) two more such convs; 1×1 head."""
+    from torch.nn import functional as F
+
+    from usfm_core.finetune.models import UNetHRDecoder, _prior_bias_
+
+    def two_convs(c_in: int, c: int) -> nn.Sequential:
+        return nn.Sequential(
+            *(
+                m
+                for i in range(2)
+                for m in (
+                    nn.Conv2d(c_in if i == 0 else c, c, 3, padding=1),
+                    nn.InstanceNorm2d(c, affine=True),
+                    nn.LeakyReLU(0.1),
+                )
+            )
+        )
+
+    class BasicHRDecoder(UNetHRDecoder):
+        def __init__(self, in_dims: list[int], n_out: int):
+            super().__init__(in_dims, n_out)
+            w = 32
+            self.stem1 = two_convs(1, w)
+            self.stem2 = nn.Sequential(nn.MaxPool2d(2), two_convs(w, w))
+            self.proj2, self.proj1 = nn.Conv2d(in_dims[0], w, 1), nn.Conv2d(w, w, 1)
+            self.fuse2, self.fuse1 = two_convs(2 * w, w), two_convs(2 * w, w)
+            self.head = nn.Conv2d(w, n_out, 1)
+            _prior_bias_(self.head.bias, self.PRIOR)
+
+        def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+            s1 = self.stem1(image)
+            s2 = self.stem2(s1)
+            x = F.interpolate(self.decode_stride4(feats), size=s2.shape[-2:], mode="bilinear")
+            x = self.fuse2(torch.cat([self.proj2(x), s2], 1))
+            x = F.interpolate(x, size=s1.shape[-2:], mode="bilinear")
+            return self.head(self.fuse1(torch.cat([self.proj1(x), s1], 1)))
+
+    return BasicHRDecoder(in_dims, n_out)
+
+
 def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net, str]:
     """The arm's network, freshly initialised from ``seed``; returns it and a description."""
     from usfm_core.finetune.models import Segmenter, build_backbone
@@ -218,6 +265,14 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         torch.manual_seed(seed)
         net.decoder = narrow_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + narrow unet-hr (proto)"
+    elif arm == "unet-hrb-pre":
+        from usfm_core.finetune.models import _backbone_dims, load_backbone
+        from usfm_core.models.zoo import find_model
+
+        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
+        torch.manual_seed(seed)
+        net.decoder = basic_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
+        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + BasicUNet-top (proto)"
     elif arm == "unet-hrw-pre":
         from usfm_core.finetune.models import _backbone_dims, load_backbone
         from usfm_core.models.zoo import find_model
