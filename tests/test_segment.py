@@ -482,3 +482,22 @@ def test_segment_status_names_the_largest_objects_circumference():
     several = rows + measurement_rows(mask, (0.2, 0.2), frame=1)
     assert _largest_object_line(several) == ""
     assert _largest_object_line(measurement_rows(np.zeros((8, 8), np.uint8))) == ""
+
+
+def test_segment_warns_when_the_largest_object_is_not_ellipse_shaped():
+    """``usfm-core segment``'s warning list: a frame whose largest object is a head joined to
+    another structure is named; an elliptical one, a smaller odd object and empty frames not."""
+    from usfm_core.commands.segment import LOW_FIT_IOU, _low_fit_warnings
+    from usfm_core.finetune.infer import measurement_rows
+
+    head = _ellipse((200, 240), (120, 110), (60, 40), angle=30)
+    joined = head.copy()
+    joined[10:90, 60:200] = 1
+    odd_small = head.copy()
+    odd_small[150:160, 5:60] = 1  # a thin bar, not the largest object
+    rows = []
+    for frame, mask in enumerate([head, joined, odd_small, np.zeros_like(head)]):
+        rows += measurement_rows(mask, (0.2, 0.2), file="scan", frame=frame)
+    warnings = _low_fit_warnings(rows)
+    assert len(warnings) == 1 and warnings[0].startswith("scan frame 1:")
+    assert f"< {LOW_FIT_IOU}" in warnings[0]
