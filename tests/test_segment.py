@@ -496,8 +496,11 @@ def test_segment_warns_when_the_largest_object_is_not_ellipse_shaped():
     odd_small = head.copy()
     odd_small[150:160, 5:60] = 1  # a thin bar, not the largest object
     rows = []
-    for frame, mask in enumerate([head, joined, odd_small, np.zeros_like(head)]):
+    for frame, mask in enumerate([head, joined, odd_small, np.zeros_like(head), joined]):
         rows += measurement_rows(mask, (0.2, 0.2), file="scan", frame=frame)
-    warnings = _low_fit_warnings(rows)
-    assert len(warnings) == 1 and warnings[0].startswith("scan frame 1:")
-    assert f"< {LOW_FIT_IOU}" in warnings[0]
+    warnings = _low_fit_warnings(rows)  # one line for the scan, its frames 1 and 4 named
+    assert len(warnings) == 1 and warnings[0].startswith("scan: ")
+    assert "2 of 4 frames (first: 1, 4)" in warnings[0] and f"< {LOW_FIT_IOU}" in warnings[0]
+    assert _low_fit_warnings(rows[:1]) == []  # the elliptical head alone
+    one = _low_fit_warnings(measurement_rows(joined, None, file="img"))
+    assert len(one) == 1 and "in frame 0 (" in one[0]

@@ -100,17 +100,27 @@ LOW_FIT_IOU = 0.9
 
 
 def _low_fit_warnings(rows: list[dict]) -> list[str]:
-    """One warning per frame whose largest object's ellipse fit overlaps it less than
-    :data:`LOW_FIT_IOU` (its ``circumference_*`` is then not a trustworthy measurement)."""
-    out = []
-    for row in rows:
-        iou = row.get("ellipse_iou")
-        if row.get("object") == 1 and isinstance(iou, float) and iou < LOW_FIT_IOU:
-            out.append(
-                f"{row['file']} frame {row['frame']}: the largest object is not ellipse-shaped "
-                f"(ellipse_iou {iou:.2f} < {LOW_FIT_IOU}); check its circumference by eye"
-            )
-    return out
+    """At most one warning for one scan's rows: the frames whose largest object's ellipse fit
+    overlaps it less than :data:`LOW_FIT_IOU` (their ``circumference_*`` is then not a
+    trustworthy measurement), counted, the first few named."""
+    largest = [r for r in rows if r.get("object") == 1]
+    low = [r for r in largest if isinstance(r.get("ellipse_iou"), float)]
+    low = [r for r in low if r["ellipse_iou"] < LOW_FIT_IOU]
+    if not low:
+        return []
+    where = (
+        f"frame {low[0]['frame']}"
+        if len(largest) == 1
+        else f"{len(low)} of {len(largest)} frames (first: "
+        + ", ".join(str(r["frame"]) for r in low[:5])
+        + (", ..." if len(low) > 5 else "")
+        + ")"
+    )
+    worst = min(r["ellipse_iou"] for r in low)
+    return [
+        f"{low[0]['file']}: the largest object is not ellipse-shaped in {where} (ellipse_iou "
+        f"down to {worst:.2f} < {LOW_FIT_IOU}); check those circumferences by eye"
+    ]
 
 
 def postprocess_from_args(saved: Any, args: argparse.Namespace) -> Any:
