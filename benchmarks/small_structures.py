@@ -19,6 +19,8 @@ batch loading and augmentation included):
 * ``unet-hrw-pre``: a prototype (benchmark only) of a wider full-resolution path, shaped like
   BasicUNet's top level: 32 channels at strides 1 and 2, two convs in each stem and after the
   stride-1 fusion (:class:`WideHRDecoder`), from the shipped backbone;
+* ``unet-hrc-pre``: ``unet-hr`` plus a trainable 32-channel conv branch to stride 4 beside the
+  VMamba stem's 16 channels (:func:`conv4_hr_decoder`, prototype);
 * ``unet-hrb-pre``: a prototype with BasicUNet's own top two levels (32 channels, two convs,
   instance norm, LeakyReLU) under the VMamba features (:func:`basic_hr_decoder`);
 * ``unet-hrn-pre``: a prototype of a narrower full-resolution path (8 and 16 channels at strides
@@ -93,6 +95,7 @@ ARMS = (
     "unet-hrn-pre-sqrtfb",
     "unet-hr-pre-sqrtfb-fastdec",
     "unet-hrb-pre-sqrtfb",
+    "unet-hrc-pre-sqrtfb",
 )
 FAST_DECODER = 3.0  # decoder / head learning-rate scale of the ``-fastdec`` arm
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
@@ -235,6 +238,31 @@ def basic_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
     return BasicHRDecoder(in_dims, n_out)
 
 
+def conv4_hr_decoder(in_dims: list[int], n_out: int, width: int = 32) -> nn.Module:
+    """The ``unet-hrc-pre`` prototype: :class:`~usfm_core.finetune.models.UNetHRDecoder` plus a
+    trainable conv branch from the stride-2 stem to stride 4 (``width`` channels: conv 3×3
+    stride 2, conv 3×3), concatenated with the backbone's stride-4 map, so the stride-4 level
+    has ``in_dims[0] + width`` channels instead of the VMamba stem's 16."""
+    from usfm_core.finetune.models import UNetHRDecoder, _conv_norm_act
+
+    class Conv4HRDecoder(UNetHRDecoder):
+        def __init__(self, in_dims: list[int], n_out: int):
+            super().__init__([in_dims[0] + width, *in_dims[1:]], n_out)
+            w2 = self.HR_WIDTHS[1]
+            self.branch4 = nn.Sequential(
+                _conv_norm_act(w2, width, stride=2), _conv_norm_act(width, width)
+            )
+
+        def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+            s1 = self.stem1(image)
+            s2 = self.stem2(s1)
+            feats = [torch.cat([feats[0], self.branch4(s2)], 1), *feats[1:]]
+            x = self.fuse2(self.decode_stride4(feats), s2)
+            return self.head(self.fuse1(x, s1))
+
+    return Conv4HRDecoder(in_dims, n_out)
+
+
 def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net, str]:
     """The arm's network, freshly initialised from ``seed``; returns it and a description."""
     from usfm_core.finetune.models import Segmenter, build_backbone
@@ -265,6 +293,14 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         torch.manual_seed(seed)
         net.decoder = narrow_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
         what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + narrow unet-hr (proto)"
+    elif arm == "unet-hrc-pre":
+        from usfm_core.finetune.models import _backbone_dims, load_backbone
+        from usfm_core.models.zoo import find_model
+
+        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
+        torch.manual_seed(seed)
+        net.decoder = conv4_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
+        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + unet-hr+s4 conv"
     elif arm == "unet-hrb-pre":
         from usfm_core.finetune.models import _backbone_dims, load_backbone
         from usfm_core.models.zoo import find_model
