@@ -263,6 +263,15 @@ def conv4_hr_decoder(in_dims: list[int], n_out: int, width: int = 32) -> nn.Modu
     return Conv4HRDecoder(in_dims, n_out)
 
 
+# Benchmark-only decoders under the shipped backbone: arm → (builder, description).
+PROTOTYPE_DECODERS = {
+    "unet-hrw-pre": (wide_hr_decoder, "wide unet-hr"),
+    "unet-hrn-pre": (narrow_hr_decoder, "narrow unet-hr"),
+    "unet-hrb-pre": (basic_hr_decoder, "BasicUNet-top"),
+    "unet-hrc-pre": (conv4_hr_decoder, "unet-hr + stride-4 conv branch"),
+}
+
+
 def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net, str]:
     """The arm's network, freshly initialised from ``seed``; returns it and a description."""
     from usfm_core.finetune.models import Segmenter, build_backbone
@@ -285,38 +294,15 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
     if arm in ("unet", "unet-hr"):
         net: nn.Module = Segmenter(build_backbone("small-fast"), n_classes, arm)
         what = f"VMamba small-fast (scratch) + {arm} decoder"
-    elif arm == "unet-hrn-pre":
+    elif arm in PROTOTYPE_DECODERS:  # the shipped backbone under a prototype decoder
         from usfm_core.finetune.models import _backbone_dims, load_backbone
         from usfm_core.models.zoo import find_model
 
+        make, name = PROTOTYPE_DECODERS[arm]
         net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
         torch.manual_seed(seed)
-        net.decoder = narrow_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
-        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + narrow unet-hr (proto)"
-    elif arm == "unet-hrc-pre":
-        from usfm_core.finetune.models import _backbone_dims, load_backbone
-        from usfm_core.models.zoo import find_model
-
-        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
-        torch.manual_seed(seed)
-        net.decoder = conv4_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
-        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + unet-hr+s4 conv"
-    elif arm == "unet-hrb-pre":
-        from usfm_core.finetune.models import _backbone_dims, load_backbone
-        from usfm_core.models.zoo import find_model
-
-        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
-        torch.manual_seed(seed)
-        net.decoder = basic_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
-        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + BasicUNet-top (proto)"
-    elif arm == "unet-hrw-pre":
-        from usfm_core.finetune.models import _backbone_dims, load_backbone
-        from usfm_core.models.zoo import find_model
-
-        net = Segmenter(load_backbone(find_model(PRETRAINED).path), n_classes, "unet-hr")
-        torch.manual_seed(seed)
-        net.decoder = wide_hr_decoder([int(d) for d in _backbone_dims(net.backbone)], n_classes)
-        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + wide unet-hr (proto)"
+        net.decoder = make([int(d) for d in _backbone_dims(net.backbone)], n_classes)
+        what = f"VMamba small-fast from the shipped {PRETRAINED} backbone + {name} (proto)"
     elif arm in ("unet-pre", "unet-hr-pre", "unet-hr-pre-slowbb"):
         from usfm_core.finetune.models import load_backbone
         from usfm_core.models.zoo import find_model
