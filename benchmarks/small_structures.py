@@ -367,13 +367,11 @@ def train_budget(
     (``time.process_time()``; batches, augmentation, forward, backward, step), the learning
     rate following a cosine over the budget. The dataset cache is filled before the clock
     starts. Returns ``{"steps", "cpu_s", "wall_s", "cpu_s_per_step", "final_loss"}``."""
-    from torch.nn import functional as F
 
     from usfm_core.finetune.data import SupervisedDataset, training_loader
     from usfm_core.finetune.train import (
         median_frequency_weights,
         segmentation_loss,
-        soft_dice_loss,
     )
 
     torch.manual_seed(seed)
@@ -398,14 +396,7 @@ def train_budget(
                 cosine = 0.5 * (1 + math.cos(math.pi * used / budget_s))
                 group["lr"] = RECIPE["lr"] * group["lr_scale"] * cosine
             logits = model(x)
-            if weights is None and not model.batch_dice:
-                loss = segmentation_loss(logits, y)
-            else:  # soft Dice (per image or -bd over the batch) + class-weighted CE (-fb arms)
-                if logits.shape[1] == 1:
-                    ce = F.binary_cross_entropy_with_logits(logits[:, 0], (y > 0).float())
-                else:
-                    ce = F.cross_entropy(logits, y, weight=weights)
-                loss = soft_dice_loss(logits, y, batch=model.batch_dice) + ce
+            loss = segmentation_loss(logits, y, weights, batch_dice=model.batch_dice)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

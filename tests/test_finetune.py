@@ -379,3 +379,23 @@ def test_run_folder_never_replaces_the_data_or_the_splits_file(tmp_path, capsys)
     assert (data / "splits.json").read_text() == '{"mine": 1}'
     assert (data / "result.json").read_text() == "user notes"
     assert json.loads(splits.read_text())["train"] == keys[:3]
+
+
+def test_batch_soft_dice_pools_the_batch():
+    """``soft_dice_loss(batch=True)`` (and ``segmentation_loss(batch_dice=True)``): one Dice per
+    class over the whole batch; with one image it equals the per-image loss, and an image
+    without the class no longer scores ~0 on its own."""
+    from usfm_core.finetune.train import segmentation_loss, soft_dice_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.zeros(2, 8, 8, dtype=torch.int64)
+    target[0, 2:5, 2:5] = 1  # class 1 only in image 0; class 2 in image 1
+    target[1, 4:7, 1:3] = 2
+    one = soft_dice_loss(logits[:1], target[:1], batch=True)
+    assert one == pytest.approx(soft_dice_loss(logits[:1], target[:1]).item())
+    pooled = soft_dice_loss(logits, target, batch=True)
+    per_image = soft_dice_loss(logits, target)
+    assert pooled < per_image  # the absent-class images no longer count as Dice ≈ 0
+    diff = segmentation_loss(logits, target, batch_dice=True) - segmentation_loss(logits, target)
+    assert diff.item() == pytest.approx((pooled - per_image).item(), abs=1e-6)

@@ -190,12 +190,10 @@ def choose_on_val(
     from usfm_core.finetune.infer import frame_logits
     from usfm_core.finetune.models import load_finetuned
     from usfm_core.finetune.postprocess import candidate_grid, choose_postprocess
-    from usfm_core.models.zoo import BUILTIN_DIR
-    from usfm_core.utils import atomic_write_text
 
     model_dir = Path(model_dir)
-    if apply and BUILTIN_DIR.resolve() in model_dir.resolve().parents:
-        raise SystemExit(f"{model_dir}: a packaged model; apply to the run folder, then install")
+    if apply:
+        _refuse_packaged(model_dir)
     data = LabelledSet.from_folder(data_root, "segmentation")
     val = make_splits(data.labels, data.groups, seed=SPLIT_SEED)["val"]
     model, _ = load_finetuned(model_dir)
@@ -226,12 +224,7 @@ def choose_on_val(
         f"post-processing {chosen['chosen']}"
     )
     if apply:
-        path = model_dir / "config.json"
-        config = json.loads(path.read_text())
-        extra = config.setdefault("extra", {})
-        extra["postprocess"] = chosen["chosen"]
-        extra["tta"] = chosen["tta"]
-        atomic_write_text(path, json.dumps(config, indent=1) + "\n")
+        path = _write_extra(model_dir, {"postprocess": chosen["chosen"], "tta": chosen["tta"]})
         print(f"wrote extra.postprocess and extra.tta to {path}")
     return {"model": str(model_dir), "n_val": len(val), "chosen": chosen, "runs": results}
 
@@ -244,12 +237,10 @@ def choose_infer_size(model_dir: Path, data_root: Path, sizes: list[int], apply:
     ``model_dir/config.json`` (removed when the training size wins)."""
     from usfm_core.evaluate.report import score_items
     from usfm_core.finetune.models import load_finetuned
-    from usfm_core.models.zoo import BUILTIN_DIR
-    from usfm_core.utils import atomic_write_text
 
     model_dir = Path(model_dir)
-    if apply and BUILTIN_DIR.resolve() in model_dir.resolve().parents:
-        raise SystemExit(f"{model_dir}: a packaged model; apply to the run folder, then install")
+    if apply:
+        _refuse_packaged(model_dir)
     bad = [s for s in sizes if s <= 0 or s % 32]
     if bad:
         raise SystemExit(f"--sizes must be positive multiples of 32, got {bad}")
@@ -262,26 +253,46 @@ def choose_infer_size(model_dir: Path, data_root: Path, sizes: list[int], apply:
         m = score_items(model, data, val)
         hc = m.get("hc_error_mm")
         rows.append({"size": size, "dice": m["dice"], "hc_error_mm": hc, **_tails(m)})
-        hc_txt = (
-            f", mean |HC error| {hc:.2f} mm (median {m['hc_error_mm_median']:.2f})" if hc else ""
-        )
+        hc_txt = ""
+        if hc is not None:
+            hc_txt = f", mean |HC error| {hc:.2f} mm (median {m['hc_error_mm_median']:.2f})"
         print(f"input {size}²: Dice {m['dice'] * 100:.2f}{hc_txt}", flush=True)
     by_hc = all(r["hc_error_mm"] is not None for r in rows)
     best = min(rows, key=lambda r: (r["hc_error_mm"] if by_hc else -r["dice"], r["size"]))
     rule = "HC error" if by_hc else "Dice"
     print(f"chosen on {len(val)} validation items: input {best['size']}² (by {rule})")
     if apply:
-        path = model_dir / "config.json"
-        config = json.loads(path.read_text())
-        extra = config.setdefault("extra", {})
-        trained = (config.get("config") or config).get("input_size")
-        if best["size"] == int(trained or 0):
-            extra.pop("infer_size", None)
-        else:
-            extra["infer_size"] = best["size"]
-        atomic_write_text(path, json.dumps(config, indent=1) + "\n")
+        trained = int(model.input_size)  # the training size wins: no extra.infer_size
+        path = _write_extra(
+            model_dir, {"infer_size": None if best["size"] == trained else best["size"]}
+        )
         print(f"wrote extra.infer_size to {path}")
     return {"model": str(model_dir), "n_val": len(val), "chosen": best["size"], "rows": rows}
+
+
+def _refuse_packaged(model_dir: Path) -> None:
+    """A choice is written into a run folder's model, never into the package's copy."""
+    from usfm_core.models.zoo import BUILTIN_DIR
+
+    if BUILTIN_DIR.resolve() in Path(model_dir).resolve().parents:
+        raise SystemExit(f"{model_dir}: a packaged model; apply to the run folder, then install")
+
+
+def _write_extra(model_dir: Path, values: dict) -> Path:
+    """Set ``values`` in ``model_dir/config.json``'s ``extra`` (a None value removes the key),
+    written atomically; returns the path."""
+    from usfm_core.utils import atomic_write_text
+
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    extra = config.setdefault("extra", {})
+    for key, value in values.items():
+        if value is None:
+            extra.pop(key, None)
+        else:
+            extra[key] = value
+    atomic_write_text(path, json.dumps(config, indent=1) + "\n")
+    return path
 
 
 def _tails(metrics: dict) -> dict:
@@ -450,33 +461,24 @@ def main() -> None:
     sz.add_argument("--apply", action="store_true", help="write the choice into config.json")
     sz.add_argument("--out", type=Path, help="write the table here as JSON (a new file)")
     args = ap.parse_args()
+    out = getattr(args, "out", None) if args.cmd in ("infer-size", "postprocess", "val") else None
+    if out is not None and out.exists():  # never replace a file this call did not make
+        ap.error(f"--out {out} exists; pass a new file name")
+    text = None
     if args.cmd == "infer-size":
-        if args.out and args.out.exists():
-            ap.error(f"--out {args.out} exists; pass a new file name")
         res = choose_infer_size(args.model_dir, args.data, args.sizes, args.apply)
-        if args.out:
-            from usfm_core.utils import atomic_write_text
-
-            atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
+        text = json.dumps(res, indent=1)
     if args.cmd == "postprocess":
-        if args.out and args.out.exists():
-            ap.error(f"--out {args.out} exists; pass a new file name")
         res = choose_on_val(args.model_dir, args.data, args.tta, args.apply, args.gates)
-        if args.out:
-            from usfm_core.utils import atomic_write_text
-
-            atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
+        text = json.dumps(res, indent=1)
     if args.cmd == "val":
-        if args.out and args.out.exists():  # never replace a file this call did not make
-            ap.error(f"--out {args.out} exists; pass a new file name")
         tta = None if args.tta is None else args.tta == "on"
-        metrics = val_metrics(args.model, args.data, args.task, tta)
-        text = json.dumps(metrics, indent=1, default=str)
-        if args.out:
-            from usfm_core.utils import atomic_write_text
-
-            atomic_write_text(args.out, text + "\n")
+        text = json.dumps(val_metrics(args.model, args.data, args.task, tta), indent=1, default=str)
         print(text)
+    if out is not None and text is not None:
+        from usfm_core.utils import atomic_write_text
+
+        atomic_write_text(out, text + "\n")
     if args.cmd == "prepare":
         prepare(args.shared, args.out, args.sim_frames)
     for name in getattr(args, "names", []):

@@ -184,8 +184,7 @@ def _measure_object(obj: np.ndarray, dy: float, dx: float) -> dict:
     # returned a 46-px ellipse for a 5-pixel speck, differing run to run in the last bits.
     # An ellipse much longer than the object itself is such a fit: use the moments instead.
     if not np.isfinite(major) or major > 1.5 * max_diam + 2 * max(dy, dx):
-        major, minor = _moment_axes(obj, dy, dx)
-        centre, angle = _moment_pose(obj, dy, dx)
+        centre, major, minor, angle = _moment_ellipse(obj, dy, dx)
     out.update(
         ellipse_major=float(major),
         ellipse_minor=float(minor),
@@ -193,17 +192,6 @@ def _measure_object(obj: np.ndarray, dy: float, dx: float) -> dict:
         ellipse_iou=_ellipse_iou(obj, dy, dx, centre, major, minor, angle),
     )
     return out
-
-
-def _moment_pose(obj: np.ndarray, dy: float, dx: float) -> tuple[tuple[float, float], float]:
-    """Centroid ``(x, y)`` and major-axis angle (radians from +x) of ``obj``'s second moments,
-    in the units of ``(dy, dx)``."""
-    ys, xs = np.nonzero(obj)
-    coords = np.stack([xs * dx, ys * dy]).astype(np.float64)  # (2, P)
-    if coords.shape[1] < 2:
-        return (float(coords[0].mean()), float(coords[1].mean())), 0.0
-    _, vec = np.linalg.eigh(np.cov(coords))
-    return (float(coords[0].mean()), float(coords[1].mean())), math.atan2(vec[1, -1], vec[0, -1])
 
 
 def _ellipse_iou(
@@ -244,16 +232,22 @@ def _ellipse_iou(
     return float((inside & mask).sum()) / union if union else 0.0
 
 
-def _moment_axes(obj: np.ndarray, dy: float, dx: float) -> tuple[float, float]:
-    """Full axes ``(major, minor)`` of the ellipse with the second moments of ``obj`` (H, W),
-    in the units of ``(dy, dx)``: a filled ellipse of semi-axis ``a`` has variance ``a²/4``
-    along it, so the full axis is ``4·√λ`` (+ one pixel, the extent of a pixel centre)."""
+def _moment_ellipse(
+    obj: np.ndarray, dy: float, dx: float
+) -> tuple[tuple[float, float], float, float, float]:
+    """The ellipse with the second moments of ``obj`` (H, W), in the units of ``(dy, dx)``:
+    centre ``(x, y)``, full axes ``major``, ``minor`` and the major axis's angle (radians from
+    +x). A filled ellipse of semi-axis ``a`` has variance ``a²/4`` along it, so the full axis
+    is ``4·√λ`` (+ one pixel, the extent of a pixel centre)."""
     ys, xs = np.nonzero(obj)
     coords = np.stack([xs * dx, ys * dy]).astype(np.float64)  # (2, P)
     cov = np.cov(coords) if coords.shape[1] > 1 else np.zeros((2, 2))
-    lam = np.clip(np.linalg.eigvalsh(np.atleast_2d(cov)), 0.0, None)
+    lam, vec = np.linalg.eigh(np.atleast_2d(cov))
+    lam = np.clip(lam, 0.0, None)
     pixel = min(dy, dx)
-    return 4 * math.sqrt(lam[-1]) + pixel, 4 * math.sqrt(lam[0]) + pixel
+    centre = (float(coords[0].mean()), float(coords[1].mean()))
+    angle = math.atan2(vec[1, -1], vec[0, -1])
+    return centre, 4 * math.sqrt(lam[-1]) + pixel, 4 * math.sqrt(lam[0]) + pixel, angle
 
 
 # --- measurement rows: the one table behind measurements.csv and the napari Segment table -----

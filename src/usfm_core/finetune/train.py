@@ -120,18 +120,22 @@ def soft_dice_loss(
 
 
 def segmentation_loss(
-    logits: torch.Tensor, target: torch.Tensor, ce_weight: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ce_weight: torch.Tensor | None = None,
+    batch_dice: bool = False,
 ) -> torch.Tensor:
     """Soft Dice + cross-entropy (BCE for one logit).
 
     ``logits (B, K, H, W)``, ``target (B, H, W)`` int64; ``ce_weight (K,)``: per-class weights
-    of the cross-entropy term (softmax models only, e.g. :func:`median_frequency_weights`).
+    of the cross-entropy term (softmax models only, e.g. :func:`median_frequency_weights`);
+    ``batch_dice``: :func:`soft_dice_loss`'s ``batch``.
     """
     if logits.shape[1] == 1:
         ce = F.binary_cross_entropy_with_logits(logits[:, 0], (target > 0).float())
     else:
         ce = F.cross_entropy(logits, target, weight=ce_weight)
-    return soft_dice_loss(logits, target) + ce
+    return soft_dice_loss(logits, target, batch=batch_dice) + ce
 
 
 def median_frequency_weights(
