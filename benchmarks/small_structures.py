@@ -32,6 +32,13 @@ batch loading and augmentation included):
   e.g. ``basicunet-prior-sqrtfb`` as the control, ``unet-hrw-pre-sqrtfb``);
 * ``-fastdec`` (any ``-pre`` arm): the fresh decoder and head at :data:`FAST_DECODER` × the
   recipe's learning rate, the pretrained backbone at the recipe's;
+* recipe suffixes on any arm: ``-bs4`` (batch 4 instead of 8: more, smaller steps in the same
+  CPU-seconds), ``-warm`` (linear warm-up over the first 10 % of the budget), ``-frozen`` (the
+  backbone's parameters fixed). ``unet-hrc-pre-sqrtfb-frozen`` is what ``usfm-core finetune
+  --decoder auto`` now does for small structures from the shipped backbone: the prototype
+  ``unet-hrc-pre`` has the architecture (same modules, same parameter names and shapes) of the
+  product's :class:`~usfm_core.finetune.models.UNetHRCDecoder`, which trains over the frozen
+  backbone (``tests/test_unet_hr_decoder.py`` checks that the two match);
 * ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
   :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
   decoder at the full rate.
@@ -54,7 +61,9 @@ thread).
 
 Results go to ``benchmarks/results/small_structures.json`` after every run (a re-run skips
 the runs already there; ``--fresh`` starts over); ``--smoke`` writes
-``small_structures_smoke.json``. ``docs/benchmarks/small_structures.md`` holds the reading.
+``small_structures_smoke.json``. Two processes must not share one ``--out``: run them with
+their own ``--out`` and fold those files in with ``--merge A.json B.json``.
+``docs/benchmarks/small_structures.md`` holds the reading.
 """
 
 from __future__ import annotations
@@ -96,7 +105,19 @@ ARMS = (
     "unet-hr-pre-sqrtfb-fastdec",
     "unet-hrb-pre-sqrtfb",
     "unet-hrc-pre-sqrtfb",
+    "unet-hr-pre-sqrtfb-bs4",
+    "unet-hr-pre-sqrtfb-warm",
+    "unet-hr-pre-sqrtfb-frozen",
+    "unet-hrb-pre-sqrtfb-frozen",
+    "unet-hrc-pre-sqrtfb-frozen",
+    "unet-hr-pre-sqrtfb-frozen-bs4",
+    "unet-hrc-pre-sqrtfb-frozen-bs4",
+    "basicunet-prior-bs4",
+    "unet-hrc-pre-sqrtfb-bs4",
+    "unet-hrc64-pre-sqrtfb-frozen",
 )
+SMALL_BATCH = 4  # batch size of the ``-bs4`` arms (the recipe's 8 otherwise)
+WARMUP = 0.1  # ``-warm``: linear warm-up over this fraction of the CPU budget, then the cosine
 FAST_DECODER = 3.0  # decoder / head learning-rate scale of the ``-fastdec`` arm
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
@@ -137,6 +158,8 @@ class Net(nn.Module):
         self.balanced_ce = 0.0  # -mfb / -sqrtfb: CE weights = median-frequency weights ** this
         self.batch_dice = False  # -bd: one soft Dice per class over the batch
         self.decoder_lr_scale = 1.0  # -fastdec: everything but the backbone at lr × this
+        self.batch_size: int | None = None  # -bs4: this batch size instead of the recipe's
+        self.warmup = 0.0  # -warm: linear warm-up over this fraction of the budget
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the net's ``backbone`` (if any) at ``lr × backbone_lr_scale``, the
@@ -269,6 +292,10 @@ PROTOTYPE_DECODERS = {
     "unet-hrn-pre": (narrow_hr_decoder, "narrow unet-hr"),
     "unet-hrb-pre": (basic_hr_decoder, "BasicUNet-top"),
     "unet-hrc-pre": (conv4_hr_decoder, "unet-hr + stride-4 conv branch"),
+    "unet-hrc64-pre": (
+        functools.partial(conv4_hr_decoder, width=64),
+        "unet-hr + stride-4 conv branch of 64 channels",
+    ),
 }
 
 
@@ -280,6 +307,19 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         model, what = build_arm(arm.removesuffix("-fastdec"), n_classes, input_size, seed)
         model.decoder_lr_scale = FAST_DECODER
         return model, what + f", decoder lr x{FAST_DECODER:g}"
+    if arm.endswith("-bs4"):  # more, smaller steps in the same CPU-seconds
+        model, what = build_arm(arm.removesuffix("-bs4"), n_classes, input_size, seed)
+        model.batch_size = SMALL_BATCH
+        return model, what + f", batch {SMALL_BATCH}"
+    if arm.endswith("-warm"):  # linear warm-up before the cosine
+        model, what = build_arm(arm.removesuffix("-warm"), n_classes, input_size, seed)
+        model.warmup = WARMUP
+        return model, what + f", linear warm-up over {WARMUP:.0%} of the budget"
+    if arm.endswith("-frozen"):  # the pretrained backbone frozen: no backward through it
+        model, what = build_arm(arm.removesuffix("-frozen"), n_classes, input_size, seed)
+        for p in model.net.backbone.parameters():
+            p.requires_grad_(False)
+        return model, what + ", backbone frozen"
     if arm.endswith("-bd"):  # soft Dice over the whole batch instead of per image
         model, what = build_arm(arm.removesuffix("-bd"), n_classes, input_size, seed)
         model.batch_dice = True
@@ -378,13 +418,17 @@ def train_budget(
     ds = SupervisedDataset(data, indices, "segmentation", model.input_size, augment=True, seed=seed)
     for i in range(len(ds)):
         ds._load(i)  # decode + resize once, outside the budget
-    loader = training_loader(ds, batch_size, seed)
+    loader = training_loader(ds, model.batch_size or batch_size, seed)
     weights = None
     if model.balanced_ce and model.n_classes > 1:  # binary masks: one sigmoid, no CE weights
         # the product's weights (``usfm-core finetune``'s default for several structures)
         masks = (ds._load(i)[1] for i in range(len(ds)))
         weights = median_frequency_weights(masks, model.n_classes, model.balanced_ce)
-    opt = torch.optim.AdamW(model.param_groups(RECIPE["lr"]), weight_decay=RECIPE["weight_decay"])
+    groups = [
+        {**g, "params": [p for p in g["params"] if p.requires_grad]}
+        for g in model.param_groups(RECIPE["lr"])
+    ]
+    opt = torch.optim.AdamW(groups, weight_decay=RECIPE["weight_decay"])
     model.train()
     steps, losses, cpu0, wall0 = 0, [], time.process_time(), time.perf_counter()
     while True:
@@ -394,6 +438,8 @@ def train_budget(
                 break
             for group in opt.param_groups:
                 cosine = 0.5 * (1 + math.cos(math.pi * used / budget_s))
+                if model.warmup:
+                    cosine *= min(1.0, used / (model.warmup * budget_s))
                 group["lr"] = RECIPE["lr"] * group["lr_scale"] * cosine
             logits = model(x)
             loss = segmentation_loss(logits, y, weights, batch_dice=model.batch_dice)
@@ -511,6 +557,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sets, 64², 3 CPU-s per run")
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="results JSONs of runs made in parallel (--out elsewhere) to merge into --out; "
+        "a run re-measured there replaces the one in --out (kept under 'superseded')",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.seeds = args.seeds[:1]
@@ -534,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
         machine=results.get("machine") or anchor.machine(),
     )
     runs = results.setdefault("runs", {})
+    for other in args.merge:  # a re-measured run replaces the older one, which is kept aside
+        for key, run in json.loads(other.read_text())["runs"].items():
+            if key in runs and runs[key] != run:
+                results.setdefault("superseded", {}).setdefault(key, []).append(runs[key])
+            runs[key] = run
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:

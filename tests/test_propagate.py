@@ -222,12 +222,13 @@ def test_run_round_warm_starts_from_the_latest(cine, tmp_path):
 
 
 def test_auto_decoder_follows_the_painted_structures(cine, sim_lesion):
-    """``decoder="auto"`` (the Annotate widget's): a fresh decoder is ``unet-hr`` for small
-    painted dots and ``unet`` for a wide painted region, and the choice is noted in
-    ``warm_start``; a segmenter to warm-start from keeps its own decoder."""
+    """``decoder="auto"`` (the Annotate widget's): a fresh decoder is ``unet-hrc`` for small
+    painted dots (trained over the fixed backbone: only decoder weights move) and ``unet`` for a
+    wide painted region, and the choice is noted in ``warm_start``; a segmenter to warm-start
+    from keeps its own decoder."""
     import cv2
 
-    from usfm_core.finetune.models import UNetDecoder, UNetHRDecoder
+    from usfm_core.finetune.models import UNetDecoder, UNetHRCDecoder
 
     frames, _ = cine
     torch.manual_seed(0)
@@ -238,8 +239,15 @@ def test_auto_decoder_follows_the_painted_structures(cine, sim_lesion):
     disk = np.zeros((96, 96), np.uint8)
     cv2.circle(disk, (48, 48), 30, 1, -1)  # ≈ 40 px wide at 64²
     common = dict(steps=1, input_size=SIZE, decoder="auto")
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
     small = propagate(backbone, frames[:3], {1: dots}, **common)
-    assert type(small.model.decoder) is UNetHRDecoder
+    assert type(small.model.decoder) is UNetHRCDecoder
+    after = small.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the backbone stayed fixed
+    moved = propagate(small.model, frames[:3], {1: dots}, steps=2, input_size=SIZE)
+    assert not torch.equal(  # ... while its decoder learned (round 2, warm start)
+        moved.model.decoder.head.weight, small.model.decoder.head.weight
+    )
     assert "decoder auto: median structure" in small.warm_start
     wide = propagate(backbone, frames[:3], {1: disk}, **common)
     assert type(wide.model.decoder) is UNetDecoder and "decoder auto" in wide.warm_start

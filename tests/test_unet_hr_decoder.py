@@ -1,7 +1,9 @@
 """The ``unet-hr`` segmentation decoder (issue #14 item 2): the ``unet`` decoder plus a
 full-resolution path from the input image, so structures a few pixels wide are not lost at the
-backbone's stride-4 stem. Shapes, that it sees the image at full resolution, save / load, the
-parameter estimate, the CLI / config names, frame scoring (``suggest``), and that the shipped
+backbone's stride-4 stem; and ``unet-hrc`` (the same plus a conv branch at stride 4, trained
+over a frozen pretrained backbone), which ``auto`` picks for small structures. Shapes, that it
+sees the image at full resolution, save / load, the parameter estimate, the CLI / config
+names, frame scoring (``suggest``), training over the frozen backbone, and that the shipped
 ``unet`` models still load and compute as before. Also the small-structure phantoms."""
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from usfm_core.finetune.models import (
     DECODERS,
     Segmenter,
     UNetDecoder,
+    UNetHRCDecoder,
     UNetHRDecoder,
     load_finetuned,
     save_finetuned,
@@ -34,9 +37,10 @@ def _segmenter(n_classes: int, decoder: str = "unet-hr") -> Segmenter:
     return model
 
 
+@pytest.mark.parametrize("decoder", ["unet-hr", "unet-hrc"])
 @pytest.mark.parametrize("n_classes", [1, 3])
-def test_output_shape_binary_and_multiclass(n_classes):
-    model = _segmenter(n_classes)
+def test_output_shape_binary_and_multiclass(n_classes, decoder):
+    model = _segmenter(n_classes, decoder)
     x = torch.randn(2, 1, 64, 96)
     with torch.no_grad():
         out = model(x)
@@ -51,10 +55,11 @@ def test_output_shape_binary_and_multiclass(n_classes):
     assert model.predict(x).sum() == 0
 
 
-def test_decoder_sees_a_one_pixel_structure_at_full_resolution():
+@pytest.mark.parametrize("decoder", ["unet-hr", "unet-hrc"])
+def test_decoder_sees_a_one_pixel_structure_at_full_resolution(decoder):
     """With the backbone's features held fixed, one brighter pixel changes the logits most at
     that pixel (the full-resolution path); the ``unet`` decoder never sees the image."""
-    model = _segmenter(1)
+    model = _segmenter(1, decoder)
     torch.manual_seed(2)
     x = torch.randn(1, 1, 64, 64) * 0.1
     bright = x.clone()
@@ -86,13 +91,16 @@ def test_channel_mean_is_the_image_of_a_three_channel_backbone():
     assert torch.allclose(one, three, atol=1e-5)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = _segmenter(3)
+@pytest.mark.parametrize(
+    ("decoder", "cls"), [("unet-hr", UNetHRDecoder), ("unet-hrc", UNetHRCDecoder)]
+)
+def test_save_load_round_trip(tmp_path, decoder, cls):
+    model = _segmenter(3, decoder)
     model.classes = ["background", "cyst", "echogenic"]
     folder = save_finetuned(model, tmp_path / "m")
     loaded, meta = load_finetuned(folder)
     assert meta["task"] == "segmentation"
-    assert loaded.config.head == "unet-hr" and isinstance(loaded.decoder, UNetHRDecoder)
+    assert loaded.config.head == decoder and type(loaded.decoder) is cls
     assert loaded.classes == model.classes
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
@@ -106,6 +114,7 @@ def test_names_are_accepted_by_config_and_cli():
     assert set(DECODERS) <= set(TASK_FIELDS["head"].choices)
     argv = ["finetune", "--task", "seg", "--data", "d", "--out", "o", "--decoder"]
     assert build_parser().parse_args([*argv, "unet-hr"]).decoder == "unet-hr"
+    assert build_parser().parse_args([*argv, "unet-hrc"]).decoder == "unet-hrc"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "unet-hr-x"])
 
@@ -190,8 +199,8 @@ def test_small_structures_pretrained_arms_start_from_the_shipped_backbone():
     )
 
 
-def test_auto_decoder_picks_unet_hr_for_small_structures_only(shared_data):
-    """``choose_decoder``: the small-structure phantoms (median ≈ 9 px at 160²) get ``unet-hr``;
+def test_auto_decoder_picks_unet_hrc_for_small_structures_only(shared_data):
+    """``choose_decoder``: the small-structure phantoms (median ≈ 9 px at 160²) get ``unet-hrc``;
     the BUSI lesions and HC18 heads of the shipped recipes' training splits (128²) keep
     ``unet``, so ``auto`` does not change how the shipped models would be trained."""
     from usfm_core.finetune.data import LabelledSet, read_mask, resolve_splits
@@ -200,7 +209,7 @@ def test_auto_decoder_picks_unet_hr_for_small_structures_only(shared_data):
 
     masks = [simulate_small_structures(s, 160)[1] for s in range(12)]
     name, why = choose_decoder(masks, 160)
-    assert name == "unet-hr" and why["median_width_px"] < SMALL_STRUCTURE_PX
+    assert name == "unet-hrc" and why["median_width_px"] < SMALL_STRUCTURE_PX
     assert why["n_structures"] >= 24  # two or more structures per frame, both classes counted
     # The same masks viewed at 4x the side are wide enough for the plain decoder.
     assert choose_decoder(masks, 640)[0] == "unet"
@@ -228,7 +237,8 @@ def test_auto_decoder_picks_unet_hr_for_small_structures_only(shared_data):
 
 def test_cli_finetune_auto_decoder_chooses_and_records(tmp_path, capsys):
     """``usfm-core finetune`` defaults to ``--decoder auto``: on small phantoms it builds the
-    ``unet-hr`` decoder, prints why and saves the evidence; ``--decoder unet`` still forces."""
+    ``unet-hrc`` decoder, prints why and saves the evidence (a random preset backbone is not
+    frozen); ``--decoder unet`` still forces."""
     from usfm_core.cli import main
     from usfm_core.sim.structures import write_structures_folder
 
@@ -236,11 +246,70 @@ def test_cli_finetune_auto_decoder_chooses_and_records(tmp_path, capsys):
     common = ["finetune", "--task", "seg", "--data", str(data), "--input-size", "128"]
     common += ["--batch-size", "4", "--max-steps", "1"]
     assert main([*common, "--out", str(tmp_path / "auto")]) == 0
-    assert "decoder auto -> unet-hr" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "decoder auto -> unet-hrc" in out and "backbone frozen" not in out
     model, meta = load_finetuned(tmp_path / "auto")
-    assert isinstance(model.decoder, UNetHRDecoder) and model.config.head == "unet-hr"
+    assert type(model.decoder) is UNetHRCDecoder and model.config.head == "unet-hrc"
     assert meta["extra"]["decoder_choice"]["median_width_px"] < 16
+    assert meta["extra"]["freeze_backbone"] is False  # a random backbone must learn
     assert main([*common, "--decoder", "unet", "--out", str(tmp_path / "forced")]) == 0
     assert "decoder auto" not in capsys.readouterr().out
     forced, meta = load_finetuned(tmp_path / "forced")
     assert type(forced.decoder) is UNetDecoder and "decoder_choice" not in meta["extra"]
+
+
+@pytest.mark.parametrize("freeze", [None, False, True])
+def test_unet_hrc_trains_over_a_frozen_pretrained_backbone(tmp_path, freeze):
+    """``finetune(freeze_backbone=None)`` (the default) keeps a given (pretrained) backbone
+    fixed under the ``unet-hrc`` decoder while the decoder learns, and records it; ``False``
+    trains it; ``True`` freezes it under any decoder."""
+    from usfm_core.finetune.train import finetune
+    from usfm_core.sim.structures import simulate_small_structures
+
+    pairs = [simulate_small_structures(s, 64) for s in range(8)]
+    images = np.stack([p[0] for p in pairs])
+    masks = np.stack([p[1] for p in pairs])
+    backbone = _tiny_vmamba()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    decoder = "unet" if freeze else "auto"
+    res = finetune(
+        "seg", (images, masks), tmp_path / "run", backbone=backbone, decoder=decoder,
+        freeze_backbone=freeze, input_size=64, batch_size=4, max_steps=2, epochs=1,
+        lr=1e-2, splits={"train": list(range(6)), "val": [6], "test": [7]},
+    )  # fmt: skip
+    model, meta = load_finetuned(res.model_dir)
+    frozen = freeze is not False
+    assert res.backbone_frozen is frozen and meta["extra"]["freeze_backbone"] is frozen
+    assert model.config.head == ("unet" if freeze else "unet-hrc")
+    same = all(torch.equal(before[k], model.backbone.state_dict()[k].float()) for k in before)
+    assert same is frozen
+
+
+def test_small_structures_frozen_prototype_is_the_product_unet_hrc():
+    """The benchmark's ``unet-hrc-pre-sqrtfb-frozen`` arm (whose numbers the docs report for
+    ``unet-hrc``) has the product decoder's architecture: the same parameter names and shapes
+    as :class:`UNetHRCDecoder` on the shipped backbone, only decoder parameters trainable, the
+    shipped backbone's weights, and the product's default CE weighting."""
+    import importlib.util
+    from pathlib import Path
+
+    from usfm_core.finetune.models import load_backbone
+    from usfm_core.models.zoo import find_model
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "small_structures.py"
+    spec = importlib.util.spec_from_file_location("small_structures_bench2", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    arm, _ = bench.build_arm("unet-hrc-pre-sqrtfb-frozen", 3, 160, seed=0)
+    product = Segmenter(load_backbone(find_model(bench.PRETRAINED).path), 3, "unet-hrc")
+    mine, theirs = arm.net.state_dict(), product.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(mine[k].shape == theirs[k].shape for k in theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs if k.startswith("backbone."))
+    trainable = {n for n, p in arm.net.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in product.decoder.named_parameters(prefix="decoder")}
+    assert arm.balanced_ce == 0.5
+    x = torch.randn(1, 1, 64, 64)
+    product.load_state_dict(mine)
+    with torch.no_grad():
+        assert torch.allclose(product.eval()(x), arm.net.eval()(x), atol=1e-5)

@@ -530,7 +530,8 @@ def _finetune_job(
                 backbone_ckpt=backbone,
                 epochs=epochs,
                 lr=lr,
-                freeze_backbone=freeze,
+                # unticked: the default rule (frozen under the small-structure decoder)
+                freeze_backbone=True if freeze else None,
                 device=device,
                 input_size=input_size,
                 decoder="auto",
@@ -602,7 +603,7 @@ class FinetuneWidget(_Base):
                 self._status,
             ]
         )
-        _wrap(self._status, lines=3)  # the saved line names the decoder chosen and why
+        _wrap(self._status, lines=5)  # the saved line: the decoder chosen, why, and if frozen
         self.losses: list[float] = []
         self.out_dir: Path | None = None
 
@@ -680,11 +681,15 @@ class FinetuneWidget(_Base):
         except CheckpointError:
             self._notice("stopped before a model was saved")
             return
-        choice = (entry.config.get("extra") or {}).get("decoder_choice") or {}
+        extra = entry.config.get("extra") or {}
+        choice = extra.get("decoder_choice") or {}
         width = choice.get("median_width_px")
-        if width:  # which decoder "auto" chose, and why (3 lines in a narrow dock)
+        if width:  # which decoder "auto" chose, and why (4 lines in a narrow dock; 5 reserved)
             decoder = choice["decoder"]
-            self._notice(f"saved {self.out_dir.name}: {decoder} (≈ {width:.0f} px structures)")
+            frozen = ", backbone frozen" if extra.get("freeze_backbone") else ""
+            self._notice(
+                f"saved {self.out_dir.name}: {decoder} (≈ {width:.0f} px structures){frozen}"
+            )
         else:
             self._notice(f"saved {self.out_dir.name}: now selectable in Segment")
         EVENTS.models_changed.emit()

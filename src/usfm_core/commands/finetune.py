@@ -84,16 +84,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--input-size", type=int, default=224, help="square size, multiple of 32")
-    p.add_argument("--linear-probe", action="store_true", help="freeze the backbone")
+    p.add_argument(
+        "--linear-probe", action="store_true", help="freeze the backbone (= --freeze-backbone)"
+    )
+    p.add_argument(
+        "--freeze-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train only the decoder / head over the fixed backbone (default: frozen for the "
+        "unet-hrc decoder on a pretrained backbone, else trained)",
+    )
     p.add_argument(
         "--decoder",
-        choices=["auto", "unet", "unet-hr", "conv", "vss"],
+        choices=["auto", "unet", "unet-hr", "unet-hrc", "conv", "vss"],
         default="auto",
-        help="segmentation decoder: auto (default: unet-hr when the training masks' median "
+        help="segmentation decoder: auto (default: unet-hrc when the training masks' median "
         "structure is under 16 px wide at --input-size, else unet; the choice is printed and "
         "saved with the model), unet (conv + channel attention), unet-hr (unet plus a "
-        "full-resolution path from the image, for structures a few pixels wide), conv "
-        "(cheaper), vss (OpenUS's channel-aware VSS blocks; slow on CPU)",
+        "full-resolution path from the image, for structures a few pixels wide), unet-hrc "
+        "(unet-hr plus a conv branch at stride 4, trained over a frozen pretrained backbone), "
+        "conv (cheaper), vss (OpenUS's channel-aware VSS blocks; slow on CPU)",
     )
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience (epochs)")
     p.add_argument(
@@ -172,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             optimizer=args.optimizer,
             backbone_lr_scale=args.backbone_lr_scale,
-            freeze_backbone=args.linear_probe,
+            freeze_backbone=True if args.linear_probe else args.freeze_backbone,
             batch_size=args.batch_size,
             input_size=args.input_size,
             device=args.device,
@@ -189,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{out}: decoder auto -> {c['decoder']} (median structure width "
                 f"{c['median_width_px']} px at {c['input_size']}², threshold "
                 f"{c['threshold_px']:g} px, {c['n_structures']} structures)"
+                + ("; backbone frozen" if res.backbone_frozen else "")
             )
         print(
             f"{out}: {res.split_rule}; classes {res.classes}; best epoch {res.best_epoch}, "

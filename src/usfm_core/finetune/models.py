@@ -188,6 +188,50 @@ class UNetHRDecoder(UNetDecoder):
         return self.head(self.fuse1(x, s1))
 
 
+class UNetHRCDecoder(UNetHRDecoder):
+    """:class:`UNetHRDecoder` with a richer stride-4 level, for small structures on a frozen
+    pretrained backbone.
+
+    The ``small-fast`` backbone's stride-4 map has 16 channels (VMamba's stem), a quarter of a
+    plain U-Net's at that stride, and small structures live there. A trainable conv branch
+    from the full-resolution path's stride-2 map down to stride 4 (:attr:`BRANCH_WIDTH`
+    channels: conv 3×3 stride 2, conv 3×3) is concatenated with the backbone's stride-4 map, so
+    the decoder's stride-4 level sees ``in_dims[0] + BRANCH_WIDTH`` channels:
+    ``forward(feats, image (B, 1, H, W)) → (B, n_out, H, W)``.
+
+    Trained with the pretrained backbone frozen (:data:`FREEZE_BACKBONE`; ``finetune``'s
+    ``freeze_backbone=None`` and ``propagate`` do so): on the small-structure phantoms that
+    both steadied it (with the backbone trained, one seed in three lost a class) and bought ~25 %
+    more steps per CPU-second (docs/benchmarks/small_structures.md).
+    """
+
+    BRANCH_WIDTH = 32
+    FREEZE_BACKBONE = True
+
+    def __init__(
+        self, in_dims: list[int], n_out: int, block: Callable[[int], nn.Module] = ConvAttentionBlock
+    ):
+        super().__init__([in_dims[0] + self.BRANCH_WIDTH, *in_dims[1:]], n_out, block)
+        w2, width = self.HR_WIDTHS[1], self.BRANCH_WIDTH
+        self.branch4 = nn.Sequential(
+            _conv_norm_act(w2, width, stride=2), _conv_norm_act(width, width)
+        )
+
+    def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """``feats``: the backbone's 4 maps; ``image (B, 1, H, W)``, H and W divisible by 4."""
+        s1 = self.stem1(image)
+        s2 = self.stem2(s1)
+        feats = [torch.cat([feats[0], self.branch4(s2)], dim=1), *feats[1:]]
+        x = self.fuse2(self.decode_stride4(feats), s2)
+        return self.head(self.fuse1(x, s1))
+
+
+def trains_backbone_frozen(model: nn.Module) -> bool:
+    """Whether a segmenter's decoder is meant to train over a frozen backbone
+    (:attr:`UNetHRCDecoder.FREEZE_BACKBONE`)."""
+    return bool(getattr(getattr(model, "decoder", None), "FREEZE_BACKBONE", False))
+
+
 def _prior_bias_(bias: torch.Tensor, prior: float) -> None:
     """Set a head's bias ``(K,)`` so every foreground class starts at probability ``prior``:
     one sigmoid (``K = 1``): ``log(prior / (1 - prior))``; softmax: background
@@ -233,15 +277,17 @@ class ConvDecoder(nn.Module):
 DECODERS: dict[str, type[nn.Module]] = {
     "unet": UNetDecoder,
     "unet-hr": UNetHRDecoder,
+    "unet-hrc": UNetHRCDecoder,
     "conv": ConvDecoder,
     "vss": VSSDecoder,
 }
 
-#: ``decoder="auto"`` picks ``unet-hr`` when the median foreground structure is narrower than
+#: ``decoder="auto"`` picks ``unet-hrc`` when the median foreground structure is narrower than
 #: this many pixels at the model's input side: 4 cells of the stride-4 map that ``unet`` decodes
 #: before its ×4 upsample, below which its masks lose small structures (small-structure
-#: phantoms, median ≈ 9 px at 160²: ``unet`` 0-11 % Dice vs ``unet-hr`` 42-52 %; BUSI lesions
-#: and HC18 heads are several times wider and keep ``unet``; docs/benchmarks/small_structures.md).
+#: phantoms, median ≈ 9 px at 160²: ``unet`` 0-11 % Dice vs ``unet-hr`` 42-52 %, ``unet-hrc``
+#: on the frozen backbone more; BUSI lesions and HC18 heads are several times wider and keep
+#: ``unet``; docs/benchmarks/small_structures.md).
 SMALL_STRUCTURE_PX = 16.0
 
 
@@ -267,7 +313,7 @@ def structure_widths(masks: Iterable[Any], input_size: int) -> list[float]:
 
 
 def choose_decoder(masks: Iterable[Any], input_size: int) -> tuple[str, dict[str, Any]]:
-    """The segmentation decoder for ``decoder="auto"``: ``unet-hr`` when the median structure
+    """The segmentation decoder for ``decoder="auto"``: ``unet-hrc`` when the median structure
     width of ``masks`` (:func:`structure_widths`) is under :data:`SMALL_STRUCTURE_PX`, else
     ``unet`` (also when the masks hold no foreground). Returns ``(name, evidence)`` with the
     median width, the component count and the threshold, to record with the model."""
@@ -275,7 +321,7 @@ def choose_decoder(masks: Iterable[Any], input_size: int) -> tuple[str, dict[str
 
     widths = structure_widths(masks, input_size)
     median = float(np.median(widths)) if widths else None
-    name = "unet-hr" if median is not None and median < SMALL_STRUCTURE_PX else "unet"
+    name = "unet-hrc" if median is not None and median < SMALL_STRUCTURE_PX else "unet"
     return name, {
         "decoder": name,
         "median_width_px": None if median is None else round(median, 2),
@@ -511,6 +557,10 @@ def _decoder_params(head: str, dims: list[int], n_out: int) -> int:
     n += sum(dims[i + 1] * dims[i] + dims[i] for i in (2, 1, 0))
     if head == "unet-hr":
         return n + _hr_path_params(dims[0], n_out)
+    if head == "unet-hrc":
+        width, w2 = UNetHRCDecoder.BRANCH_WIDTH, UNetHRCDecoder.HR_WIDTHS[1]
+        branch = (w2 * width * 9 + 3 * width) + (width * width * 9 + 3 * width)
+        return _decoder_params("unet-hr", [dims[0] + width, *dims[1:]], n_out) + branch
     return n + dims[0] * n_out + n_out
 
 

@@ -229,9 +229,14 @@ def _iter_train(
 ) -> Iterator[dict[str, Any]]:
     """``steps`` AdamW steps with a cosine schedule on batches drawn with replacement; yields a
     progress dict after each step. Stops early (returning) when ``cancel`` is set."""
+    from usfm_core.finetune.models import trains_backbone_frozen
     from usfm_core.finetune.train import _is_cancelled, segmentation_loss
 
     model.to(device).train()
+    if trains_backbone_frozen(model):  # unet-hrc: only the decoder learns (models.py)
+        model.backbone.eval()
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -542,9 +547,10 @@ def propagate(
         track: keep the components overlapping the previous frame's mask.
         keep_labels: give painted frames back as painted and anchor smoothing on them.
         n_classes: outputs of a fresh decoder (default: 1 for binary labels, else max + 1).
-        decoder: a fresh decoder's kind (``unet``, ``unet-hr``, ...), or ``auto``: ``unet-hr``
+        decoder: a fresh decoder's kind (``unet``, ``unet-hr``, ...), or ``auto``: ``unet-hrc``
             when the painted structures' median width at the input side is under 16 px
-            (:func:`~usfm_core.finetune.models.choose_decoder`); noted in ``warm_start``.
+            (:func:`~usfm_core.finetune.models.choose_decoder`); noted in ``warm_start``. A
+            ``unet-hrc`` model trains its decoder only (the backbone stays fixed).
         progress: called with every progress dict of :func:`iter_propagate`.
         cancel: callable returning True, or a ``threading.Event``, to stop early.
         threads: torch CPU threads for this call (restored afterwards).

@@ -53,6 +53,7 @@ from usfm_core.finetune.models import (
     choose_decoder,
     load_backbone,
     save_finetuned,
+    trains_backbone_frozen,
 )
 
 SAVE_INTERVAL_S = 60.0
@@ -88,6 +89,7 @@ class FinetuneResult:
     classes: list[str] = field(default_factory=list)
     decoder: str = ""
     decoder_choice: dict[str, Any] | None = None
+    backbone_frozen: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (paths as strings)."""
@@ -203,7 +205,7 @@ def finetune(
     weight_decay: float | None = None,
     optimizer: str = "adamw",
     backbone_lr_scale: float = 1.0,
-    freeze_backbone: bool = False,
+    freeze_backbone: bool | None = None,
     batch_size: int = 16,
     input_size: int = 224,
     device: str = "auto",
@@ -240,11 +242,16 @@ def finetune(
         backbone_lr_scale: the backbone's learning rate as a fraction of ``lr`` (the decoder /
             head keep ``lr``), e.g. 0.3 to move pretrained features less than the new layers;
             the cosine schedule scales both groups alike. 1.0 = one learning rate for all.
-        freeze_backbone: linear probe: only the head trains, the backbone stays in eval mode.
-        decoder: segmentation decoder (``unet``, ``unet-hr``, ``conv``, ``vss``), or ``auto``:
-            ``unet-hr`` when the training masks' median structure is under 16 px wide at
-            ``input_size`` (:func:`~usfm_core.finetune.models.choose_decoder`; the choice and
-            its evidence are saved as ``decoder_choice`` in the model's metadata), else ``unet``.
+        freeze_backbone: True: only the head / decoder trains, the backbone stays fixed in
+            eval mode (a linear probe for a classifier). None (default): frozen when the
+            decoder trains over a frozen backbone by design (``unet-hrc``) and the backbone is
+            pretrained (not ``from_scratch_like`` nor a random preset); else trained. False:
+            always trained. Saved as ``extra.freeze_backbone``.
+        decoder: segmentation decoder (``unet``, ``unet-hr``, ``unet-hrc``, ``conv``, ``vss``),
+            or ``auto``: ``unet-hrc`` when the training masks' median structure is under 16 px
+            wide at ``input_size`` (:func:`~usfm_core.finetune.models.choose_decoder`; the
+            choice and its evidence are saved as ``decoder_choice`` in the model's metadata),
+            else ``unet``.
         input_size: square model input side, divisible by 32.
         max_steps: stop after this many optimiser steps in total (quick runs, tests).
         val_every: validate (and select, count patience) every N optimiser steps instead of
@@ -324,6 +331,9 @@ def finetune(
     model.input_size = input_size
     model.classes = _model_classes(task, dataset, model.n_classes)
     model.to(dev)
+    if freeze_backbone is None:  # auto: a pretrained backbone under a frozen-backbone decoder
+        pretrained = backbone is not None or backbone_ckpt is not None
+        freeze_backbone = pretrained and from_scratch_like is None and trains_backbone_frozen(model)
     model.set_backbone_trainable(not freeze_backbone)
     lr = lr if lr is not None else (1e-4 if task == "segmentation" else 1e-3)
     wd = weight_decay if weight_decay is not None else (5e-2 if task == "segmentation" else 1e-4)
@@ -361,6 +371,7 @@ def finetune(
             "weight_decay": wd,
             "backbone_lr_scale": backbone_lr_scale,
         },
+        "freeze_backbone": bool(freeze_backbone),
     }
     if task == "segmentation":
         extra.update(mask_classes=dataset.mask_classes, mask_values=dataset.mask_values)
@@ -482,6 +493,7 @@ def finetune(
         classes=list(model.classes),
         decoder=decoder if task == "segmentation" else "",
         decoder_choice=decoder_choice,
+        backbone_frozen=bool(freeze_backbone),
     )
     from usfm_core.utils import atomic_write_text
 

@@ -321,7 +321,7 @@ TASK_FIELDS: dict[str, Any] = {
     "backbone_type": Str(),
     "backbone_config": Dict(),
     "n_classes": Int(1, 4096),
-    "head": Str(("linear", "mlp", "unet", "unet-hr", "conv", "vss")),
+    "head": Str(("linear", "mlp", "unet", "unet-hr", "unet-hrc", "conv", "vss")),
     "classes": StrList(),
     "input_size": Int(32, 8192),
 }
