@@ -199,10 +199,10 @@ class UNetHRCDecoder(UNetHRDecoder):
     the decoder's stride-4 level sees ``in_dims[0] + BRANCH_WIDTH`` channels:
     ``forward(feats, image (B, 1, H, W)) → (B, n_out, H, W)``.
 
-    Trained with the pretrained backbone frozen (:data:`FREEZE_BACKBONE`; ``finetune``'s
+    Trained with the pretrained backbone frozen (:attr:`FREEZE_BACKBONE`; ``finetune``'s
     ``freeze_backbone=None`` and ``propagate`` do so): on the small-structure phantoms that
-    both steadied it (with the backbone trained, one seed in three lost a class) and bought ~25 %
-    more steps per CPU-second (docs/benchmarks/small_structures.md).
+    both steadied it (with the backbone trained, one seed in three lost a class) and bought
+    30-40 % more steps per CPU-second (docs/benchmarks/small_structures.md).
     """
 
     BRANCH_WIDTH = 32
