@@ -115,9 +115,11 @@ ARMS = (
     "basicunet-prior-bs4",
     "unet-hrc-pre-sqrtfb-bs4",
     "unet-hrc64-pre-sqrtfb-frozen",
+    "unet-hrc-pre-sqrtfb-thaw",
 )
 SMALL_BATCH = 4  # batch size of the ``-bs4`` arms (the recipe's 8 otherwise)
 WARMUP = 0.1  # ``-warm``: linear warm-up over this fraction of the CPU budget, then the cosine
+THAW_AT, THAW_LR = 0.5, 0.1  # ``-thaw``: backbone frozen until this budget fraction, then × lr
 FAST_DECODER = 3.0  # decoder / head learning-rate scale of the ``-fastdec`` arm
 SLOW_BACKBONE = 0.1  # backbone learning-rate scale of the ``-slowbb`` arm
 # The ``-pre`` arms start from this shipped backbone instead of a random one (what a user's
@@ -160,6 +162,7 @@ class Net(nn.Module):
         self.decoder_lr_scale = 1.0  # -fastdec: everything but the backbone at lr × this
         self.batch_size: int | None = None  # -bs4: this batch size instead of the recipe's
         self.warmup = 0.0  # -warm: linear warm-up over this fraction of the budget
+        self.thaw_at: float | None = None  # -thaw: unfreeze the backbone at this budget fraction
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """AdamW groups: the net's ``backbone`` (if any) at ``lr × backbone_lr_scale``, the
@@ -315,6 +318,10 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         model, what = build_arm(arm.removesuffix("-warm"), n_classes, input_size, seed)
         model.warmup = WARMUP
         return model, what + f", linear warm-up over {WARMUP:.0%} of the budget"
+    if arm.endswith("-thaw"):  # frozen first, then the backbone at THAW_LR × the rate
+        model, what = build_arm(arm.removesuffix("-thaw") + "-frozen", n_classes, input_size, seed)
+        model.thaw_at, model.backbone_lr_scale = THAW_AT, THAW_LR
+        return model, what + f" until {THAW_AT:.0%} of the budget, then at lr x{THAW_LR:g}"
     if arm.endswith("-frozen"):  # the pretrained backbone frozen: no backward through it
         model, what = build_arm(arm.removesuffix("-frozen"), n_classes, input_size, seed)
         for p in model.net.backbone.parameters():
@@ -424,8 +431,8 @@ def train_budget(
         # the product's weights (``usfm-core finetune``'s default for several structures)
         masks = (ds._load(i)[1] for i in range(len(ds)))
         weights = median_frequency_weights(masks, model.n_classes, model.balanced_ce)
-    groups = [
-        {**g, "params": [p for p in g["params"] if p.requires_grad]}
+    groups = [  # a frozen backbone's group stays only if it is thawed later
+        {**g, "params": [p for p in g["params"] if p.requires_grad or model.thaw_at]}
         for g in model.param_groups(RECIPE["lr"])
     ]
     opt = torch.optim.AdamW(groups, weight_decay=RECIPE["weight_decay"])
@@ -436,6 +443,10 @@ def train_budget(
             used = time.process_time() - cpu0
             if used >= budget_s:
                 break
+            if model.thaw_at and used >= model.thaw_at * budget_s:
+                model.thaw_at = None
+                for p in model.net.backbone.parameters():
+                    p.requires_grad_(True)
             for group in opt.param_groups:
                 cosine = 0.5 * (1 + math.cos(math.pi * used / budget_s))
                 if model.warmup:
