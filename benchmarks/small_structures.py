@@ -34,7 +34,8 @@ batch loading and augmentation included):
   recipe's learning rate, the pretrained backbone at the recipe's;
 * recipe suffixes on any arm: ``-bs4`` (batch 4 instead of 8: more, smaller steps in the same
   CPU-seconds), ``-warm`` (linear warm-up over the first 10 % of the budget), ``-frozen`` (the
-  backbone's parameters fixed). ``unet-hrc-pre-sqrtfb-frozen`` is what ``usfm-core finetune
+  backbone's parameters fixed), ``-thaw`` (frozen until half the budget, then the backbone at
+  0.1 × the learning rate). ``unet-hrc-pre-sqrtfb-frozen`` is what ``usfm-core finetune
   --decoder auto`` now does for small structures from the shipped backbone: the prototype
   ``unet-hrc-pre`` has the architecture (same modules, same parameter names and shapes) of the
   product's :class:`~usfm_core.finetune.models.UNetHRCDecoder`, which trains over the frozen
@@ -114,7 +115,6 @@ ARMS = (
     "unet-hrc-pre-sqrtfb-frozen-bs4",
     "basicunet-prior-bs4",
     "unet-hrc-pre-sqrtfb-bs4",
-    "unet-hrc64-pre-sqrtfb-frozen",
     "unet-hrc-pre-sqrtfb-thaw",
 )
 SMALL_BATCH = 4  # batch size of the ``-bs4`` arms (the recipe's 8 otherwise)
@@ -295,10 +295,6 @@ PROTOTYPE_DECODERS = {
     "unet-hrn-pre": (narrow_hr_decoder, "narrow unet-hr"),
     "unet-hrb-pre": (basic_hr_decoder, "BasicUNet-top"),
     "unet-hrc-pre": (conv4_hr_decoder, "unet-hr + stride-4 conv branch"),
-    "unet-hrc64-pre": (
-        functools.partial(conv4_hr_decoder, width=64),
-        "unet-hr + stride-4 conv branch of 64 channels",
-    ),
 }
 
 
