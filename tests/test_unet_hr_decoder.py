@@ -115,8 +115,24 @@ def test_names_are_accepted_by_config_and_cli():
     argv = ["finetune", "--task", "seg", "--data", "d", "--out", "o", "--decoder"]
     assert build_parser().parse_args([*argv, "unet-hr"]).decoder == "unet-hr"
     assert build_parser().parse_args([*argv, "unet-hrc"]).decoder == "unet-hrc"
+    base = argv[:-1]
+    assert build_parser().parse_args(base).freeze_backbone is None  # the default rule
+    assert build_parser().parse_args([*base, "--no-freeze-backbone"]).freeze_backbone is False
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "unet-hr-x"])
+
+
+def test_cli_refuses_contradicting_freeze_flags(tmp_path, capsys):
+    """``--linear-probe`` (freeze) with ``--no-freeze-backbone`` is an error naming both flags,
+    before any data is read or any folder is made."""
+    from usfm_core.cli import main
+
+    out = tmp_path / "run"
+    argv = ["finetune", "--task", "seg", "--data", str(tmp_path / "missing"), "--out", str(out)]
+    code = main([*argv, "--linear-probe", "--no-freeze-backbone"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--linear-probe and --no-freeze-backbone" in err
+    assert not out.exists()
 
 
 def test_frame_scoring_passes_the_image_to_the_decoder():

@@ -142,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     from usfm_core.finetune.train import finetune
     from usfm_core.utils import atomic_write_text
 
+    if args.linear_probe and args.freeze_backbone is False:
+        raise ConfigError(
+            "--linear-probe and --no-freeze-backbone contradict each other",
+            hint="--linear-probe freezes the backbone; drop one of the two",
+        )
     if args.from_scratch_like is not None and args.backbone is not None:
         raise ConfigError(
             "--backbone and --from-scratch-like exclude each other",
