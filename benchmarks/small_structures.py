@@ -20,7 +20,7 @@ batch loading and augmentation included):
   BasicUNet's top level: 32 channels at strides 1 and 2, two convs in each stem and after the
   stride-1 fusion (:class:`WideHRDecoder`), from the shipped backbone;
 * ``unet-hrc-pre``: ``unet-hr`` plus a trainable 32-channel conv branch to stride 4 beside the
-  VMamba stem's 16 channels (:func:`conv4_hr_decoder`, prototype);
+  VMamba stem's 16 channels (:func:`conv4_hr_decoder`: the product's ``unet-hrc`` decoder);
 * ``unet-hrb-pre``: a prototype with BasicUNet's own top two levels (32 channels, two convs,
   instance norm, LeakyReLU) under the VMamba features (:func:`basic_hr_decoder`);
 * ``unet-hrn-pre``: a prototype of a narrower full-resolution path (8 and 16 channels at strides
@@ -36,10 +36,10 @@ batch loading and augmentation included):
   CPU-seconds), ``-warm`` (linear warm-up over the first 10 % of the budget), ``-frozen`` (the
   backbone's parameters fixed), ``-thaw`` (frozen until half the budget, then the backbone at
   0.1 × the learning rate). ``unet-hrc-pre-sqrtfb-frozen`` is what ``usfm-core finetune
-  --decoder auto`` now does for small structures from the shipped backbone: the prototype
-  ``unet-hrc-pre`` has the architecture (same modules, same parameter names and shapes) of the
-  product's :class:`~usfm_core.finetune.models.UNetHRCDecoder`, which trains over the frozen
-  backbone (``tests/test_unet_hr_decoder.py`` checks that the two match);
+  --decoder auto`` now does for small structures from the shipped backbone: ``unet-hrc-pre``
+  builds the product's :class:`~usfm_core.finetune.models.UNetHRCDecoder` (first measured as a
+  benchmark prototype with the same modules and initial weights), which trains over the frozen
+  backbone (``tests/test_unet_hr_decoder.py`` checks the arm against the product model);
 * ``unet-hr-pre-slowbb``: ``unet-hr-pre`` with the pretrained backbone's learning rate at
   :data:`SLOW_BACKBONE` × the recipe's (``usfm-core finetune --backbone-lr-scale``), the fresh
   decoder at the full rate.
@@ -264,32 +264,18 @@ def basic_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
     return BasicHRDecoder(in_dims, n_out)
 
 
-def conv4_hr_decoder(in_dims: list[int], n_out: int, width: int = 32) -> nn.Module:
-    """The ``unet-hrc-pre`` prototype: :class:`~usfm_core.finetune.models.UNetHRDecoder` plus a
-    trainable conv branch from the stride-2 stem to stride 4 (``width`` channels: conv 3×3
-    stride 2, conv 3×3), concatenated with the backbone's stride-4 map, so the stride-4 level
-    has ``in_dims[0] + width`` channels instead of the VMamba stem's 16."""
-    from usfm_core.finetune.models import UNetHRDecoder, _conv_norm_act
+def conv4_hr_decoder(in_dims: list[int], n_out: int) -> nn.Module:
+    """The ``unet-hrc-pre`` arm's decoder: the product's
+    :class:`~usfm_core.finetune.models.UNetHRCDecoder` (``unet-hr`` plus a trainable 32-channel
+    conv branch from the stride-2 stem to stride 4). It began here as a prototype of the same
+    modules, created in the same order, so the runs made with it start from the same weights."""
+    from usfm_core.finetune.models import UNetHRCDecoder
 
-    class Conv4HRDecoder(UNetHRDecoder):
-        def __init__(self, in_dims: list[int], n_out: int):
-            super().__init__([in_dims[0] + width, *in_dims[1:]], n_out)
-            w2 = self.HR_WIDTHS[1]
-            self.branch4 = nn.Sequential(
-                _conv_norm_act(w2, width, stride=2), _conv_norm_act(width, width)
-            )
-
-        def forward(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-            s1 = self.stem1(image)
-            s2 = self.stem2(s1)
-            feats = [torch.cat([feats[0], self.branch4(s2)], 1), *feats[1:]]
-            x = self.fuse2(self.decode_stride4(feats), s2)
-            return self.head(self.fuse1(x, s1))
-
-    return Conv4HRDecoder(in_dims, n_out)
+    return UNetHRCDecoder(in_dims, n_out)
 
 
-# Benchmark-only decoders under the shipped backbone: arm → (builder, description).
+# Decoders under the shipped backbone (prototypes, and the product's unet-hrc): arm → (builder,
+# description).
 PROTOTYPE_DECODERS = {
     "unet-hrw-pre": (wide_hr_decoder, "wide unet-hr"),
     "unet-hrn-pre": (narrow_hr_decoder, "narrow unet-hr"),
@@ -320,8 +306,7 @@ def build_arm(arm: str, n_classes: int, input_size: int, seed: int) -> tuple[Net
         return model, what + f" until {THAW_AT:.0%} of the budget, then at lr x{THAW_LR:g}"
     if arm.endswith("-frozen"):  # the pretrained backbone frozen: no backward through it
         model, what = build_arm(arm.removesuffix("-frozen"), n_classes, input_size, seed)
-        for p in model.net.backbone.parameters():
-            p.requires_grad_(False)
+        model.net.set_backbone_trainable(False)
         return model, what + ", backbone frozen"
     if arm.endswith("-bd"):  # soft Dice over the whole batch instead of per image
         model, what = build_arm(arm.removesuffix("-bd"), n_classes, input_size, seed)
@@ -441,8 +426,7 @@ def train_budget(
                 break
             if model.thaw_at and used >= model.thaw_at * budget_s:
                 model.thaw_at = None
-                for p in model.net.backbone.parameters():
-                    p.requires_grad_(True)
+                model.net.set_backbone_trainable(True)
             for group in opt.param_groups:
                 cosine = 0.5 * (1 + math.cos(math.pi * used / budget_s))
                 if model.warmup:

@@ -235,8 +235,7 @@ def _iter_train(
     model.to(device).train()
     if trains_backbone_frozen(model):  # unet-hrc: only the decoder learns (models.py)
         model.backbone.eval()
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
+        model.set_backbone_trainable(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
