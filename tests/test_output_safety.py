@@ -310,6 +310,26 @@ def test_segment_never_overwrites_an_input(tmp_path, tiny_model, capsys):
     assert sorted(p.name for p in folder.iterdir()) == ["x.png", "x_mask.png"]
 
 
+def test_segment_never_replaces_a_users_measurements_csv(tmp_path, tiny_model, capsys):
+    """A ``measurements.csv`` already in ``--out`` that segment did not write (a user's own
+    table) is refused before anything is written; a re-run replaces segment's own table."""
+    write_image(tmp_path / "x.png", _image(0))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "measurements.csv").write_text("patient,notes\n1,keep me\n")
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 1
+    err = capsys.readouterr().err
+    assert "not a measurements table written by usfm-core segment" in err
+    assert (out / "measurements.csv").read_text() == "patient,notes\n1,keep me\n"
+    assert sorted(p.name for p in out.iterdir()) == ["measurements.csv"]
+    (out / "measurements.csv").unlink()
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 0
+    first = _read_csv(out / "measurements.csv")
+    assert first and {r["file"] for r in first} == {"x"}
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 0  # its own table: replaced
+    assert _read_csv(out / "measurements.csv") == first
+
+
 def test_segment_checks_inputs_before_loading_the_model(tmp_path, capsys):
     write_image(tmp_path / "ok.png", _image(0))
     # The model does not exist either: the input error must come first (no model load).

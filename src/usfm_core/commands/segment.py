@@ -255,7 +255,31 @@ def plan_outputs(
     for stem in plan.values():
         targets += [out_dir / f"{stem}_mask.png", out_dir / f"{stem}_mask.tif"]
     check_outputs(targets, [*given, *(p for p in inputs if p not in given)])
+    _check_csv_is_ours(out_dir / "measurements.csv")
     return plan
+
+
+#: The first columns of every measurements.csv this command has written (all versions).
+_CSV_PREFIX = "file,source,frame,object"
+
+
+def _check_csv_is_ours(path: Path) -> None:
+    """Refuse to replace an existing ``path`` that is not a measurements table of this command
+    (a re-run may replace its own, never a user's file of that name)."""
+    from usfm_core.errors import USFMError
+
+    if not path.exists():
+        return
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline()
+    except OSError:
+        first = ""
+    if not path.is_file() or not first.startswith(_CSV_PREFIX):
+        raise USFMError(
+            f"{path} exists and is not a measurements table written by usfm-core segment",
+            hint="write to another --out folder, or move that file away",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
