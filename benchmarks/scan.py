@@ -1,4 +1,4 @@
-"""Benchmark: selective scan on CPU: Python loops vs the ``torch`` and ``numba`` backends.
+"""Benchmark: selective scan on CPU: Python loops vs the ``torch``, ``numba`` and ``c`` backends.
 
 Run from the repository root::
 
@@ -15,6 +15,8 @@ Implementations, timed side by side in one process with interleaved repeats:
   fair O(L) baseline.
 * ``torch``: the chunked, blocked scan with a hand-written backward (``"torch"`` backend).
 * ``numba``: the fused compiled kernel (``"numba"`` backend).
+* ``c``: the fused C kernel for one state (``"c"`` backend, the CPU default for ``N = 1``);
+  not run on ``N > 1`` shapes, where ``auto`` uses ``numba``.
 
 Every shape runs with 1 and 2 threads (``--threads``) and, with ``--neighbour``, again while a
 busy neighbour process (a bounded ``while True: pass``, killed afterwards) holds a core.  Each
@@ -151,7 +153,7 @@ def worst_errors(inputs: list[torch.Tensor], impls: list[str]) -> dict[str, floa
     ref = outputs("torch", torch.float64)
     errs = {}
     for name in impls:
-        if name in ("torch", "numba"):
+        if name in ("torch", "numba", "c") and (name != "c" or inputs[2].shape[1] == 1):
             got = outputs(name, torch.float32)
             errs[name] = max(
                 float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
@@ -181,14 +183,14 @@ def uptime() -> str:
 
 
 def _ratios(row: dict) -> None:
-    """Speed-ups of ``torch`` and ``numba`` over the loops (wall and CPU time)."""
+    """Speed-ups of ``torch``, ``numba`` and ``c`` over the loops (wall and CPU time)."""
     elems = row["B"] * row["D"] * row["N"] * row["L"]
-    for ours in ("torch", "numba"):
+    for ours in ("torch", "numba", "c"):
         if row.get(ours) is None:
             continue
         for mode, flops in (("fwd", FLOPS_FWD), ("fwd_bwd", FLOPS_FWD + FLOPS_BWD)):
             row[f"{ours}_gflops_{mode}"] = flops * elems / row[ours][mode]["median_s"] / 1e9
-            for base in ("loop-index", "loop-unbind", "torch"):
+            for base in ("loop-index", "loop-unbind", "torch", "numba"):
                 if base == ours or row.get(base) is None:
                     continue
                 for key, stat in (("", "median_s"), ("cpu_", "cpu_median_s")):
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--neighbour", action="store_true", help="also run beside a busy process")
     parser.add_argument(
-        "--impls", nargs="+", default=["loop-index", "loop-unbind", "torch", "numba"]
+        "--impls", nargs="+", default=["loop-index", "loop-unbind", "torch", "numba", "c"]
     )
     parser.add_argument(
         "--no-malloc-tuning",
@@ -230,13 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         _call("numba", make_inputs(1, 4, 1, 8))
         print(f"numba first call (compile or cache load): {time.perf_counter() - t0:.1f} s")
+    if "c" in args.impls:
+        t0 = time.perf_counter()
+        _call("c", make_inputs(1, 4, 1, 8))
+        print(f"c first call (compile or cache load): {time.perf_counter() - t0:.1f} s")
 
     rows = []
     for kind, b, dim, n, length, groups in shapes:
         inputs = make_inputs(b, dim, n, length)
         errors = worst_errors(inputs, args.impls)
-        impls = [i for i in args.impls if i != "loop-index" or
-                 b * dim * n * length * length <= INDEX_BWD_LIMIT]  # fmt: skip
+        impls = [i for i in args.impls if (i != "loop-index" or
+                 b * dim * n * length * length <= INDEX_BWD_LIMIT) and (i != "c" or n == 1)]  # fmt: skip
         for neighbour in neighbours:
             for threads in args.threads:
                 torch.set_num_threads(threads)
@@ -246,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"kind": kind, "B": b, "L": length, "D": dim, "N": n, "G": groups,
                            "threads": threads, "neighbour": neighbour,
                            "loadavg_before": load, "policy_threads": pick_threads()}  # fmt: skip
-                    row.update({"loop-index": None, **bench_case(impls, inputs, repeat)})
+                    row.update({"loop-index": None, "c": None,
+                                **bench_case(impls, inputs, repeat)})
                     row["uptime_after"] = uptime()
                 row["worst_rel_error"] = errors
                 _ratios(row)
@@ -279,23 +286,31 @@ def _ms(entry: dict | None, mode: str) -> str:
 
 
 def print_row(row: dict) -> None:
-    """One line per case: fwd+bwd times in ms (median), numba's speed-ups, load."""
+    """One line per case: fwd+bwd times in ms (median), the fused kernels' speed-ups, load."""
     if not getattr(print_row, "header", False):
         print(
             f"{'B':>2} {'L':>5} {'N':>3} {'D':>5} thr nb | f+b ms: {'index':>8} {'unbind':>8} "
-            f"{'torch':>8} {'numba':>8} | numba x unb  x torch | fwd ms numba | err | load"
+            f"{'torch':>8} {'numba':>8} {'c':>8} | x unbind: numba      c | c x numba | "
+            "fwd ms numba     c | err numba  err c | load"
         )
         print_row.header = True  # type: ignore[attr-defined]
-    sp = row.get("numba_speedup_fwd_bwd_vs_loop-unbind")
-    st = row.get("numba_speedup_fwd_bwd_vs_torch")
-    err = row["worst_rel_error"].get("numba")
+
+    def num(key: str, fmt: str) -> str:
+        v = row.get(key)
+        return format(v, fmt) if v else "—"
+
+    err = row["worst_rel_error"]
     print(
         f"{row['B']:2d} {row['L']:5d} {row['N']:3d} {row['D']:5d} {row['threads']:3d} "
         f"{'y' if row['neighbour'] else 'n':>2} | {_ms(row.get('loop-index'), 'fwd_bwd'):>15} "
         f"{_ms(row.get('loop-unbind'), 'fwd_bwd'):>8} {_ms(row.get('torch'), 'fwd_bwd'):>8} "
-        f"{_ms(row.get('numba'), 'fwd_bwd'):>8} | "
-        f"{(f'{sp:10.1f}' if sp else '         —')} {(f'{st:8.1f}' if st else '       —')} | "
-        f"{_ms(row.get('numba'), 'fwd'):>12} | {(f'{err:.1e}' if err else '—')} | "
+        f"{_ms(row.get('numba'), 'fwd_bwd'):>8} {_ms(row.get('c'), 'fwd_bwd'):>8} | "
+        f"{num('numba_speedup_fwd_bwd_vs_loop-unbind', '.1f'):>15} "
+        f"{num('c_speedup_fwd_bwd_vs_loop-unbind', '.1f'):>6} | "
+        f"{num('c_speedup_fwd_bwd_vs_numba', '.2f'):>9} | "
+        f"{_ms(row.get('numba'), 'fwd'):>12} {_ms(row.get('c'), 'fwd'):>5} | "
+        f"{(format(err['numba'], '.1e') if err.get('numba') else '—'):>9} "
+        f"{(format(err['c'], '.1e') if err.get('c') else '—'):>6} | "
         f"{row['loadavg_before'][0]:.1f}",
         flush=True,
     )

@@ -213,6 +213,7 @@ def test_autocast_bf16_on_cpu_keeps_fp32():
 def test_auto_never_picks_cuda_for_cpu_tensors(monkeypatch):
     monkeypatch.delenv(scan.ENV_VAR, raising=False)
     monkeypatch.setattr(scan, "_mamba_ssm_status", lambda: (True, "pretend"))
+    monkeypatch.setattr(scan, "_c_status", lambda: (False, "no compiler"))
     assert resolve_backend("auto", "cpu") == "numba"
     monkeypatch.setattr(scan, "_numba_status", lambda: (False, "no numba"))
     assert resolve_backend("auto", "cpu") == "torch"
@@ -257,9 +258,9 @@ def test_env_var_and_default_override(monkeypatch):
 
 def test_backend_report_and_available():
     names = available_backends()
-    assert names[:3] == ["reference", "torch", "numba"]
+    assert names[:4] == ["reference", "torch", "numba", "c"]
     report = backend_report()
-    assert report["auto_cpu"] == "numba" and "numba" in report["cpu_reason"]
+    assert report["auto_cpu"] == "c" and "numba" in report["cpu_reason"]
     assert report["auto_cuda"] in ("torch", "cuda")
     if not report["mamba_ssm"]:
         assert report["auto_cuda"] == "torch" and report["reason"]
@@ -513,7 +514,7 @@ def _forked_child_scan(queue) -> None:
     args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
     y = selective_scan(*args, delta_softplus=True)
     ref = selective_scan(*args, delta_softplus=True, backend="reference")
-    queue.put((resolve_backend("auto", "cpu"), float((y - ref).abs().max())))
+    queue.put((resolve_backend("auto", "cpu", n_state=2), float((y - ref).abs().max())))
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
@@ -538,4 +539,4 @@ def test_forked_child_falls_back_to_torch_backend():
     assert proc.exitcode == 0
     backend, err = queue.get(timeout=5)
     assert backend == "torch" and err < 1e-5
-    assert resolve_backend("auto", "cpu") == "numba"  # the parent keeps the kernel
+    assert resolve_backend("auto", "cpu", n_state=2) == "numba"  # the parent keeps the kernel

@@ -1,4 +1,4 @@
-"""CPU thread policy: how many threads torch (and the numba scan) use.
+"""CPU thread policy: how many threads torch (and the fused scan kernels) use.
 
 On a machine shared with other busy processes, more threads than free cores is the worst
 choice: OpenMP-style parallel loops end in barriers, and a thread whose core is taken by a
@@ -8,8 +8,8 @@ backend ran up to 10× slower with 2 threads on 2 busy cores, see docs/benchmark
 :func:`pick_threads` therefore takes the cores this process may run on
 (``os.sched_getaffinity``) minus those already busy (the 1-minute load average), rounded,
 and at least 1.  :func:`apply_threads` sets torch's intra-op threads to that (or to an explicit
-count: ``usfm-core --threads N`` always wins); the numba scan follows torch's setting on every
-call (capped by numba's pool).  An explicit ``OMP_NUM_THREADS`` or ``USFM_THREADS`` in the
+count: ``usfm-core --threads N`` always wins); the C and numba scan kernels follow torch's
+setting on every call (numba's capped by its pool).  An explicit ``OMP_NUM_THREADS`` or ``USFM_THREADS`` in the
 environment is honoured as the user's choice.
 """
 
@@ -71,7 +71,8 @@ def apply_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads: ``threads`` if given, else the environment's
     (``USFM_THREADS``/``OMP_NUM_THREADS``), else :func:`pick_threads`.  Returns the count.
 
-    The numba scan backend reads torch's count on each call, so this one setting covers both.
+    The C and numba scan backends read torch's count on each call, so this one setting covers
+    all three.
     If torch is not imported yet, only ``OMP_NUM_THREADS`` is set (torch reads it when it
     starts), so commands that never need torch do not pay for importing it.
     """

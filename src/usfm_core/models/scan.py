@@ -21,10 +21,16 @@ Backends:
   ``D`` skip / ``z`` gate inside.  The first call in a fresh install compiles it (tens of
   seconds per dtype on a busy 2-core machine); the machine code is cached on disk, so later
   processes start in a few seconds.
+* ``"c"``: a fused kernel in plain C for one state and no gate (``N = 1``, ``z`` absent: every
+  model of this toolkit), compiled on first use with the machine's C compiler and cached
+  (:mod:`usfm_core.models._scan_c`); about 1.5-2× the numba kernel because everything but the
+  two one-FMA recurrences is vectorised along time.  Calls it does not handle (``N > 1``, a
+  ``z`` gate) go to ``numba`` (else ``torch``).
 * ``"cuda"``: mamba-ssm's fused kernel, only for CUDA tensors when ``mamba_ssm`` imports.
 
-``"auto"`` picks ``cuda`` for CUDA tensors when mamba_ssm imports, ``numba`` for CPU tensors
-when numba imports, else ``torch``.  The choice can be forced per call (``backend=``),
+``"auto"`` picks ``cuda`` for CUDA tensors when mamba_ssm imports; for CPU tensors ``c`` when
+the call has ``N = 1`` and no gate and the kernel compiled, else ``numba`` when numba imports,
+else ``torch``.  The choice can be forced per call (``backend=``),
 process-wide (:func:`set_default_backend`) or by the environment variable
 ``USFM_SCAN_BACKEND``.  The scan always runs in float32 (float64 inputs stay float64): inputs
 are cast up, autocast is switched off inside, and the output is cast back to ``u``'s dtype.
@@ -56,7 +62,7 @@ __all__ = [
     "tune_cpu_allocator",
 ]
 
-BACKENDS = ("reference", "torch", "numba", "cuda")
+BACKENDS = ("reference", "torch", "numba", "c", "cuda")
 ENV_VAR = "USFM_SCAN_BACKEND"
 _default_backend: str | None = None
 
@@ -82,6 +88,13 @@ def _numba_status() -> tuple[bool, str]:
     except Exception as exc:  # ImportError, or numba/llvmlite broken for this numpy
         return False, f"numba backend unavailable ({type(exc).__name__}: {exc})"
     return True, f"numba {numba.__version__} imports"
+
+
+def _c_status() -> tuple[bool, str]:
+    """Whether the compiled C kernel (``N = 1``) is usable, and why not / how it was built."""
+    from usfm_core.models import _scan_c
+
+    return _scan_c.status()
 
 
 def _numba_usable() -> tuple[bool, str]:
@@ -129,24 +142,41 @@ def available_backends() -> list[str]:
     names = ["reference", "torch"]
     if _numba_usable()[0]:
         names.append("numba")
+    if _c_status()[0]:
+        names.append("c")
     if _mamba_ssm_status()[0] and torch.cuda.is_available():
         names.append("cuda")
     return names
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Concrete backend for tensors on ``device``; ``auto`` never picks ``cuda`` for CPU or
-    ``numba`` for CUDA tensors."""
+def resolve_backend(
+    backend: str, device: torch.device | str, n_state: int = 1, gated: bool = False
+) -> str:
+    """Concrete backend for tensors on ``device`` and a call with ``n_state`` states (and a
+    ``z`` gate if ``gated``); ``auto`` never picks ``cuda`` for CPU tensors or a CPU kernel for
+    CUDA tensors.  ``c`` on a call it does not handle (``N > 1`` or gated) gives ``numba``
+    (else ``torch``)."""
     name = get_default_backend() if backend == "auto" else backend
     if name not in ("auto", *BACKENDS):
         raise ValueError(
             f"unknown scan backend {name!r}; choose one of auto, {', '.join(BACKENDS)}"
         )
     on_cuda = torch.device(device).type == "cuda"
+    c_fits = n_state == 1 and not gated
     if name == "auto":
         if on_cuda:
             return "cuda" if _mamba_ssm_status()[0] else "torch"
+        if c_fits and _c_status()[0]:
+            return "c"
         return "numba" if _numba_usable()[0] else "torch"
+    if name == "c":
+        if on_cuda:
+            raise ValueError("scan backend 'c' needs CPU tensors; use 'cuda' or 'torch'")
+        ok, why = _c_status()
+        if not ok:
+            raise ValueError(f"scan backend 'c' unavailable: {why}")
+        if not c_fits:  # the C kernel has one state and no gate
+            return "numba" if _numba_usable()[0] else "torch"
     if name == "numba":
         if on_cuda:
             raise ValueError("scan backend 'numba' needs CPU tensors; use 'cuda' or 'torch'")
@@ -165,6 +195,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 def backend_report() -> dict[str, Any]:
     """What ``auto`` would pick on CPU and on CUDA, and why (for ``usfm-core info``)."""
     numba_ok, numba_why = _numba_usable()
+    c_ok, c_why = _c_status()
     ok, why = _mamba_ssm_status()
     cuda_ok = torch.cuda.is_available()
     if ok and cuda_ok:
@@ -177,8 +208,9 @@ def backend_report() -> dict[str, Any]:
         "default": get_default_backend(),
         "env": os.environ.get(ENV_VAR),
         "available": available_backends(),
-        "auto_cpu": "numba" if numba_ok else "torch",
-        "cpu_reason": numba_why,
+        "auto_cpu": "c" if c_ok else ("numba" if numba_ok else "torch"),
+        "cpu_reason": (f"C kernel {c_why} (N = 1; numba for N > 1: {numba_why})" if c_ok
+                       else f"{c_why}; {numba_why}"),
         "auto_cuda": cuda_pick,
         "cuda_available": cuda_ok,
         "mamba_ssm": ok,
@@ -330,17 +362,26 @@ def selective_scan(
         D: skip weights ``(D,)``; z: gate ``(B, D, L)``; delta_bias: ``(D,)``.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state ``(B, D, N)``.
-        backend: ``"auto" | "reference" | "torch" | "numba" | "cuda"``.
+        backend: ``"auto" | "reference" | "torch" | "numba" | "c" | "cuda"``.
 
     Returns:
         ``y (B, D, L)`` in ``u``'s dtype, or ``(y, last_state)``.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device)
+    name = resolve_backend(backend, u.device, A.shape[1], z is not None)
     out_dtype = u.dtype
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
 
     with torch.autocast(device_type=u.device.type, enabled=False):
+        if name == "c":  # fused: bias, softplus and D inside the kernel (N = 1, no gate)
+            from usfm_core.models._scan_c import c_scan
+
+            cast = [None if t is None else t.to(work) for t in (u, delta, A, B, C, D)]
+            bias = None if delta_bias is None else delta_bias.to(work)
+            out = c_scan(*cast, bias, delta_softplus, return_last_state)
+            y, last = out if return_last_state else (out, None)
+            y = y.to(out_dtype)
+            return (y, last) if return_last_state else y
         if name == "numba":  # fused: bias, softplus, D and z inside the kernel
             from usfm_core.models._scan_numba import numba_scan
 

@@ -1,0 +1,326 @@
+/* Fused selective scan for one state (N = 1), forward and backward, in plain C.
+ *
+ * The "c" CPU backend of usfm_core/models/scan.py (glue: _scan_c.py, which compiles this file
+ * on first use with the machine's C compiler and caches the shared library).  This file is a
+ * template: the glue instantiates it twice, with REAL = float / SFX = f32 and REAL = double /
+ * SFX = f64.
+ *
+ * Shapes (all C-contiguous): u, delta, y, hs, gy, gu, gdelta (B, D, L); A, Dv, bias (D,);
+ * Bm, Cm (B, G, L) (group g serves channels g*D/G .. (g+1)*D/G - 1); last, glast (B, D).
+ *
+ * Why it is faster than the numba kernel: every loop except the two recurrences runs along
+ * time, element-wise, and the compiler vectorises it (8 float lanes with AVX2): softplus,
+ * sigmoid and exp come from the polynomial helpers below (no libm calls), and the reductions
+ * are declared to it with `omp simd reduction` (compiled with -fopenmp-simd: no OpenMP runtime
+ * is linked, so nothing clashes with torch's or numba's thread pools and fork stays safe).  The
+ * two recurrences are single fused multiply-adds per step on a double state:
+ *   forward   h_t = a_t h_{t-1} + w_t,            w_t = Δ_t u_t B_t
+ *   backward  r_{t-1} = a_t r_t + a_t g_t C_t,    q_t = g_t C_t + r_t   (the adjoint of h_t)
+ * States, adjoints and every reduction are double; element-wise products are double too, so
+ * gradients match the float64 reference to float32 rounding of the inputs and outputs.
+ */
+
+#ifndef USFM_SCAN_COMMON
+#define USFM_SCAN_COMMON
+#include <stdint.h>
+#include <string.h>
+
+typedef long long i64;
+#define CHUNK 256
+
+static inline float bits_f32(int32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline int32_t int_f32(float f) { int32_t b; memcpy(&b, &f, 4); return b; }
+static inline double bits_f64(int64_t b) { double f; memcpy(&f, &b, 8); return f; }
+static inline int64_t int_f64(double f) { int64_t b; memcpy(&b, &f, 8); return b; }
+
+static inline float abs_f32(float x) { return __builtin_fabsf(x); }
+static inline double abs_f64(double x) { return __builtin_fabs(x); }
+
+/* exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, Taylor polynomial (degree 7 / 13:
+ * below half an ulp), times 2^k added to the exponent bits.  k is read from the bits of
+ * t = x log2e + 1.5*2^23 (2^52), which rounded it: integer ops only, so loops vectorise.
+ * Arguments are clamped to [-86, 88] / [-700, 700]. */
+static inline float exp_f32(float x) {
+    x = -86.0f > x ? -86.0f : x;  /* maxps / minps forms: a NaN argument stays NaN */
+    x = 88.0f < x ? 88.0f : x;
+    const float shift = 12582912.0f;
+    float t = x * 1.4426950408889634f + shift;
+    float k = t - shift;
+    float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6; p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+    int32_t kb = int_f32(t) - int_f32(shift);
+    return bits_f32(int_f32(p) + (kb << 23));
+}
+
+static inline double exp_f64(double x) {
+    x = -700.0 > x ? -700.0 : x;
+    x = 700.0 < x ? 700.0 : x;
+    const double shift = 6755399441055744.0;
+    double t = x * 1.4426950408889634 + shift;
+    double k = t - shift;
+    double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;                       /* 1/13! */
+    p = p * r + 1.0 / 479001600.0; p = p * r + 1.0 / 39916800.0; p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0; p = p * r + 1.0 / 40320.0; p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0; p = p * r + 1.0 / 120.0; p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0; p = p * r + 0.5; p = p * r + 1.0; p = p * r + 1.0;
+    int64_t kb = int_f64(t) - int_f64(shift);
+    return bits_f64(int_f64(p) + (kb << 52));
+}
+
+/* log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3, odd series in s. */
+static inline float log1p_unit_f32(float e) {
+    float s = e / (2.0f + e), s2 = s * s;
+    float p = 1.0f / 15;
+    p = p * s2 + 1.0f / 13; p = p * s2 + 1.0f / 11; p = p * s2 + 1.0f / 9;
+    p = p * s2 + 1.0f / 7; p = p * s2 + 1.0f / 5; p = p * s2 + 1.0f / 3; p = p * s2 + 1.0f;
+    return 2.0f * s * p;
+}
+
+static inline double log1p_unit_f64(double e) {
+    double s = e / (2.0 + e), s2 = s * s;
+    double p = 1.0 / 33;
+    for (int k = 15; k >= 0; --k) p = p * s2 + 1.0 / (2 * k + 1);
+    return 2.0 * s * p;
+}
+#endif /* USFM_SCAN_COMMON */
+
+/* Δ = softplus(x) (torch's threshold 20) and its slope sigmoid(x), from one exp. */
+static inline REAL softplus_SFX(REAL x, REAL* slope) {
+    REAL e = exp_SFX(-abs_SFX(x));
+    REAL inv = (REAL)1 / ((REAL)1 + e);
+    REAL sp = (x > 0 ? x : (REAL)0) + log1p_unit_SFX(e);
+    *slope = x > 20 ? (REAL)1 : (x >= 0 ? inv : e * inv);
+    return x > 20 ? x : sp;
+}
+
+/* Rows scanned together: their recurrences are independent FMA chains, so interleaving them
+ * hides the FMA latency that bounds one chain (one step per ~4 cycles). */
+#define ROWS 4
+
+/* Forward prepass of one row's chunk: decay a = exp(Δ A) and drive w = Δ u B. */
+static inline void fwd_prep_SFX(const REAL* xc, const REAL* uc, const REAL* bc, REAL ad,
+                                REAL bd, int softplus, int tl, REAL* a, REAL* w, REAL* dts,
+                                REAL* sgs) {
+    if (softplus && dts) {  /* keep Δ and its slope for the backward */
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) {
+            REAL s, dt = softplus_SFX(xc[i] + bd, &s);
+            a[i] = exp_SFX(dt * ad);
+            w[i] = dt * uc[i] * bc[i];
+            dts[i] = dt;
+            sgs[i] = s;
+        }
+    } else if (softplus) {
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) {
+            REAL s, dt = softplus_SFX(xc[i] + bd, &s);
+            a[i] = exp_SFX(dt * ad);
+            w[i] = dt * uc[i] * bc[i];
+        }
+    } else {
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) {
+            REAL dt = xc[i] + bd;
+            a[i] = exp_SFX(dt * ad);
+            w[i] = dt * uc[i] * bc[i];
+        }
+    }
+}
+
+/* Forward over rows [lo, hi) of B*D.  Writes y, last and, when hs is not NULL, the states
+ * h_t (rounded to REAL) for the backward, and with softplus also Δ and its slope (dts, sgs:
+ * storing them costs less than recomputing softplus in the backward).  Rows go in blocks of
+ * ROWS of one batch item. */
+void usfm_fwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                  const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus, i64 dim,
+                  i64 len, i64 groups, REAL* y, double* last, REAL* hs, REAL* dts, REAL* sgs,
+                  i64 lo, i64 hi) {
+    REAL a[ROWS][CHUNK], w[ROWS][CHUNK], hb[ROWS][CHUNK];
+    const i64 dg = dim / groups;
+    for (i64 row0 = lo; row0 < hi;) {
+        const i64 b = row0 / dim;
+        i64 nr = hi - row0, to_end = (b + 1) * dim - row0;
+        nr = nr < to_end ? nr : to_end;
+        nr = nr < ROWS ? nr : ROWS;
+        const REAL *ur[ROWS], *xr[ROWS], *br[ROWS], *cr[ROWS];
+        REAL *yr[ROWS], *ho[ROWS];
+        REAL ad[ROWS], bd[ROWS], dd[ROWS];
+        double h[ROWS];
+        for (int j = 0; j < ROWS; ++j) {
+            const i64 row = row0 + (j < nr ? j : 0), d = row - b * dim, g = d / dg;
+            ur[j] = u + row * len; xr[j] = delta + row * len; yr[j] = y + row * len;
+            br[j] = Bm + (b * groups + g) * len; cr[j] = Cm + (b * groups + g) * len;
+            ad[j] = A[d]; bd[j] = bias[d]; dd[j] = Dv[d]; h[j] = 0.0;
+        }
+        for (i64 t0 = 0; t0 < len; t0 += CHUNK) {
+            const int tl = len - t0 < CHUNK ? (int)(len - t0) : CHUNK;
+            for (int j = 0; j < nr; ++j) {
+                const i64 off = (row0 + j) * len + t0;
+                const int keep = hs && softplus && dts && sgs;
+                fwd_prep_SFX(xr[j] + t0, ur[j] + t0, br[j] + t0, ad[j], bd[j], softplus, tl,
+                             a[j], w[j], keep ? dts + off : NULL, keep ? sgs + off : NULL);
+                ho[j] = hs ? hs + off : hb[j];
+            }
+            if (nr == ROWS) {
+                for (int i = 0; i < tl; ++i) {  /* ROWS independent one-FMA recurrences */
+#pragma GCC unroll 4
+                    for (int j = 0; j < ROWS; ++j) {
+                        h[j] = (double)a[j][i] * h[j] + (double)w[j][i];
+                        ho[j][i] = (REAL)h[j];
+                    }
+                }
+            } else {
+                for (int j = 0; j < nr; ++j) {
+                    double hj = h[j];
+                    for (int i = 0; i < tl; ++i) {
+                        hj = (double)a[j][i] * hj + (double)w[j][i];
+                        ho[j][i] = (REAL)hj;
+                    }
+                    h[j] = hj;
+                }
+            }
+            for (int j = 0; j < nr; ++j) {
+                const REAL *cc = cr[j] + t0, *uc = ur[j] + t0, *hj = ho[j];
+                REAL* yc = yr[j] + t0;
+                const REAL dj = dd[j];
+#pragma omp simd
+                for (int i = 0; i < tl; ++i) yc[i] = cc[i] * hj[i] + dj * uc[i];
+            }
+        }
+        for (int j = 0; j < nr; ++j) last[row0 + j] = h[j];
+        row0 += nr;
+    }
+}
+
+/* Backward prepass of one row's chunk: Δ, its slope, the decay a, g C and w = a g C. */
+static inline void bwd_prep_SFX(const REAL* xc, const REAL* gyc, const REAL* cc, REAL ad,
+                                REAL bd, int softplus, const REAL* dts, const REAL* sgs, int tl,
+                                REAL* dtb, REAL* sgb, REAL* ab, REAL* gcb, REAL* wb) {
+    if (softplus && dts) {  /* Δ and its slope kept by the forward */
+        memcpy(sgb, sgs, (size_t)tl * sizeof(REAL));
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) {
+            REAL dt = dts[i];
+            REAL a = exp_SFX(dt * ad), gc = gyc[i] * cc[i];
+            dtb[i] = dt; ab[i] = a; gcb[i] = gc; wb[i] = a * gc;
+        }
+    } else if (softplus) {
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) {
+            REAL s, dt = softplus_SFX(xc[i] + bd, &s);
+            REAL a = exp_SFX(dt * ad), gc = gyc[i] * cc[i];
+            dtb[i] = dt; sgb[i] = s; ab[i] = a; gcb[i] = gc; wb[i] = a * gc;
+        }
+    } else {
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) {
+            REAL dt = xc[i] + bd;
+            REAL a = exp_SFX(dt * ad), gc = gyc[i] * cc[i];
+            dtb[i] = dt; sgb[i] = (REAL)1; ab[i] = a; gcb[i] = gc; wb[i] = a * gc;
+        }
+    }
+}
+
+/* Backward over tasks [lo, hi) of B*G*parts: task (b, g, p) walks channels
+ * g*dg + p*dg/parts .. g*dg + (p+1)*dg/parts - 1 (in blocks of ROWS) and adds its ∂B, ∂C
+ * into its own rows gBp[p, b, g], gCp[p, b, g] ((parts, B, G, L) float64; the caller sums
+ * over parts).  gA, gD, gbias are (B, D) float64 (the caller sums over B). */
+void usfm_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                  const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus, i64 bsz,
+                  i64 dim, i64 len, i64 groups, i64 parts, const REAL* hs, const REAL* dts,
+                  const REAL* sgs, const REAL* gy,
+                  const double* glast, REAL* gu, REAL* gdelta, double* gA, double* gD,
+                  double* gbias, double* gBp, double* gCp, i64 lo, i64 hi) {
+    REAL dtb[ROWS][CHUNK], sgb[ROWS][CHUNK], ab[ROWS][CHUNK], gcb[ROWS][CHUNK],
+        wb[ROWS][CHUNK], hp[CHUNK];
+    double rb[ROWS][CHUNK];
+    const i64 dg = dim / groups;
+    const i64 nc = (len + CHUNK - 1) / CHUNK;
+    for (i64 task = lo; task < hi; ++task) {
+        const i64 b = task / (groups * parts);
+        const i64 rem = task - b * groups * parts;
+        const i64 g = rem / parts, p = rem - g * parts;
+        const i64 c_lo = g * dg + (p * dg) / parts, c_hi = g * dg + ((p + 1) * dg) / parts;
+        const REAL *br = Bm + (b * groups + g) * len, *cr = Cm + (b * groups + g) * len;
+        double* gbr = gBp + ((p * bsz + b) * groups + g) * len;
+        double* gcr = gCp + ((p * bsz + b) * groups + g) * len;
+        for (i64 d0 = c_lo; d0 < c_hi; d0 += ROWS) {
+            const int nr = c_hi - d0 < ROWS ? (int)(c_hi - d0) : ROWS;
+            double r[ROWS], ga_acc[ROWS], gd_acc[ROWS], gb_acc[ROWS];
+            for (int j = 0; j < ROWS; ++j) {
+                r[j] = j < nr ? glast[b * dim + d0 + j] : 0.0;
+                ga_acc[j] = gd_acc[j] = gb_acc[j] = 0.0;
+            }
+            for (i64 k = nc - 1; k >= 0; --k) {
+                const i64 t0 = k * CHUNK;
+                const int tl = len - t0 < CHUNK ? (int)(len - t0) : CHUNK;
+                const REAL *bc = br + t0, *cc = cr + t0;
+                for (int j = 0; j < nr; ++j) {
+                    const i64 row = b * dim + d0 + j;
+                    const i64 off = row * len + t0;
+                    bwd_prep_SFX(delta + off, gy + off, cc, A[d0 + j], bias[d0 + j], softplus,
+                                 dts ? dts + off : NULL, sgs ? sgs + off : NULL, tl, dtb[j],
+                                 sgb[j], ab[j], gcb[j], wb[j]);
+                }
+                if (nr == ROWS) {
+                    for (int i = tl - 1; i >= 0; --i) {  /* ROWS adjoint recurrences */
+#pragma GCC unroll 4
+                        for (int j = 0; j < ROWS; ++j) {
+                            rb[j][i] = r[j];
+                            r[j] = (double)ab[j][i] * r[j] + (double)wb[j][i];
+                        }
+                    }
+                } else {
+                    for (int j = 0; j < nr; ++j) {
+                        double rj = r[j];
+                        for (int i = tl - 1; i >= 0; --i) {
+                            rb[j][i] = rj;
+                            rj = (double)ab[j][i] * rj + (double)wb[j][i];
+                        }
+                        r[j] = rj;
+                    }
+                }
+                for (int j = 0; j < nr; ++j) {
+                    const i64 d = d0 + j, row = b * dim + d;
+                    const REAL *uc = u + row * len + t0, *gyc = gy + row * len + t0;
+                    const REAL* hc = hs + row * len + t0;
+                    REAL *guc = gu + row * len + t0, *gdc = gdelta + row * len + t0;
+                    const REAL *dtj = dtb[j], *sgj = sgb[j], *aj = ab[j], *gcj = gcb[j];
+                    const double* rj = rb[j];
+                    const REAL ad = A[d], dd = Dv[d];
+                    double ga = 0.0, gdd = 0.0, gbb = 0.0;
+                    hp[0] = t0 > 0 ? hc[-1] : (REAL)0;  /* h_{t-1} */
+                    memcpy(hp + 1, hc, (size_t)(tl - 1) * sizeof(REAL));
+#pragma omp simd reduction(+ : ga, gdd, gbb)
+                    for (int i = 0; i < tl; ++i) {
+                        /* element-wise products in REAL (8 float lanes), sums in double */
+                        const REAL q = (REAL)((double)gcj[i] + rj[i]);
+                        const REAL gyv = gyc[i], uu = uc[i], dt = dtj[i];
+                        const REAL su = q * bc[i];
+                        const REAL gla = q * aj[i] * hp[i];
+                        gcr[t0 + i] += (double)(gyv * hc[i]);
+                        gbr[t0 + i] += (double)(q * dt * uu);
+                        ga += (double)(gla * dt);
+                        guc[i] = gyv * dd + su * dt;
+                        const REAL graw = (gla * ad + su * uu) * sgj[i];
+                        gdc[i] = graw;
+                        gbb += (double)graw;
+                        gdd += (double)(gyv * uu);
+                    }
+                    ga_acc[j] += ga;
+                    gd_acc[j] += gdd;
+                    gb_acc[j] += gbb;
+                }
+            }
+            for (int j = 0; j < nr; ++j) {
+                const i64 row = b * dim + d0 + j;
+                gA[row] = ga_acc[j];
+                gD[row] = gd_acc[j];
+                gbias[row] = gb_acc[j];
+            }
+        }
+    }
+}
