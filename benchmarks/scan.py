@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind, b, dim, n, length, groups in shapes:
         inputs = make_inputs(b, dim, n, length)
         errors = worst_errors(inputs, args.impls)
-        impls = [i for i in args.impls if (i != "loop-index" or
-                 b * dim * n * length * length <= INDEX_BWD_LIMIT) and (i != "c" or n == 1)]  # fmt: skip
+        index_ok = b * dim * n * length * length <= INDEX_BWD_LIMIT
+        impls = [i for i in args.impls
+                 if (i != "loop-index" or index_ok) and (i != "c" or n == 1)]  # fmt: skip
         for neighbour in neighbours:
             for threads in args.threads:
                 torch.set_num_threads(threads)

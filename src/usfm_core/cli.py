@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="CPU threads for torch and the fused scan kernels (default: the free cores, i.e. cores "
-        "minus the load average, at least 1; or $USFM_THREADS / $OMP_NUM_THREADS)",
+        help="CPU threads for torch and the fused scan kernels (default: the free cores, i.e. "
+        "cores minus the load average, at least 1; or $USFM_THREADS / $OMP_NUM_THREADS)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -9,8 +9,8 @@ backend ran up to 10× slower with 2 threads on 2 busy cores, see docs/benchmark
 (``os.sched_getaffinity``) minus those already busy (the 1-minute load average), rounded,
 and at least 1.  :func:`apply_threads` sets torch's intra-op threads to that (or to an explicit
 count: ``usfm-core --threads N`` always wins); the C and numba scan kernels follow torch's
-setting on every call (numba's capped by its pool).  An explicit ``OMP_NUM_THREADS`` or ``USFM_THREADS`` in the
-environment is honoured as the user's choice.
+setting on every call (numba's capped by its pool).  An explicit ``OMP_NUM_THREADS`` or
+``USFM_THREADS`` in the environment is honoured as the user's choice.
 """
 
 from __future__ import annotations
