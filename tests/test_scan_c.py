@@ -208,7 +208,7 @@ def test_threads_split_rows_and_tasks_without_changing_results():
 def _child_scan(queue) -> None:
     t = make_inputs(1, 4, 1, 20, groups=2, dtype=torch.float32)
     args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as torch sets in DataLoader workers
     y = selective_scan(*args, delta_softplus=True)
     ref = selective_scan(*args, delta_softplus=True, backend="reference")
     queue.put((resolve_backend("auto", "cpu"), float((y - ref).abs().max())))
@@ -216,8 +216,8 @@ def _child_scan(queue) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_forked_child_keeps_the_c_kernel():
-    """No OpenMP runtime is linked: a child forked after the parent used the kernel (with its
-    thread pool) runs it too, e.g. fork-based DataLoader workers."""
+    """A child forked after the parent ran the kernel on two OpenMP threads runs it too with
+    one thread (no OpenMP region is entered), as fork-based DataLoader workers do."""
     import multiprocessing
 
     t = make_inputs(2, 8, 1, 40, groups=4, dtype=torch.float32)

@@ -324,3 +324,42 @@ void usfm_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* B
         }
     }
 }
+
+/* Entry points: split the tasks into `threads` contiguous ranges, one per OpenMP thread.
+ * Built with -fopenmp this uses the process's one libgomp (torch's), so the ranges run on the
+ * threads torch's parallel ops use, instead of competing with their spinning workers for the
+ * cores; without OpenMP, or with one thread, the ranges run one after the other here. */
+void usfm_fwd_par_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                      const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus, i64 dim,
+                      i64 len, i64 groups, REAL* y, double* last, REAL* hs, REAL* dts,
+                      REAL* sgs, i64 tasks, int threads) {
+    if (threads <= 1 || tasks <= 1) {
+        usfm_fwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, dim, len, groups, y, last, hs,
+                     dts, sgs, 0, tasks);
+        return;
+    }
+    if (threads > tasks) threads = (int)tasks;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int p = 0; p < threads; ++p)
+        usfm_fwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, dim, len, groups, y, last, hs,
+                     dts, sgs, tasks * p / threads, tasks * (p + 1) / threads);
+}
+
+void usfm_bwd_par_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                      const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus, i64 bsz,
+                      i64 dim, i64 len, i64 groups, i64 parts, const REAL* hs, const REAL* dts,
+                      const REAL* sgs, const REAL* gy, const double* glast, REAL* gu,
+                      REAL* gdelta, double* gA, double* gD, double* gbias, double* gBp,
+                      double* gCp, i64 tasks, int threads) {
+    if (threads <= 1 || tasks <= 1) {
+        usfm_bwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, bsz, dim, len, groups, parts, hs,
+                     dts, sgs, gy, glast, gu, gdelta, gA, gD, gbias, gBp, gCp, 0, tasks);
+        return;
+    }
+    if (threads > tasks) threads = (int)tasks;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int p = 0; p < threads; ++p)
+        usfm_bwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, bsz, dim, len, groups, parts, hs,
+                     dts, sgs, gy, glast, gu, gdelta, gA, gD, gbias, gBp, gCp,
+                     tasks * p / threads, tasks * (p + 1) / threads);
+}

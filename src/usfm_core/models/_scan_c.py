@@ -8,17 +8,22 @@ time, and four channels' recurrences are interleaved to hide the multiply-add la
 
 Build: on first use the template is instantiated for float32 and float64 and compiled with
 the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) for this CPU
-(``-O3 -march=native -fopenmp-simd``: SIMD pragmas without an OpenMP runtime, so nothing
-clashes with torch's or numba's thread pools and a forked child may use it).  The library is
+(``-O3 -march=native -fopenmp``; without OpenMP support, ``-fopenmp-simd`` and one thread).
+The library is
 cached under ``$XDG_CACHE_HOME/usfm-core/cscan`` (else ``~/.cache/...``), keyed by a hash of
 the source, the flags, the compiler's version and the CPU's feature flags, and written
 atomically, so concurrent first calls are safe.  Without a working compiler the backend is
 unavailable and ``auto`` keeps the numba kernel (:func:`status` says why).
 
 Threads: the rows (forward) and ``(batch, group, channel block)`` tasks (backward) are split
-into contiguous ranges, one per thread of a small pool; ctypes releases the GIL during each
-call, so the ranges run in parallel and a GUI thread keeps running.  The thread count follows
-``torch.get_num_threads()`` (the library's thread policy, :mod:`usfm_core.threads`).
+into contiguous ranges, one per OpenMP thread.  The library links ``libgomp.so.1`` by soname,
+so it runs on the OpenMP runtime torch already loaded, on the same threads as torch's parallel
+ops (a separate pool of Python threads competed with torch's spin-waiting workers for the two
+cores and made the 2-thread scan slower than 1 thread).  The count follows
+``torch.get_num_threads()`` (the thread policy, :mod:`usfm_core.threads`); with one thread no
+OpenMP region is entered, so a process forked from a parent that used the kernel (e.g. a
+DataLoader worker, which torch sets to one thread) runs it safely.  ctypes releases the GIL
+during each call, so a GUI thread keeps running.
 """
 
 from __future__ import annotations
@@ -30,8 +35,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,6 +47,8 @@ __all__ = ["c_scan", "status", "supports"]
 _SOURCE = Path(__file__).with_name("_scan_c.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
           "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # fmt: skip
+#: Tried first: the parallel split on the process's OpenMP runtime (see ``_scan_c.c``).
+_OPENMP = "-fopenmp"
 _CTYPES = {torch.float32: ("f32", "float"), torch.float64: ("f64", "double")}
 
 
@@ -83,32 +88,46 @@ def _cache_dir() -> Path:
     return base / "usfm-core" / "cscan"
 
 
-def _build(cc: str, source: str, target: Path) -> None:
-    """Compile ``source`` into ``target`` atomically (a temporary file renamed into place)."""
+def _build(cc: str, source: str, target: Path) -> bool:
+    """Compile ``source`` into ``target`` atomically (a temporary file renamed into place):
+    with OpenMP if the compiler has it, else without (the split then runs serially).
+    Returns whether OpenMP was used."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".usfm-tmp-cscan-", dir=target.parent) as tmp:
         src = Path(tmp) / "scan.c"
         src.write_text(source)
         out = Path(tmp) / "scan.so"
-        proc = subprocess.run(
-            [cc, *_FLAGS, "-o", str(out), str(src)],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        if proc.returncode != 0 or not out.exists():
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise OSError(f"{Path(cc).name} failed: {' | '.join(msg[-3:]) or proc.returncode}")
-        os.replace(out, target)
+        msg: list[str] = []
+        for extra in ([_OPENMP], []):
+            proc = subprocess.run(
+                [cc, *_FLAGS, *extra, "-o", str(out), str(src)],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            if proc.returncode == 0 and out.exists():
+                os.replace(out, target)
+                return bool(extra)
+            msg = (proc.stderr or proc.stdout).strip().splitlines() or [str(proc.returncode)]
+        raise OSError(f"{Path(cc).name} failed: {' | '.join(msg[-3:])}")
+
+
+def _uses_openmp(lib_path: Path) -> bool:
+    """Whether the built library links an OpenMP runtime (read from its dynamic section)."""
+    try:
+        data = lib_path.read_bytes()
+    except OSError:
+        return False
+    return b"libgomp" in data or b"libomp" in data
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     """Argument types of the four entry points (pointers as void*, sizes as int64)."""
     p, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
     for sfx in ("f32", "f64"):
-        fwd = getattr(lib, f"usfm_fwd_{sfx}")
-        fwd.argtypes = [p] * 7 + [i32, i64, i64, i64, p, p, p, p, p, i64, i64]
+        fwd = getattr(lib, f"usfm_fwd_par_{sfx}")
+        fwd.argtypes = [p] * 7 + [i32, i64, i64, i64, p, p, p, p, p, i64, i32]
         fwd.restype = None
-        bwd = getattr(lib, f"usfm_bwd_{sfx}")
-        bwd.argtypes = [p] * 7 + [i32, i64, i64, i64, i64, i64] + [p] * 12 + [i64, i64]
+        bwd = getattr(lib, f"usfm_bwd_par_{sfx}")
+        bwd.argtypes = [p] * 7 + [i32, i64, i64, i64, i64, i64] + [p] * 12 + [i64, i32]
         bwd.restype = None
 
 
@@ -136,7 +155,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         _declare(lib)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         return None, f"C scan kernel unavailable ({exc})"
-    return lib, f"compiled with {Path(cc).name} ({' '.join(version) or 'unknown version'})"
+    threads = "OpenMP threads" if _uses_openmp(target) else "one thread: no OpenMP"
+    return lib, f"compiled with {Path(cc).name} ({' '.join(version) or '?'}; {threads})"
 
 
 def status() -> tuple[bool, str]:
@@ -150,45 +170,12 @@ def supports(n_state: int, has_z: bool, dtype: torch.dtype) -> bool:
     return n_state == 1 and not has_z and dtype in _CTYPES
 
 
-# --------------------------------------------------------------------------- threads
-_pool: dict[str, ThreadPoolExecutor | int] = {}
-_pool_lock = threading.Lock()
-
-
-def _reset_pool_in_child() -> None:
-    _pool.clear()  # a forked child has no pool threads; build a new pool on demand
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool_in_child)
-
-
-def _run_split(fn, args: tuple, tasks: int, threads: int) -> None:  # type: ignore[no-untyped-def]
-    """Call ``fn(*args, lo, hi)`` on ``min(threads, tasks)`` contiguous task ranges in parallel."""
-    parts = max(1, min(threads, tasks))
-    if parts == 1:
-        fn(*args, 0, tasks)
-        return
-    bounds = [(tasks * i) // parts for i in range(parts + 1)]
-    with _pool_lock:
-        pool = _pool.get("pool")
-        if pool is None or _pool.get("size", 0) < parts - 1:
-            if isinstance(pool, ThreadPoolExecutor):
-                pool.shutdown(wait=False)
-            pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="usfm-scan")
-            _pool["pool"], _pool["size"] = pool, parts - 1
-    assert isinstance(pool, ThreadPoolExecutor)
-    futures = [pool.submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    fn(*args, bounds[0], bounds[1])  # this thread takes the first range
-    for f in futures:
-        f.result()
-
-
+# --------------------------------------------------------------------------- glue
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _ptr(t: Tensor | None) -> int | None:
+def _ptr(t: Tensor | None) -> int | None:  # None is NULL
     return None if t is None else t.data_ptr()
 
 
@@ -223,7 +210,7 @@ class _CScan(torch.autograd.Function):
             int(bool(softplus)), dim, length, groups, _ptr(y), _ptr(last), _ptr(hs),
             _ptr(dts), _ptr(sgs),
         )  # fmt: skip
-        _run_split(getattr(lib, f"usfm_fwd_{sfx}"), args, bsz * dim, _threads())
+        getattr(lib, f"usfm_fwd_par_{sfx}")(*args, bsz * dim, _threads())
         ctx.set_materialize_grads(False)
         if grad:
             ctx.save_for_backward(u, delta, a, B, C, dv, bv, hs, dts, sgs)
@@ -261,7 +248,7 @@ class _CScan(torch.autograd.Function):
             _ptr(gy), _ptr(gl),
             _ptr(gu), _ptr(gdelta), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBp), _ptr(gCp),
         )  # fmt: skip
-        _run_split(getattr(lib, f"usfm_bwd_{sfx}"), args, bsz * groups * parts, threads)
+        getattr(lib, f"usfm_bwd_par_{sfx}")(*args, bsz * groups * parts, threads)
         dtype = u.dtype
         return (
             gu,
