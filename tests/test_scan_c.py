@@ -168,6 +168,17 @@ def test_build_is_cached_atomic_and_fails_cleanly(monkeypatch, tmp_path):
         assert _scan_c.status()[0]  # loaded from the cache
         assert len(list((tmp_path / "usfm-core" / "cscan").iterdir())) == 1
 
+        # a cached file that does not load (e.g. a broken copy) is rebuilt once; a fresh
+        # folder, because a library this process has loaded must never be written over
+        broken = tmp_path / "broken" / "usfm-core" / "cscan" / files[0]
+        broken.parent.mkdir(parents=True)
+        broken.write_bytes(b"not a shared library")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "broken"))
+        _scan_c._load.cache_clear()
+        assert _scan_c.status()[0]
+        assert broken.stat().st_size > 1000
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
         _scan_c._load.cache_clear()
         monkeypatch.setattr(_scan_c, "_compiler", lambda: None)
         ok, why = _scan_c.status()

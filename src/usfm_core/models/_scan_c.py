@@ -2,18 +2,19 @@
 
 Every model of this toolkit scans with ``d_state = 1`` and no ``z`` gate, which is what this
 kernel does (``_scan_c.c``: one pass forward, one backward, softplus / delta bias / ``D`` skip
-inside, states and reductions in float64).  It is 1.4-1.9× the numba kernel's speed
+inside, states and reductions in float64).  It runs at 1.3-1.7× the numba kernel's speed
 (``docs/benchmarks/scan.md``) because all work except the two recurrences is vectorised along
 time, and four channels' recurrences are interleaved to hide the multiply-add latency.
 
 Build: on first use the template is instantiated for float32 and float64 and compiled with
 the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) for this CPU
-(``-O3 -march=native -fopenmp``; without OpenMP support, ``-fopenmp-simd`` and one thread).
-The library is
-cached under ``$XDG_CACHE_HOME/usfm-core/cscan`` (else ``~/.cache/...``), keyed by a hash of
-the source, the flags, the compiler's version and the CPU's feature flags, and written
-atomically, so concurrent first calls are safe.  Without a working compiler the backend is
-unavailable and ``auto`` keeps the numba kernel (:func:`status` says why).
+(``-O3 -march=native -fopenmp``; then without OpenMP, one thread; then without
+``-march=native`` for compilers that lack it), in about a second.  The library is cached under
+``$XDG_CACHE_HOME/usfm-core/cscan`` (else ``~/.cache/...``), keyed by a hash of the source,
+the flags, the compiler's version and the CPU's feature flags, and written atomically, so
+concurrent first calls are safe; a cached file that does not load is rebuilt once.  Without a
+working compiler the backend is unavailable and ``auto`` keeps the numba kernel
+(:func:`status` says why).
 
 Threads: the rows (forward) and ``(batch, group, channel block)`` tasks (backward) are split
 into contiguous ranges, one per OpenMP thread.  The library links ``libgomp.so.1`` by soname,
@@ -45,10 +46,11 @@ from torch.autograd.function import once_differentiable
 __all__ = ["c_scan", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("_scan_c.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+_FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
           "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99")  # fmt: skip
-#: Tried first: the parallel split on the process's OpenMP runtime (see ``_scan_c.c``).
-_OPENMP = "-fopenmp"
+#: Extra flags, tried in this order: the parallel split on the process's OpenMP runtime (see
+#: ``_scan_c.c``) for this CPU's vector units; one thread; a compiler without -march=native.
+_VARIANTS = (("-march=native", "-fopenmp"), ("-march=native",), ())
 _CTYPES = {torch.float32: ("f32", "float"), torch.float64: ("f64", "double")}
 
 
@@ -98,14 +100,14 @@ def _build(cc: str, source: str, target: Path) -> bool:
         src.write_text(source)
         out = Path(tmp) / "scan.so"
         msg: list[str] = []
-        for extra in ([_OPENMP], []):
+        for extra in _VARIANTS:
             proc = subprocess.run(
                 [cc, *_FLAGS, *extra, "-o", str(out), str(src)],
                 capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             if proc.returncode == 0 and out.exists():
                 os.replace(out, target)
-                return bool(extra)
+                return "-fopenmp" in extra
             msg = (proc.stderr or proc.stdout).strip().splitlines() or [str(proc.returncode)]
         raise OSError(f"{Path(cc).name} failed: {' | '.join(msg[-3:])}")
 
@@ -145,13 +147,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         ).stdout.splitlines()[:1]
         source = _source_text()
         key = hashlib.sha256(
-            "\n".join([source, " ".join(_FLAGS), *version, _cpu_flags(), platform.machine()])
+            "\n".join([source, repr((_FLAGS, _VARIANTS)), *version, _cpu_flags(),
+                       platform.machine()])
             .encode()
         ).hexdigest()[:16]
         target = _cache_dir() / f"scan-{key}.so"
         if not target.exists():
             _build(cc, source, target)
-        lib = ctypes.CDLL(str(target))
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:  # a cached file that does not load (another machine's?): rebuild once
+            _build(cc, source, target)
+            lib = ctypes.CDLL(str(target))
         _declare(lib)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         return None, f"C scan kernel unavailable ({exc})"
