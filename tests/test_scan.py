@@ -360,21 +360,47 @@ def _positive_if_no_softplus(t, softplus):
     return t
 
 
+def check_against_reference(backend, b, d, n, length, groups, **flags):
+    """float64: ``backend`` equals the loop to rounding; float32: within 1e-5 of the float64
+    loop on the same values (outputs and every gradient)."""
+
+    def inputs(dtype=torch.float64):
+        t = make_inputs(b, d, n, length, groups, dtype=dtype)
+        return _positive_if_no_softplus(t, flags["softplus"])
+
+    ref = run(inputs(), "reference", **flags)
+    assert_rel(ref, run(inputs(), backend, **flags), rtol=1e-12)  # float64: to rounding
+    t32 = inputs(torch.float32)
+    ref = run(_as_float64(t32), "reference", **flags)
+    got32 = run(t32, backend, **flags)
+    assert got32[0].dtype == torch.float32
+    assert_rel(ref, got32, rtol=1e-5)
+
+
+def check_property_float32(backend, b, d, n, length, groups, seed, **flags):
+    """Random shapes and options: float32 ``backend`` vs the float64 loop.
+
+    Without softplus the raw |Δ| reaches ~4 and Δ·|A| ~12 per step: float32 rounding of the
+    exponent alone then gives isolated errors up to ~1.5e-5 of the largest gradient (the
+    torch backend shows the same kind of outliers at other elements).  Gradients that are
+    small sums of cancelling terms (e.g. ∂delta_bias ≈ 0.3 at L = 2) are held to 1e-5 absolute.
+    The per-channel parameter gradients (A, D, delta_bias) are float32 sums over B·L terms:
+    a random search found 1.05e-5 of the largest ∂delta_bias at B 2, L 120, N 16, so they are
+    held to 3e-5; every output and per-element gradient stays at 1e-5 (with softplus).
+    """
+    t32 = _positive_if_no_softplus(
+        make_inputs(b, d, n, length, groups, dtype=torch.float32, seed=seed), flags["softplus"]
+    )
+    ref = run(_as_float64(t32), "reference", **flags)
+    rtol = 1e-5 if flags["softplus"] else 3e-5
+    assert_rel(ref, run(t32, backend, **flags), rtol=rtol, floor=1.0, reduced_rtol=3e-5)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}n{}L{}g{}".format(*c[:5]))
 def test_numba_backend_matches_reference(case):
     b, d, n, length, groups, use_d, use_z, use_bias, softplus, last = case
     flags = dict(use_d=use_d, use_z=use_z, use_bias=use_bias, softplus=softplus, last=last)
-
-    def inputs(dtype=torch.float64):
-        return _positive_if_no_softplus(make_inputs(b, d, n, length, groups, dtype=dtype), softplus)
-
-    ref = run(inputs(), "reference", **flags)
-    assert_rel(ref, run(inputs(), "numba", **flags), rtol=1e-12)  # float64: to rounding
-    t32 = inputs(torch.float32)
-    ref = run(_as_float64(t32), "reference", **flags)
-    got32 = run(t32, "numba", **flags)
-    assert got32[0].dtype == torch.float32
-    assert_rel(ref, got32, rtol=1e-5)
+    check_against_reference("numba", b, d, n, length, groups, **flags)
 
 
 # derandomize: CI runs the same 40 examples every time (a failure is reproducible, not luck).
@@ -403,22 +429,7 @@ def test_numba_property_float32_within_1e5_of_float64_loop(
     """Random shapes and options: float32 kernel vs float64 loop, outputs and all gradients."""
     d = (groups or 1) * per_group
     flags = dict(use_d=use_d, use_z=use_z, use_bias=use_bias, softplus=softplus, last=last)
-
-    def inputs(dtype):
-        t = make_inputs(b, d, n, length, groups, dtype=dtype, seed=seed)
-        return _positive_if_no_softplus(t, softplus)
-
-    t32 = inputs(torch.float32)
-    ref = run(_as_float64(t32), "reference", **flags)
-    # Without softplus the raw |Δ| reaches ~4 and Δ·|A| ~12 per step: float32 rounding of the
-    # exponent alone then gives isolated errors up to ~1.5e-5 of the largest gradient (the
-    # torch backend shows the same kind of outliers at other elements).  Gradients that are
-    # small sums of cancelling terms (e.g. ∂delta_bias ≈ 0.3 at L = 2) are held to 1e-5 absolute.
-    # The per-channel parameter gradients (A, D, delta_bias) are float32 sums over B·L terms:
-    # a random search found 1.05e-5 of the largest ∂delta_bias at B 2, L 120, N 16, so they are
-    # held to 3e-5; every output and per-element gradient stays at 1e-5 (with softplus).
-    rtol = 1e-5 if softplus else 3e-5
-    assert_rel(ref, run(t32, "numba", **flags), rtol=rtol, floor=1.0, reduced_rtol=3e-5)
+    check_property_float32("numba", b, d, n, length, groups, seed, **flags)
 
 
 @pytest.mark.parametrize(

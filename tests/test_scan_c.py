@@ -10,7 +10,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_scan import _as_float64, _positive_if_no_softplus, assert_rel, make_inputs, run
+from test_scan import (
+    _as_float64,
+    assert_rel,
+    check_against_reference,
+    check_property_float32,
+    make_inputs,
+    run,
+)
 from usfm_core.models import _scan_c, scan
 from usfm_core.models.scan import resolve_backend, selective_scan, set_default_backend
 
@@ -32,17 +39,7 @@ CASES = [
 def test_c_backend_matches_reference(case):
     b, d, length, groups, use_d, use_bias, softplus, last = case
     flags = dict(use_d=use_d, use_z=False, use_bias=use_bias, softplus=softplus, last=last)
-
-    def inputs(dtype=torch.float64):
-        return _positive_if_no_softplus(make_inputs(b, d, 1, length, groups, dtype=dtype), softplus)
-
-    ref = run(inputs(), "reference", **flags)
-    assert_rel(ref, run(inputs(), "c", **flags), rtol=1e-12)  # float64: to rounding
-    t32 = inputs(torch.float32)
-    ref = run(_as_float64(t32), "reference", **flags)
-    got32 = run(t32, "c", **flags)
-    assert got32[0].dtype == torch.float32
-    assert_rel(ref, got32, rtol=1e-5)
+    check_against_reference("c", b, d, 1, length, groups, **flags)
 
 
 @settings(
@@ -64,15 +61,10 @@ def test_c_property_float32_within_1e5_of_float64_loop(
     b, groups, per_group, length, use_d, use_bias, softplus, last, seed
 ):
     """Random shapes and options: float32 C kernel vs the float64 loop, outputs and all
-    gradients (tolerances as for the numba kernel, ``test_scan.py``)."""
+    gradients (tolerances as for the numba kernel, ``test_scan.check_property_float32``)."""
     d = (groups or 1) * per_group
     flags = dict(use_d=use_d, use_z=False, use_bias=use_bias, softplus=softplus, last=last)
-    t32 = _positive_if_no_softplus(
-        make_inputs(b, d, 1, length, groups, dtype=torch.float32, seed=seed), softplus
-    )
-    ref = run(_as_float64(t32), "reference", **flags)
-    rtol = 1e-5 if softplus else 3e-5
-    assert_rel(ref, run(t32, "c", **flags), rtol=rtol, floor=1.0, reduced_rtol=3e-5)
+    check_property_float32("c", b, d, 1, length, groups, seed, **flags)
 
 
 @pytest.mark.parametrize(
