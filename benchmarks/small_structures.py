@@ -537,8 +537,8 @@ def table(results: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:3]))
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, help=f"default: {' '.join(TASKS)}")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, help=f"default: {' '.join(ARMS[:3])}")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--budget", type=float, default=100.0, help="CPU-seconds of training")
     ap.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak learning rate")
@@ -554,9 +554,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         help="results JSONs of runs made in parallel (--out elsewhere) to merge into --out; "
-        "a run re-measured there replaces the one in --out (kept under 'superseded')",
+        "a run re-measured there replaces the one in --out (kept under 'superseded'); "
+        "with --merge and no --tasks / --arms nothing is trained",
     )
     args = ap.parse_args(argv)
+    merge_only = bool(args.merge) and args.tasks is None and args.arms is None
+    args.tasks = args.tasks or list(TASKS)
+    args.arms = args.arms or list(ARMS[:3])
     if args.smoke:
         args.seeds = args.seeds[:1]
     torch.set_num_threads(args.threads)
@@ -589,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         results["machine_last"] = anchor.machine()
         atomic_write_text(out, json.dumps(results, indent=1))
+
+    if merge_only:
+        save()
+        print(f"merged {len(args.merge)} file(s) into {out}: {len(runs)} runs")
+        return 0
 
     for task in args.tasks:
         if task in ("phantoms", "phantoms-dev"):
