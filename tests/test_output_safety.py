@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from usfm_core.cli import main
@@ -328,6 +329,41 @@ def test_segment_never_replaces_a_users_measurements_csv(tmp_path, tiny_model, c
     assert first and {r["file"] for r in first} == {"x"}
     assert _segment(tiny_model, tmp_path / "x.png", out=out) == 0  # its own table: replaced
     assert _read_csv(out / "measurements.csv") == first
+
+
+def test_segment_never_replaces_a_users_file_named_like_a_mask(tmp_path, tiny_model, capsys):
+    """``OUT/<stem>_mask.png|tif`` that segment did not write (a user's own image of that name)
+    is refused before anything is written; segment's own masks (marked in the file, or listed
+    in its measurements table, as masks of older versions are) are replaced by a re-run."""
+    from PIL import Image
+
+    write_image(tmp_path / "x.png", _image(0))
+    out = tmp_path / "out"
+    out.mkdir()
+    user = _image(3)
+    write_image(out / "x_mask.png", user)  # a user's picture that happens to have this name
+    before = (out / "x_mask.png").read_bytes()
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 1
+    err = capsys.readouterr().err
+    assert "x_mask.png exists and is not a mask written by usfm-core segment" in err
+    assert (out / "x_mask.png").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["x_mask.png"]
+    tifffile.imwrite(out / "x_mask.tif", user)  # the stack name is protected too
+    (out / "x_mask.png").unlink()
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 1
+    assert "x_mask.tif exists" in capsys.readouterr().err
+    (out / "x_mask.tif").unlink()
+
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 0
+    with Image.open(out / "x_mask.png") as im:
+        assert im.info.get("Software") == "usfm-core segment"
+        first = np.asarray(im).copy()
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 0  # its own mask: replaced
+    with Image.open(out / "x_mask.png") as im:
+        assert np.array_equal(np.asarray(im), first)
+    # A mask of an older version (no mark) listed in segment's own table is replaced too.
+    cv2.imwrite(str(out / "x_mask.png"), first)
+    assert _segment(tiny_model, tmp_path / "x.png", out=out) == 0
 
 
 def test_segment_checks_inputs_before_loading_the_model(tmp_path, capsys):

@@ -256,6 +256,7 @@ def plan_outputs(
         targets += [out_dir / f"{stem}_mask.png", out_dir / f"{stem}_mask.tif"]
     check_outputs(targets, [*given, *(p for p in inputs if p not in given)])
     _check_csv_is_ours(out_dir / "measurements.csv")
+    _check_masks_are_ours(out_dir, list(plan.values()))
     return plan
 
 
@@ -278,6 +279,65 @@ def _check_csv_is_ours(path: Path) -> None:
     if not path.is_file() or not first.startswith(_CSV_PREFIX):
         raise USFMError(
             f"{path} exists and is not a measurements table written by usfm-core segment",
+            hint="write to another --out folder, or move that file away",
+        )
+
+
+#: Written into every mask this command saves (PNG ``Software`` text chunk, TIFF Software tag),
+#: so that a re-run may replace its own masks and never a user's file of the same name.
+MASK_SOFTWARE = "usfm-core segment"
+
+
+def _mask_is_marked(path: Path) -> bool:
+    """Whether ``path`` is a mask this command wrote (carries :data:`MASK_SOFTWARE`)."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return im.info.get("Software") == MASK_SOFTWARE
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            return bool(tf.pages) and tf.pages[0].software == MASK_SOFTWARE
+    except Exception:  # unreadable or another format: not ours
+        return False
+
+
+def _stems_in_csv(path: Path) -> set[str]:
+    """The ``file`` column of this command's measurements table at ``path`` (empty if none):
+    masks written before they were marked are recognised by being listed there."""
+    if not path.is_file():
+        return set()
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+            return {row.get("file", "") for row in csv.DictReader(fh)}
+    except (OSError, csv.Error):
+        return set()
+
+
+def _check_masks_are_ours(out_dir: Path, stems: list[str]) -> None:
+    """Refuse to replace an existing ``OUT/<stem>_mask.png|tif`` that this command did not write
+    (neither marked nor listed in its measurements table): a user's file of that name."""
+    from usfm_core.errors import USFMError
+
+    listed: set[str] | None = None
+    foreign = []
+    for stem in stems:
+        for path in (out_dir / f"{stem}_mask.png", out_dir / f"{stem}_mask.tif"):
+            if not path.exists() and not path.is_symlink():
+                continue
+            if path.is_file() and not path.is_symlink() and _mask_is_marked(path):
+                continue
+            if listed is None:
+                listed = _stems_in_csv(out_dir / "measurements.csv")
+            if path.is_file() and not path.is_symlink() and stem in listed:
+                continue
+            foreign.append(path)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise USFMError(
+            f"{foreign[0]}{more} exists and is not a mask written by usfm-core segment",
             hint="write to another --out folder, or move that file away",
         )
 
@@ -393,7 +453,6 @@ def segment_scan(
     frame for this scan, and its total is corrected once the scan's frame count is known. On an
     error nothing of this scan is written and ``rows`` is unchanged.
     """
-    import cv2
     import numpy as np
     import tifffile
 
@@ -435,9 +494,10 @@ def segment_scan(
                     for i, mask in enumerate(masks):
                         stored = (mask * 255).astype(np.uint8) if binary else mask
                         if single:
-                            tmp.write_bytes(cv2.imencode(".png", stored)[1].tobytes())
+                            tmp.write_bytes(_png_bytes(stored))
                         else:
                             tif.write(stored, contiguous=True, photometric="minisblack",
+                                      software=MASK_SOFTWARE,
                                       **_tiff_resolution(spacing))  # fmt: skip
                         new_rows += measurement_rows(
                             mask,
@@ -460,6 +520,19 @@ def segment_scan(
         bar.refresh()
     rows += new_rows
     return target, calibration
+
+
+def _png_bytes(mask: Any) -> bytes:
+    """``(H, W) uint8`` mask as PNG bytes carrying the :data:`MASK_SOFTWARE` text chunk."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", MASK_SOFTWARE)
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def _tiff_resolution(spacing: tuple[float, float] | None) -> dict:
