@@ -116,7 +116,10 @@ def ramanujan_circumference(a: float, b: float) -> float:
 
 
 def measure_mask(
-    mask: np.ndarray, spacing_mm: Sequence[float] | None = None, min_pixels: int = 5
+    mask: np.ndarray,
+    spacing_mm: Sequence[float] | None = None,
+    min_pixels: int = 5,
+    with_iou: bool = True,
 ) -> dict:
     """Per-object measurements of a label map ``(H, W)`` (any non-zero value is foreground).
 
@@ -127,7 +130,8 @@ def measure_mask(
     ``circumference`` (Ramanujan on the fitted ellipse), ``ellipse_iou`` (overlap of that
     filled ellipse with the object: how far the circumference can be trusted),
     ``centroid_y`` / ``centroid_x`` (px) and ``n_pixels``. ``spacing_mm`` is ``(dy, dx)``;
-    without it everything is in pixels.
+    without it everything is in pixels. ``with_iou=False`` skips ``ellipse_iou`` (NaN; it does
+    not depend on the unit, so a second, calibrated pass need not compute it again).
     """
     import cv2
 
@@ -145,7 +149,7 @@ def measure_mask(
             npx = int(stats[i, cv2.CC_STAT_AREA])
             if npx < min_pixels:
                 continue
-            obj = _measure_object(comp == i, dy, dx)
+            obj = _measure_object(comp == i, dy, dx, with_iou)
             obj.update(
                 label=int(value),
                 n_pixels=npx,
@@ -158,7 +162,7 @@ def measure_mask(
     return {"unit": unit, "total_area": float(sum(o["area"] for o in objects)), "objects": objects}
 
 
-def _measure_object(obj: np.ndarray, dy: float, dx: float) -> dict:
+def _measure_object(obj: np.ndarray, dy: float, dx: float, with_iou: bool = True) -> dict:
     """Max diameter and ellipse fit of one binary object, contour scaled by ``(dy, dx)``."""
     import cv2
 
@@ -189,7 +193,9 @@ def _measure_object(obj: np.ndarray, dy: float, dx: float) -> dict:
         ellipse_major=float(major),
         ellipse_minor=float(minor),
         circumference=ramanujan_circumference(major / 2, minor / 2),
-        ellipse_iou=_ellipse_iou(obj, dy, dx, centre, major, minor, angle),
+        ellipse_iou=(
+            _ellipse_iou(obj, dy, dx, centre, major, minor, angle) if with_iou else float("nan")
+        ),
     )
     return out
 
@@ -355,7 +361,11 @@ def measurement_rows(
         "note": note,
     }
     px = measure_mask(mask, None, min_pixels)["objects"]
-    mm = measure_mask(mask, (dy, dx), min_pixels)["objects"] if unit == "mm" else [None] * len(px)
+    mm = (
+        measure_mask(mask, (dy, dx), min_pixels, with_iou=False)["objects"]
+        if unit == "mm"
+        else [None] * len(px)
+    )
     if not px:
         empty = {"object": "", "label": "", "area_px2": 0}
         return [{**base, **empty, **({"area_mm2": 0.0} if unit == "mm" else {})}]
