@@ -19,8 +19,9 @@ Sections (each one's failure is recorded in the JSON, the others still run):
    8×96² views; ``--pretrain-batch`` images, 32 per GPU in the paper) under bf16 autocast,
    built with the package's own config and method factory: s/step, images/s, peak memory.
 
-Without CUDA it checks the CPU parts it can (the ``numba`` backend against the reference on a
-small shape) and writes ``{"cuda": false, ...}``, exiting 0 within seconds.
+Without CUDA it checks the CPU parts it can (the ``numba`` and ``c`` backends against the
+reference on small shapes; ``c`` hands N > 1 to ``numba``) and writes ``{"cuda": false,
+...}``, exiting 0 within seconds.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def check_scan(device: str, cases: list[tuple[int, ...]]) -> list[dict]:
     """Each case on each backend usable for ``device`` against the float64 CPU reference."""
     backends = ["torch"] + (["cuda"] if "cuda" in available_backends() else [])
     if device == "cpu":
-        backends = [b for b in available_backends() if b in ("torch", "numba")]
+        backends = [b for b in available_backends() if b in ("torch", "numba", "c")]
     rows = []
     for b, d, n, length, groups in cases:
         inputs = scan_inputs(b, d, n, length, groups)
