@@ -327,11 +327,12 @@ def _check_masks_are_ours(out_dir: Path, stems: list[str]) -> None:
         for path in (out_dir / f"{stem}_mask.png", out_dir / f"{stem}_mask.tif"):
             if not path.exists() and not path.is_symlink():
                 continue
-            if path.is_file() and not path.is_symlink() and _mask_is_marked(path):
+            regular = path.is_file() and not path.is_symlink()  # a link is never replaced
+            if regular and _mask_is_marked(path):
                 continue
             if listed is None:
                 listed = _stems_in_csv(out_dir / "measurements.csv")
-            if path.is_file() and not path.is_symlink() and stem in listed:
+            if regular and stem in listed:
                 continue
             foreign.append(path)
     if foreign:

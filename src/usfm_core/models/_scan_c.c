@@ -85,6 +85,14 @@ static inline double log1p_unit_f64(double e) {
     for (int k = 15; k >= 0; --k) p = p * s2 + 1.0 / (2 * k + 1);
     return 2.0 * s * p;
 }
+/* Whether this build runs its parallel split on OpenMP threads (else one thread). */
+int usfm_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 #endif /* USFM_SCAN_COMMON */
 
 /* Δ = softplus(x) (torch's threshold 20) and its slope sigmoid(x), from one exp. */

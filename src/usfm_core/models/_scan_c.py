@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["c_scan", "status", "supports"]
+__all__ = ["backward_parts", "c_scan", "status"]
 
 _SOURCE = Path(__file__).with_name("_scan_c.c")
 _FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
@@ -90,10 +90,9 @@ def _cache_dir() -> Path:
     return base / "usfm-core" / "cscan"
 
 
-def _build(cc: str, source: str, target: Path) -> bool:
+def _build(cc: str, source: str, target: Path) -> None:
     """Compile ``source`` into ``target`` atomically (a temporary file renamed into place):
-    with OpenMP if the compiler has it, else without (the split then runs serially).
-    Returns whether OpenMP was used."""
+    with OpenMP if the compiler has it, else without (the split then runs serially)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".usfm-tmp-cscan-", dir=target.parent) as tmp:
         src = Path(tmp) / "scan.c"
@@ -107,18 +106,9 @@ def _build(cc: str, source: str, target: Path) -> bool:
             )  # fmt: skip
             if proc.returncode == 0 and out.exists():
                 os.replace(out, target)
-                return "-fopenmp" in extra
+                return
             msg = (proc.stderr or proc.stdout).strip().splitlines() or [str(proc.returncode)]
         raise OSError(f"{Path(cc).name} failed: {' | '.join(msg[-3:])}")
-
-
-def _uses_openmp(lib_path: Path) -> bool:
-    """Whether the built library links an OpenMP runtime (read from its dynamic section)."""
-    try:
-        data = lib_path.read_bytes()
-    except OSError:
-        return False
-    return b"libgomp" in data or b"libomp" in data
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -131,6 +121,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"usfm_bwd_par_{sfx}")
         bwd.argtypes = [p] * 7 + [i32, i64, i64, i64, i64, i64] + [p] * 12 + [i64, i32]
         bwd.restype = None
+    lib.usfm_openmp.argtypes = []
+    lib.usfm_openmp.restype = i32
 
 
 @lru_cache(maxsize=1)
@@ -162,7 +154,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         _declare(lib)
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         return None, f"C scan kernel unavailable ({exc})"
-    threads = "OpenMP threads" if _uses_openmp(target) else "one thread: no OpenMP"
+    threads = "OpenMP threads" if lib.usfm_openmp() else "one thread: no OpenMP"
     return lib, f"compiled with {Path(cc).name} ({' '.join(version) or '?'}; {threads})"
 
 
@@ -170,11 +162,6 @@ def status() -> tuple[bool, str]:
     """Whether the compiled kernel is usable in this process, and why not / how it was built."""
     lib, why = _load()
     return lib is not None, why
-
-
-def supports(n_state: int, has_z: bool, dtype: torch.dtype) -> bool:
-    """Whether this kernel handles a call (one state, no gate, float32/float64)."""
-    return n_state == 1 and not has_z and dtype in _CTYPES
 
 
 # --------------------------------------------------------------------------- glue
@@ -186,8 +173,9 @@ def _ptr(t: Tensor | None) -> int | None:  # None is NULL
     return None if t is None else t.data_ptr()
 
 
-def _parts(bsz: int, groups: int, dg: int, threads: int) -> int:
-    """Channel blocks per ``(b, g)`` in the backward: ≥ 2 tasks per thread when possible."""
+def backward_parts(bsz: int, groups: int, dg: int, threads: int) -> int:
+    """Channel blocks per ``(b, g)`` in the backward of this and the numba kernel: ≥ 2 tasks
+    per thread when possible."""
     return max(1, min(dg, -(-2 * threads // (bsz * groups))))
 
 
@@ -242,7 +230,7 @@ class _CScan(torch.autograd.Function):
             else torch.zeros(bsz, dim, **f64)
         )
         threads = _threads()
-        parts = _parts(bsz, groups, dim // groups, threads)
+        parts = backward_parts(bsz, groups, dim // groups, threads)
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
         gA = torch.empty(bsz, dim, **f64)
         gD = torch.empty(bsz, dim, **f64)

@@ -71,6 +71,8 @@ from numba.extending import intrinsic, overload  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
+from usfm_core.models._scan_c import backward_parts  # noqa: E402  (no numba/compiler needed)
+
 __all__ = ["CHUNK", "numba_scan", "set_threads_from_torch", "unusable_after_fork"]
 
 #: Steps per chunk: border states stored every CHUNK steps; per-chunk buffers stay in L1.
@@ -522,11 +524,6 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _parts(bsz: int, groups: int, dg: int, threads: int) -> int:
-    """Channel blocks per ``(b, g)`` in the backward: ≥ 2 tasks per thread when possible."""
-    return max(1, min(dg, -(-2 * threads // (bsz * groups))))
-
-
 class _NumbaScan(torch.autograd.Function):
     """``(u, delta, A, B, C, D, z, delta_bias) -> (y, last)``; B, C 4-D; flags: softplus, and
     whether a backward will follow (then ``N = 1`` keeps Δ, its slope and the states)."""
@@ -571,7 +568,7 @@ class _NumbaScan(torch.autograd.Function):
         gy = grad_y if grad_y is not None else u.new_zeros(u.shape)
         gl = grad_last if grad_last is not None else u.new_zeros(bsz, dim, n)
         threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        parts = _parts(bsz, groups, dim // groups, threads)
+        parts = backward_parts(bsz, groups, dim // groups, threads)
         gu, gdelta = torch.empty_like(u), torch.empty_like(u)
         gz = torch.empty_like(u) if has_z else u.new_empty(1, 1, 1)
         f64 = dict(dtype=torch.float64)

@@ -23,8 +23,8 @@ Backends:
   processes start in a few seconds.
 * ``"c"``: a fused kernel in plain C for one state and no gate (``N = 1``, ``z`` absent: every
   model of this toolkit), compiled on first use with the machine's C compiler and cached
-  (:mod:`usfm_core.models._scan_c`); about 1.5-2× the numba kernel because everything but the
-  two one-FMA recurrences is vectorised along time.  Calls it does not handle (``N > 1``, a
+  (:mod:`usfm_core.models._scan_c`); 1.3-1.7× the numba kernel's speed because everything but
+  the two one-FMA recurrences is vectorised along time.  Calls it does not handle (``N > 1``, a
   ``z`` gate) go to ``numba`` (else ``torch``).
 * ``"cuda"``: mamba-ssm's fused kernel, only for CUDA tensors when ``mamba_ssm`` imports.
 
@@ -373,21 +373,16 @@ def selective_scan(
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
 
     with torch.autocast(device_type=u.device.type, enabled=False):
-        if name == "c":  # fused: bias, softplus and D inside the kernel (N = 1, no gate)
-            from usfm_core.models._scan_c import c_scan
+        if name in ("c", "numba"):  # fused: bias, softplus, D (and z for numba) inside
+            if name == "c":  # N = 1 and no gate (resolve_backend)
+                from usfm_core.models._scan_c import c_scan as fused
+            else:
+                from usfm_core.models._scan_numba import numba_scan as fused
 
-            cast = [None if t is None else t.to(work) for t in (u, delta, A, B, C, D)]
+            gate = () if name == "c" else (z,)
+            cast = [None if t is None else t.to(work) for t in (u, delta, A, B, C, D, *gate)]
             bias = None if delta_bias is None else delta_bias.to(work)
-            out = c_scan(*cast, bias, delta_softplus, return_last_state)
-            y, last = out if return_last_state else (out, None)
-            y = y.to(out_dtype)
-            return (y, last) if return_last_state else y
-        if name == "numba":  # fused: bias, softplus, D and z inside the kernel
-            from usfm_core.models._scan_numba import numba_scan
-
-            cast = [None if t is None else t.to(work) for t in (u, delta, A, B, C, D, z)]
-            bias = None if delta_bias is None else delta_bias.to(work)
-            out = numba_scan(*cast, bias, delta_softplus, return_last_state)
+            out = fused(*cast, bias, delta_softplus, return_last_state)
             y, last = out if return_last_state else (out, None)
             y = y.to(out_dtype)
             return (y, last) if return_last_state else y
