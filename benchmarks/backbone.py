@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import usfm_core.models.scan as scan_module
+import usfm_core.models.vmamba as vmamba_module
 from usfm_core.models.vmamba import VMamba, VMambaConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "backbone.json"
@@ -65,7 +66,9 @@ def forward_breakdown(model: VMamba, x: torch.Tensor, repeats: int) -> dict[str,
             spent[kind] += time.perf_counter() - starts.pop(id(mod))
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    original = scan_module.selective_scan
+    # SS2D calls cross_selective_scan: the 4-direction scan with cross-scan and cross-merge
+    # (fused in one kernel with the c backend, three steps otherwise), timed as "scan".
+    original = vmamba_module.cross_selective_scan
 
     def timed_scan(*args, **kwargs):
         start = time.perf_counter()
@@ -73,7 +76,7 @@ def forward_breakdown(model: VMamba, x: torch.Tensor, repeats: int) -> dict[str,
         spent["scan"] += time.perf_counter() - start
         return out
 
-    scan_module.selective_scan = timed_scan
+    vmamba_module.cross_selective_scan = timed_scan
     try:
         with torch.inference_mode():
             model(x)  # warm-up, not counted
@@ -83,7 +86,7 @@ def forward_breakdown(model: VMamba, x: torch.Tensor, repeats: int) -> dict[str,
                 model(x)
             total = (time.perf_counter() - start) / repeats
     finally:
-        scan_module.selective_scan = original
+        vmamba_module.cross_selective_scan = original
         for h in handles:
             h.remove()
     out = {k: v / repeats for k, v in spent.items()}
@@ -106,7 +109,9 @@ def bench_preset(
     torch.manual_seed(0)
     model = VMamba(VMambaConfig.preset(name))
     params = sum(p.numel() for p in model.parameters())
-    scan_module.set_default_backend(backend)
+    # "c-unfused": the C scan kernel without the fused cross-scan / cross-merge
+    scan_module.FUSE_CROSS_SCAN = backend != "c-unfused"
+    scan_module.set_default_backend("c" if backend == "c-unfused" else backend)
     if threads:
         torch.set_num_threads(threads)
     rows = []
@@ -118,7 +123,9 @@ def bench_preset(
             fwd = median_time(lambda x=x: model(x), repeats)
         row = {
             "preset": name,
-            "scan_backend": scan_module.resolve_backend("auto", "cpu"),
+            "scan_backend": (
+                backend if backend == "c-unfused" else scan_module.resolve_backend("auto", "cpu")
+            ),
             "threads": torch.get_num_threads(),
             "load_1min": round(load, 2),
             "params_m": round(params / 1e6, 2),
@@ -161,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, nargs="+", default=[0], help="torch threads (0: as started)"
     )
     parser.add_argument(
-        "--backends", nargs="+", default=["auto"], help="scan backends (auto, numba, torch)"
+        "--backends",
+        nargs="+",
+        default=["auto"],
+        help="scan backends (auto, c, c-unfused, numba, torch)",
     )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the time breakdown")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
@@ -189,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     finally:
         scan_module.set_default_backend(None)
+        scan_module.FUSE_CROSS_SCAN = True
     print("\nforward time per 224² image, batch 1 (s):")
     for name, parts in breakdowns.items():
         text = ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))

@@ -34,10 +34,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pretrain.json"
 
 @contextlib.contextmanager
 def _scan_timer(acc: list[float]):
-    """Accumulate the wall time spent inside ``selective_scan`` (forward calls)."""
-    import usfm_core.models.scan as scan
+    """Accumulate the wall time spent inside SS2D's ``cross_selective_scan`` (forward calls:
+    the 4-direction scan with its cross-scan and cross-merge)."""
+    import usfm_core.models.vmamba as vmamba
 
-    original = scan.selective_scan
+    original = vmamba.cross_selective_scan
 
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
@@ -45,11 +46,11 @@ def _scan_timer(acc: list[float]):
         acc[0] += time.perf_counter() - t0
         return out
 
-    scan.selective_scan = timed
+    vmamba.cross_selective_scan = timed
     try:
         yield
     finally:
-        scan.selective_scan = original
+        vmamba.cross_selective_scan = original
 
 
 def _batch(cfg, batch_size: int) -> dict[str, torch.Tensor]:
@@ -146,7 +147,10 @@ def bench(
     with selective-scan backend ``backend``."""
     import usfm_core.models.scan as scan
 
-    scan.set_default_backend(backend)
+    # "c-unfused": the C kernel without the fused cross-scan / cross-merge (as before
+    # 2026-12-01)
+    scan.FUSE_CROSS_SCAN = backend != "c-unfused"
+    scan.set_default_backend("c" if backend == "c-unfused" else backend)
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     cfg = preset(name)
@@ -156,7 +160,7 @@ def bench(
     v = cfg.views
     return {
         "preset": name,
-        "scan_backend": scan.resolve_backend("auto", "cpu"),
+        "scan_backend": backend if backend == "c-unfused" else scan.resolve_backend("auto", "cpu"),
         "load_1min": round(load, 2),
         "batch": bs,
         "views": f"{v.n_global}x{v.global_size}² + {v.n_local}x{v.local_size}²",
@@ -196,7 +200,10 @@ def main() -> None:
     parser.add_argument("--method-preset", default="tiny")
     parser.add_argument("--method-batch", type=int, default=8)
     parser.add_argument(
-        "--backends", nargs="+", default=["auto"], help="scan backends to time (auto, numba, torch)"
+        "--backends",
+        nargs="+",
+        default=["auto"],
+        help="scan backends to time (auto, c, c-unfused, numba, torch)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -225,6 +232,9 @@ def main() -> None:
             # openus-s (VMamba-S at 224²) only with batch 2: its per-process batch 32 is
             # GPU-sized.
             rows.append(bench(name, 2 if name == "openus-s" else 4, args.steps, backend))
+        import usfm_core.models.scan as scan
+
+        scan.FUSE_CROSS_SCAN = True
         _speedups(rows, name)
         _print_table(rows)
         # Written after every preset so a long openus-s run does not lose the others.

@@ -104,14 +104,33 @@ def _call(name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
     return selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=True, backend=backend)
 
 
-def _runner(name: str, inputs: list[torch.Tensor], backward: bool) -> Callable[[], None]:
-    """A closure running one implementation forward (no grad) or forward+backward."""
+def upstream_gradient(inputs: list[torch.Tensor], kind: str) -> torch.Tensor | None:
+    """The gradient fed into the scan's output in fwd+bwd timings: ``"dense"`` a fixed random
+    ``(B, D, L)`` tensor (what a model's backward delivers: contiguous and dense), ``"sum"``
+    ``None``, i.e. ``y.sum().backward()`` (a broadcast scalar that the fused kernels must first
+    materialise; the convention of this benchmark before 2026-12-01)."""
+    if kind == "sum":
+        return None
+    u = inputs[0]
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(u.shape, generator=gen, dtype=u.dtype)
+
+
+def _runner(
+    name: str, inputs: list[torch.Tensor], backward: bool, grad: torch.Tensor | None = None
+) -> Callable[[], None]:
+    """A closure running one implementation forward (no grad) or forward+backward (upstream
+    gradient ``grad``, or ``y.sum()`` when ``None``)."""
 
     def run() -> None:
         if backward:
             for t in inputs:
                 t.grad = None
-            _call(name, inputs).sum().backward()
+            y = _call(name, inputs)
+            if grad is None:
+                y.sum().backward()
+            else:
+                y.backward(grad)
         else:
             with torch.no_grad():
                 _call(name, inputs)
@@ -119,12 +138,16 @@ def _runner(name: str, inputs: list[torch.Tensor], backward: bool) -> Callable[[
     return run
 
 
-def bench_case(impls: list[str], inputs: list[torch.Tensor], repeat: int) -> dict[str, dict]:
+def bench_case(
+    impls: list[str], inputs: list[torch.Tensor], repeat: int, grad: str = "dense"
+) -> dict[str, dict]:
     """Timings of each implementation; repeats are interleaved (round-robin) so that load from
-    other jobs on the machine hits every implementation alike."""
+    other jobs on the machine hits every implementation alike. ``grad``: see
+    :func:`upstream_gradient` (the same for every implementation)."""
     out: dict[str, dict] = {name: {} for name in impls}
+    upstream = upstream_gradient(inputs, grad)
     for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-        runs = {name: _runner(name, inputs, backward) for name in impls}
+        runs = {name: _runner(name, inputs, backward, upstream) for name in impls}
         walls: dict[str, list[float]] = {name: [] for name in impls}
         cpus: dict[str, list[float]] = {name: [] for name in impls}
         for fn in runs.values():  # warm-up
@@ -212,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         "--impls", nargs="+", default=["loop-index", "loop-unbind", "torch", "numba", "c"]
     )
     parser.add_argument(
+        "--grad",
+        choices=["dense", "sum"],
+        default="dense",
+        help="upstream gradient of fwd+bwd: a dense random tensor (as in a model) or y.sum()",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="keep glibc's default allocator settings (see scan.tune_cpu_allocator)",
@@ -227,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes += [(f"stage{st}", 1, d, n, length, GROUPS) for n in (1, 16)
                    for st, length, d in sorted(STAGES, key=lambda s: s[1])]  # fmt: skip
     neighbours = [False, True] if args.neighbour and not args.quick else [False]
-    print(f"malloc tuning: {'on' if tuned else 'off'}; {uptime()}")
+    print(f"malloc tuning: {'on' if tuned else 'off'}; upstream gradient: {args.grad}; {uptime()}")
     if "numba" in args.impls:  # compile (or load the cache) before timing
         t0 = time.perf_counter()
         _call("numba", make_inputs(1, 4, 1, 8))
@@ -254,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                            "threads": threads, "neighbour": neighbour,
                            "loadavg_before": load, "policy_threads": pick_threads()}  # fmt: skip
                     row.update({"loop-index": None, "c": None,
-                                **bench_case(impls, inputs, repeat)})
+                                **bench_case(impls, inputs, repeat, args.grad)})
                     row["uptime_after"] = uptime()
                 row["worst_rel_error"] = errors
                 _ratios(row)
@@ -271,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "repeat": repeat,
         "malloc_tuned": tuned,
+        "upstream_gradient": args.grad,
         "uptime_end": uptime(),
         "rows": rows,
     }

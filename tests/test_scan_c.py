@@ -93,7 +93,7 @@ def test_c_matches_torch_backend_in_vmamba_and_attention_readout():
     model = VMamba(VMambaConfig.preset("tiny")).eval()
     x = torch.randn(1, 3, 64, 64)
     calls = []
-    real = _scan_c.c_scan
+    real = _scan_c.c_cross_scan
 
     def spy(*args, **kwargs):
         calls.append(1)
@@ -105,7 +105,7 @@ def test_c_matches_torch_backend_in_vmamba_and_attention_readout():
             set_default_backend(backend)
             model.zero_grad(set_to_none=True)
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(_scan_c, "c_scan", spy)
+                mp.setattr(_scan_c, "c_cross_scan", spy)
                 res = model(x, return_attention=True)
             res.tokens.square().mean().backward()
             out[backend] = (res.tokens.detach(), res.importance.detach())
@@ -113,7 +113,7 @@ def test_c_matches_torch_backend_in_vmamba_and_attention_readout():
             maps[backend] = model_attention(model, x)
     finally:
         set_default_backend(None)
-    assert calls, "auto did not use the C kernel for VMamba's N = 1 scan"
+    assert calls, "auto did not use the fused C kernel for VMamba's N = 1 scan"
     for a, b in zip(out["torch"], out["auto"], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     for a, b in zip(maps["torch"], maps["auto"], strict=True):
@@ -241,3 +241,122 @@ def test_forked_child_keeps_the_c_kernel():
     assert proc.exitcode == 0
     backend, err = queue.get(timeout=5)
     assert backend == "c" and err < 1e-5
+
+
+# ------------------------------------------------------------------ fused SS2D (cross scan)
+# (b, d, h, w, D, bias, softplus): L = h·w across the 256-step chunk border, non-square maps
+CROSS_CASES = [
+    (1, 3, 4, 5, True, True, True),
+    (2, 5, 7, 3, True, True, True),  # H > W
+    (1, 2, 1, 9, False, False, True),  # one row: the column-major order is the row-major one
+    (2, 3, 17, 19, True, False, True),  # L = 323: two chunks
+    (1, 4, 16, 16, True, True, False),  # no softplus, exactly one chunk
+    (1, 2, 23, 25, False, True, True),  # L = 575: three chunks
+]
+
+
+def _cross_inputs(b, d, h, w, dtype, seed=0, softplus=True):
+    gen = torch.Generator().manual_seed(seed)
+    length = h * w
+
+    def rnd(*shape, scale=1.0):  # drawn in float64: the same values for every dtype
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        return t.to(dtype).requires_grad_()
+
+    x = rnd(b, d, h, w)
+    delta = rnd(b, 4, d, length)
+    if not softplus:  # raw Δ must be positive, or the state grows without bound
+        delta = (delta.detach().abs() * 0.2).requires_grad_()
+    a = -(torch.rand(4 * d, 1, generator=gen, dtype=torch.float64) * 2 + 0.1)
+    A = a.to(dtype).requires_grad_()
+    B, C = rnd(b, 4, 1, length), rnd(b, 4, 1, length)
+    D, bias = rnd(4 * d), rnd(4 * d, scale=0.5)
+    if not softplus:
+        bias = (bias.detach().abs() * 0.2).requires_grad_()
+    return x, delta, A, B, C, D, bias
+
+
+def _cross_run(inputs, backend, use_d, use_bias, softplus, grad_seed=1):
+    x, delta, A, B, C, D, bias = inputs
+    for t in inputs:
+        t.grad = None
+    y = scan.cross_selective_scan(
+        x, delta, A, B, C, D=D if use_d else None, delta_bias=bias if use_bias else None,
+        delta_softplus=softplus, backend=backend,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(grad_seed)
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    y.backward(g)
+    used = [t for t, on in zip(inputs, (1, 1, 1, 1, 1, use_d, use_bias), strict=True) if on]
+    return [y.detach().clone()] + [t.grad.clone() for t in used]
+
+
+@pytest.mark.parametrize("case", CROSS_CASES, ids=lambda c: "b{}d{}h{}w{}".format(*c[:4]))
+def test_fused_cross_scan_matches_cross_scan_scan_merge(case):
+    """The fused kernel equals cross_scan → selective_scan → cross_merge (float64 loop
+    reference): output and the gradients of x, delta, A, B, C, D, bias; float64 to 1e-12,
+    float32 to 1e-5 of the largest value."""
+    b, d, h, w, use_d, use_bias, softplus = case
+    def inputs(dtype):
+        return _cross_inputs(b, d, h, w, dtype, softplus=softplus)
+
+    ref = _cross_run(inputs(torch.float64), "reference", use_d, use_bias, softplus)
+    got64 = _cross_run(inputs(torch.float64), "c", use_d, use_bias, softplus)
+    got32 = _cross_run(inputs(torch.float32), "c", use_d, use_bias, softplus)
+    names = ["y", "x", "delta", "A", "B", "C"] + ["D"] * use_d + ["bias"] * use_bias
+    for name, r, g64, g32 in zip(names, ref, got64, got32, strict=True):
+        assert g64.shape == r.shape, name
+        scale = r.abs().max().clamp_min(1e-30)
+        assert float((g64 - r).abs().max() / scale) < 1e-12, name
+        assert float((g32.double() - r).abs().max() / scale) < 1e-5, name
+
+
+def test_fused_cross_scan_gradcheck():
+    """``torch.autograd.gradcheck`` of the fused kernel in float64 (two chunks, B = 2)."""
+    x, delta, A, B, C, D, bias = _cross_inputs(2, 2, 13, 21, torch.float64, seed=3)
+
+    def f(x, delta, A, B, C, D, bias):
+        return scan.cross_selective_scan(
+            x, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True, backend="c"
+        )
+
+    assert torch.autograd.gradcheck(f, (x, delta, A, B, C, D, bias), eps=1e-6, atol=1e-6)
+
+
+def test_direction_order_commutes_with_projection():
+    """Projecting the map then permuting (what SS2D does) equals projecting cross_scan's
+    permuted copies (what it did before): the identity the fused path rests on."""
+    gen = torch.Generator().manual_seed(0)
+    b, d, h, w, c = 2, 6, 5, 7, 3
+    x = torch.randn(b, d, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(4, c, d, generator=gen, dtype=torch.float64)
+    before = torch.einsum("bkdl,kcd->bkcl", scan.cross_scan(x), weight)
+    after = scan.to_direction_order(
+        torch.matmul(weight.reshape(4 * c, d), x.flatten(2)).view(b, 4, c, h * w), h, w
+    )
+    torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_cross_scan_threads_and_bad_shapes():
+    """Two threads give the one-thread result bit for bit apart from float sums; wrong shapes
+    are refused with the argument named."""
+    inputs = _cross_inputs(2, 8, 9, 11, torch.float32, seed=5)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _cross_run(inputs, "c", True, True, True)
+        torch.set_num_threads(2)
+        two = _cross_run(inputs, "c", True, True, True)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    x, delta, A, B, C, _, bias = (t.detach() for t in inputs)
+    with pytest.raises(ValueError, match="delta must be"):
+        scan.cross_selective_scan(x, delta[:, :3], A, B, C)
+    with pytest.raises(ValueError, match="B must be"):
+        scan.cross_selective_scan(x, delta, A, B[..., :-1], C)
+    with pytest.raises(ValueError, match="A must be"):
+        scan.cross_selective_scan(x, delta, A[:-1], B, C)
+    with pytest.raises(ValueError, match="delta_bias must be"):
+        scan.cross_selective_scan(x, delta, A, B, C, delta_bias=bias[:-1])

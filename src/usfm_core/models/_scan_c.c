@@ -16,13 +16,17 @@
  * two recurrences are single fused multiply-adds per step on a double state:
  *   forward   h_t = a_t h_{t-1} + w_t,            w_t = Δ_t u_t B_t
  *   backward  r_{t-1} = a_t r_t + a_t g_t C_t,    q_t = g_t C_t + r_t   (the adjoint of h_t)
- * States, adjoints and every reduction are double; element-wise products are double too, so
- * gradients match the float64 reference to float32 rounding of the inputs and outputs.
+ * The two recurrences carry a double state; element-wise products are REAL (8 float lanes).
+ * In the backward, sums run in REAL over at most one chunk (CHUNK steps, or the ROWS channels
+ * of one block for ∂B, ∂C) and are then added into double accumulators: cheaper than
+ * converting every term to double (2026-12-01: the backward -15 %), and float32 gradients stay
+ * within 1e-5 of the float64 reference on the tested shapes (tests/test_scan_c.py).
  */
 
 #ifndef USFM_SCAN_COMMON
 #define USFM_SCAN_COMMON
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef long long i64;
@@ -207,13 +211,12 @@ void usfm_fwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* B
 static inline void bwd_prep_SFX(const REAL* xc, const REAL* gyc, const REAL* cc, REAL ad,
                                 REAL bd, int softplus, const REAL* dts, const REAL* sgs, int tl,
                                 REAL* dtb, REAL* sgb, REAL* ab, REAL* gcb, REAL* wb) {
-    if (softplus && dts) {  /* Δ and its slope kept by the forward */
-        memcpy(sgb, sgs, (size_t)tl * sizeof(REAL));
+    if (softplus && dts) {  /* Δ and its slope kept by the forward: read in place */
+        (void)sgs; (void)dtb; (void)sgb;
 #pragma omp simd
         for (int i = 0; i < tl; ++i) {
-            REAL dt = dts[i];
-            REAL a = exp_SFX(dt * ad), gc = gyc[i] * cc[i];
-            dtb[i] = dt; ab[i] = a; gcb[i] = gc; wb[i] = a * gc;
+            REAL a = exp_SFX(dts[i] * ad), gc = gyc[i] * cc[i];
+            ab[i] = a; gcb[i] = gc; wb[i] = a * gc;
         }
     } else if (softplus) {
 #pragma omp simd
@@ -244,7 +247,7 @@ void usfm_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* B
                   double* gbias, double* gBp, double* gCp, i64 lo, i64 hi) {
     REAL dtb[ROWS][CHUNK], sgb[ROWS][CHUNK], ab[ROWS][CHUNK], gcb[ROWS][CHUNK],
         wb[ROWS][CHUNK], hp[CHUNK];
-    double rb[ROWS][CHUNK];
+    REAL rb[ROWS][CHUNK];  /* adjoints, rounded: read back only element-wise */
     const i64 dg = dim / groups;
     const i64 nc = (len + CHUNK - 1) / CHUNK;
     for (i64 task = lo; task < hi; ++task) {
@@ -277,7 +280,7 @@ void usfm_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* B
                     for (int i = tl - 1; i >= 0; --i) {  /* ROWS adjoint recurrences */
 #pragma GCC unroll 4
                         for (int j = 0; j < ROWS; ++j) {
-                            rb[j][i] = r[j];
+                            rb[j][i] = (REAL)r[j];
                             r[j] = (double)ab[j][i] * r[j] + (double)wb[j][i];
                         }
                     }
@@ -285,42 +288,57 @@ void usfm_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* B
                     for (int j = 0; j < nr; ++j) {
                         double rj = r[j];
                         for (int i = tl - 1; i >= 0; --i) {
-                            rb[j][i] = rj;
+                            rb[j][i] = (REAL)rj;
                             rj = (double)ab[j][i] * rj + (double)wb[j][i];
                         }
                         r[j] = rj;
                     }
                 }
+                REAL gcf[CHUNK], gbf[CHUNK];  /* this block's ∂C, ∂B, summed over its rows */
+                memset(gcf, 0, sizeof gcf); memset(gbf, 0, sizeof gbf);
                 for (int j = 0; j < nr; ++j) {
                     const i64 d = d0 + j, row = b * dim + d;
                     const REAL *uc = u + row * len + t0, *gyc = gy + row * len + t0;
                     const REAL* hc = hs + row * len + t0;
                     REAL *guc = gu + row * len + t0, *gdc = gdelta + row * len + t0;
-                    const REAL *dtj = dtb[j], *sgj = sgb[j], *aj = ab[j], *gcj = gcb[j];
-                    const double* rj = rb[j];
+                    const int kept = softplus && dts;
+                    const REAL *dtj = kept ? dts + row * len + t0 : dtb[j];
+                    const REAL *sgj = kept ? sgs + row * len + t0 : sgb[j];
+                    const REAL *aj = ab[j], *gcj = gcb[j];
+                    const REAL* rj = rb[j];
                     const REAL ad = A[d], dd = Dv[d];
-                    double ga = 0.0, gdd = 0.0, gbb = 0.0;
-                    hp[0] = t0 > 0 ? hc[-1] : (REAL)0;  /* h_{t-1} */
-                    memcpy(hp + 1, hc, (size_t)(tl - 1) * sizeof(REAL));
+                    REAL ga = 0, gdd = 0, gbb = 0;  /* one chunk's sums (≤ CHUNK terms) */
+                    /* h_{t-1}: read in place, except in the first chunk (h_{-1} = 0) */
+                    const REAL* hprev = hc - 1;
+                    if (t0 == 0) {
+                        hp[0] = (REAL)0;
+                        memcpy(hp + 1, hc, (size_t)(tl - 1) * sizeof(REAL));
+                        hprev = hp;
+                    }
 #pragma omp simd reduction(+ : ga, gdd, gbb)
                     for (int i = 0; i < tl; ++i) {
-                        /* element-wise products in REAL (8 float lanes), sums in double */
-                        const REAL q = (REAL)((double)gcj[i] + rj[i]);
+                        /* REAL products and one chunk's REAL sums (see the header) */
+                        const REAL q = gcj[i] + rj[i];
                         const REAL gyv = gyc[i], uu = uc[i], dt = dtj[i];
                         const REAL su = q * bc[i];
-                        const REAL gla = q * aj[i] * hp[i];
-                        gcr[t0 + i] += (double)(gyv * hc[i]);
-                        gbr[t0 + i] += (double)(q * dt * uu);
-                        ga += (double)(gla * dt);
+                        const REAL gla = q * aj[i] * hprev[i];
+                        gcf[i] += gyv * hc[i];
+                        gbf[i] += q * dt * uu;
+                        ga += gla * dt;
                         guc[i] = gyv * dd + su * dt;
                         const REAL graw = (gla * ad + su * uu) * sgj[i];
                         gdc[i] = graw;
-                        gbb += (double)graw;
-                        gdd += (double)(gyv * uu);
+                        gbb += graw;
+                        gdd += gyv * uu;
                     }
-                    ga_acc[j] += ga;
-                    gd_acc[j] += gdd;
-                    gb_acc[j] += gbb;
+                    ga_acc[j] += (double)ga;
+                    gd_acc[j] += (double)gdd;
+                    gb_acc[j] += (double)gbb;
+                }
+#pragma omp simd
+                for (int i = 0; i < tl; ++i) {
+                    gcr[t0 + i] += (double)gcf[i];
+                    gbr[t0 + i] += (double)gbf[i];
                 }
             }
             for (int j = 0; j < nr; ++j) {
@@ -370,4 +388,269 @@ void usfm_bwd_par_SFX(const REAL* u, const REAL* delta, const REAL* A, const REA
         usfm_bwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, bsz, dim, len, groups, parts, hs,
                      dts, sgs, gy, glast, gu, gdelta, gA, gD, gbias, gBp, gCp,
                      tasks * p / threads, tasks * (p + 1) / threads);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * SS2D: the four-direction scan of VMamba fused with its cross-scan and cross-merge.
+ *
+ * u and y are (B, D, L) maps in row-major order (L = H W); delta, hs, dts, sgs, gdelta are
+ * (B, 4, D, L) and Bm, Cm (B, 4, L) in each direction's own order; A, Dv, bias are (4 D,)
+ * (channel k D + d).  Direction k reads position pos_k(t) of the map at step t:
+ *   k = 0  row-major           pos = t
+ *   k = 1  column-major        t = w H + h  ->  pos = h W + w
+ *   k = 2, 3  k = 0, 1 reversed (t -> L - 1 - t)
+ * and y[pos] is the sum of the four directions' outputs there.  One block is the four
+ * directions of one channel: they run as the ROWS interleaved recurrences, gather u (and, in
+ * the backward, the output gradient) from the same row of the map, which stays in cache, and
+ * add their outputs (input gradients) into the same row, so no thread shares an output row and
+ * the (B, 4, D, L) copies of cross-scan and cross-merge are never made.
+ * ------------------------------------------------------------------------------------------ */
+
+/* The column-major directions read the map's transpose, made once per channel: then every
+ * direction reads (and adds into) a contiguous run, forwards or backwards, and vectorises. */
+static inline void transpose_SFX(const REAL* src, i64 H, i64 W, REAL* dst) {
+    for (i64 h = 0; h < H; ++h)  /* dst (W, H) = src (H, W)^T */
+        for (i64 w = 0; w < W; ++w) dst[w * H + h] = src[h * W + w];
+}
+
+static inline void add_transposed_SFX(REAL* dst, i64 H, i64 W, const REAL* src) {
+    for (i64 h = 0; h < H; ++h)  /* dst (H, W) += src (W, H)^T */
+        for (i64 w = 0; w < W; ++w) dst[h * W + w] += src[w * H + h];
+}
+
+/* Steps t0 .. t0 + tl - 1 of direction k as a contiguous run: row (row-major map) for k = 0,
+ * rowT (its transpose) for k = 1, and reversed copies of them in buf for k = 2, 3. */
+static inline const REAL* dir_run_SFX(const REAL* row, const REAL* rowT, int k, i64 t0, int tl,
+                                      i64 len, REAL* buf) {
+    if (k < 2) return (k == 0 ? row : rowT) + t0;
+    const REAL* src = (k == 2 ? row : rowT) + (len - 1 - t0);
+#pragma omp simd
+    for (int i = 0; i < tl; ++i) buf[i] = src[-i];
+    return buf;
+}
+
+/* The transpose of dir_run: add v into the positions direction k visits at t0 .. t0 + tl - 1
+ * (of row for k = 0, 2 and of rowT, the transposed accumulator, for k = 1, 3). */
+static inline void dir_add_SFX(REAL* row, REAL* rowT, int k, i64 t0, int tl, i64 len,
+                               const REAL* v) {
+    REAL* base = (k == 0 || k == 2) ? row : rowT;
+    if (k < 2) {
+        REAL* dst = base + t0;
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) dst[i] += v[i];
+    } else {
+        REAL* dst = base + (len - 1 - t0);
+#pragma omp simd
+        for (int i = 0; i < tl; ++i) dst[-i] += v[i];
+    }
+}
+
+/* Forward over map rows [lo, hi) of B*D: y (B, D, L) merged; hs, dts, sgs (B, 4, D, L) kept
+ * for the backward when hs is not NULL (dts, sgs only with softplus).  work: 2 L REALs. */
+static void ss2d_fwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                         const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus,
+                         i64 dim, i64 H, i64 W, REAL* y, REAL* hs, REAL* dts, REAL* sgs,
+                         i64 lo, i64 hi, REAL* work) {
+    REAL a[ROWS][CHUNK], w[ROWS][CHUNK], hb[ROWS][CHUNK], rev[ROWS][CHUNK], yb[CHUNK];
+    const i64 len = H * W;
+    REAL *uT = work, *yT = work + len;
+    const int keep = hs && softplus && dts && sgs;
+    for (i64 row = lo; row < hi; ++row) {
+        const i64 b = row / dim, d = row - b * dim;
+        const REAL* urow = u + row * len;
+        REAL* yrow = y + row * len;
+        memset(yrow, 0, (size_t)len * sizeof(REAL));
+        memset(yT, 0, (size_t)len * sizeof(REAL));
+        transpose_SFX(urow, H, W, uT);
+        const REAL *xr[ROWS], *br[ROWS], *cr[ROWS], *up[ROWS];
+        REAL *ho[ROWS], ad[ROWS], bd[ROWS], dd[ROWS];
+        i64 off[ROWS];
+        double h[ROWS];
+        for (int k = 0; k < ROWS; ++k) {
+            const i64 ch = k * dim + d;
+            off[k] = (b * ROWS * dim + ch) * len;
+            xr[k] = delta + off[k];
+            br[k] = Bm + (b * ROWS + k) * len; cr[k] = Cm + (b * ROWS + k) * len;
+            ad[k] = A[ch]; bd[k] = bias[ch]; dd[k] = Dv[ch]; h[k] = 0.0;
+        }
+        for (i64 t0 = 0; t0 < len; t0 += CHUNK) {
+            const int tl = len - t0 < CHUNK ? (int)(len - t0) : CHUNK;
+            for (int k = 0; k < ROWS; ++k) {
+                up[k] = dir_run_SFX(urow, uT, k, t0, tl, len, rev[k]);
+                fwd_prep_SFX(xr[k] + t0, up[k], br[k] + t0, ad[k], bd[k], softplus, tl, a[k],
+                             w[k], keep ? dts + off[k] + t0 : NULL,
+                             keep ? sgs + off[k] + t0 : NULL);
+                ho[k] = hs ? hs + off[k] + t0 : hb[k];
+            }
+            for (int i = 0; i < tl; ++i) {  /* the four directions' recurrences, interleaved */
+#pragma GCC unroll 4
+                for (int k = 0; k < ROWS; ++k) {
+                    h[k] = (double)a[k][i] * h[k] + (double)w[k][i];
+                    ho[k][i] = (REAL)h[k];
+                }
+            }
+            for (int k = 0; k < ROWS; ++k) {
+                const REAL *cc = cr[k] + t0, *uc = up[k], *hk = ho[k];
+                const REAL dk = dd[k];
+#pragma omp simd
+                for (int i = 0; i < tl; ++i) yb[i] = cc[i] * hk[i] + dk * uc[i];
+                dir_add_SFX(yrow, yT, k, t0, tl, len, yb);
+            }
+        }
+        add_transposed_SFX(yrow, H, W, yT);
+    }
+}
+
+/* Backward over tasks [lo, hi) of B*parts: task (b, p) walks channels p*D/parts ..
+ * (p+1)*D/parts - 1 of batch item b.  gu (B, D, L) merged, gdelta (B, 4, D, L); gA, gD, gbias
+ * (B, 4 D) float64 (the caller sums over B); gBp, gCp (parts, B, 4, L) float64 (the caller
+ * sums over parts).  work: 3 L REALs. */
+static void ss2d_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                         const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus,
+                         i64 bsz, i64 dim, i64 H, i64 W, i64 parts, const REAL* hs,
+                         const REAL* dts, const REAL* sgs, const REAL* gy, REAL* gu,
+                         REAL* gdelta, double* gA, double* gD, double* gbias, double* gBp,
+                         double* gCp, i64 lo, i64 hi, REAL* work) {
+    REAL dtb[ROWS][CHUNK], sgb[ROWS][CHUNK], ab[ROWS][CHUNK], gcb[ROWS][CHUNK],
+        wb[ROWS][CHUNK], rb[ROWS][CHUNK], grev[ROWS][CHUNK], urev[CHUNK], gub[CHUNK], hp[CHUNK];
+    const i64 len = H * W;
+    const i64 nc = (len + CHUNK - 1) / CHUNK;
+    const int kept = softplus && dts;
+    REAL *uT = work, *gyT = work + len, *guT = work + 2 * len;
+    for (i64 task = lo; task < hi; ++task) {
+        const i64 b = task / parts, p = task - b * parts;
+        const i64 d_lo = (p * dim) / parts, d_hi = ((p + 1) * dim) / parts;
+        for (i64 d = d_lo; d < d_hi; ++d) {
+            const i64 row = b * dim + d;
+            const REAL *urow = u + row * len, *gyrow = gy + row * len;
+            REAL* gurow = gu + row * len;
+            memset(gurow, 0, (size_t)len * sizeof(REAL));
+            memset(guT, 0, (size_t)len * sizeof(REAL));
+            transpose_SFX(urow, H, W, uT);
+            transpose_SFX(gyrow, H, W, gyT);
+            const REAL *br[ROWS], *cr[ROWS], *gyp[ROWS];
+            double *gbr[ROWS], *gcr[ROWS], r[ROWS], ga_acc[ROWS], gd_acc[ROWS], gb_acc[ROWS];
+            REAL ad[ROWS], bd[ROWS], dd[ROWS];
+            i64 off[ROWS];
+            for (int k = 0; k < ROWS; ++k) {
+                const i64 ch = k * dim + d;
+                off[k] = (b * ROWS * dim + ch) * len;
+                br[k] = Bm + (b * ROWS + k) * len; cr[k] = Cm + (b * ROWS + k) * len;
+                gbr[k] = gBp + ((p * bsz + b) * ROWS + k) * len;
+                gcr[k] = gCp + ((p * bsz + b) * ROWS + k) * len;
+                ad[k] = A[ch]; bd[k] = bias[ch]; dd[k] = Dv[ch];
+                r[k] = ga_acc[k] = gd_acc[k] = gb_acc[k] = 0.0;
+            }
+            for (i64 c = nc - 1; c >= 0; --c) {
+                const i64 t0 = c * CHUNK;
+                const int tl = len - t0 < CHUNK ? (int)(len - t0) : CHUNK;
+                for (int k = 0; k < ROWS; ++k) {
+                    gyp[k] = dir_run_SFX(gyrow, gyT, k, t0, tl, len, grev[k]);
+                    bwd_prep_SFX(delta + off[k] + t0, gyp[k], cr[k] + t0, ad[k], bd[k],
+                                 softplus, kept ? dts + off[k] + t0 : NULL,
+                                 kept ? sgs + off[k] + t0 : NULL, tl, dtb[k], sgb[k], ab[k],
+                                 gcb[k], wb[k]);
+                }
+                for (int i = tl - 1; i >= 0; --i) {  /* the four adjoint recurrences */
+#pragma GCC unroll 4
+                    for (int k = 0; k < ROWS; ++k) {
+                        rb[k][i] = (REAL)r[k];
+                        r[k] = (double)ab[k][i] * r[k] + (double)wb[k][i];
+                    }
+                }
+                for (int k = 0; k < ROWS; ++k) {
+                    const i64 o = off[k] + t0;
+                    const REAL *bc = br[k] + t0, *hc = hs + o, *gyc = gyp[k];
+                    const REAL *dtj = kept ? dts + o : dtb[k], *sgj = kept ? sgs + o : sgb[k];
+                    const REAL *aj = ab[k], *gcj = gcb[k], *rj = rb[k];
+                    const REAL* uc = dir_run_SFX(urow, uT, k, t0, tl, len, urev);
+                    REAL* gdc = gdelta + o;
+                    double *gbk = gbr[k] + t0, *gck = gcr[k] + t0;
+                    const REAL adk = ad[k], ddk = dd[k];
+                    REAL ga = 0, gdd = 0, gbb = 0;  /* one chunk's sums */
+                    const REAL* hprev = hc - 1;  /* h_{t-1}; h_{-1} = 0 */
+                    if (t0 == 0) {
+                        hp[0] = (REAL)0;
+                        memcpy(hp + 1, hc, (size_t)(tl - 1) * sizeof(REAL));
+                        hprev = hp;
+                    }
+#pragma omp simd reduction(+ : ga, gdd, gbb)
+                    for (int i = 0; i < tl; ++i) {
+                        const REAL q = gcj[i] + rj[i];
+                        const REAL gyv = gyc[i], uu = uc[i], dt = dtj[i];
+                        const REAL su = q * bc[i];
+                        const REAL gla = q * aj[i] * hprev[i];
+                        gck[i] += (double)(gyv * hc[i]);
+                        gbk[i] += (double)(q * dt * uu);
+                        ga += gla * dt;
+                        gub[i] = gyv * ddk + su * dt;
+                        const REAL graw = (gla * adk + su * uu) * sgj[i];
+                        gdc[i] = graw;
+                        gbb += graw;
+                        gdd += gyv * uu;
+                    }
+                    ga_acc[k] += (double)ga;
+                    gd_acc[k] += (double)gdd;
+                    gb_acc[k] += (double)gbb;
+                    dir_add_SFX(gurow, guT, k, t0, tl, len, gub);
+                }
+            }
+            add_transposed_SFX(gurow, H, W, guT);
+            for (int k = 0; k < ROWS; ++k) {
+                const i64 ch = b * ROWS * dim + k * dim + d;
+                gA[ch] = ga_acc[k];
+                gD[ch] = gd_acc[k];
+                gbias[ch] = gb_acc[k];
+            }
+        }
+    }
+}
+
+/* Entry points of the fused SS2D scan: each range gets its own work buffers (malloc'd; a
+ * failed allocation returns -1 before anything is written, and the caller raises). */
+int usfm_ss2d_fwd_par_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                          const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus,
+                          i64 dim, i64 H, i64 W, REAL* y, REAL* hs, REAL* dts, REAL* sgs,
+                          i64 tasks, int threads) {
+    if (threads > tasks) threads = (int)tasks;
+    if (threads < 1) threads = 1;
+    const i64 per = 2 * H * W;
+    REAL* work = (REAL*)malloc((size_t)(per * threads) * sizeof(REAL));
+    if (!work) return -1;
+    if (threads == 1) {
+        ss2d_fwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, dim, H, W, y, hs, dts, sgs, 0,
+                     tasks, work);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+        for (int p = 0; p < threads; ++p)
+            ss2d_fwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, dim, H, W, y, hs, dts, sgs,
+                         tasks * p / threads, tasks * (p + 1) / threads, work + per * p);
+    }
+    free(work);
+    return 0;
+}
+
+int usfm_ss2d_bwd_par_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* Bm,
+                          const REAL* Cm, const REAL* Dv, const REAL* bias, int softplus,
+                          i64 bsz, i64 dim, i64 H, i64 W, i64 parts, const REAL* hs,
+                          const REAL* dts, const REAL* sgs, const REAL* gy, REAL* gu,
+                          REAL* gdelta, double* gA, double* gD, double* gbias, double* gBp,
+                          double* gCp, i64 tasks, int threads) {
+    if (threads > tasks) threads = (int)tasks;
+    if (threads < 1) threads = 1;
+    const i64 per = 3 * H * W;
+    REAL* work = (REAL*)malloc((size_t)(per * threads) * sizeof(REAL));
+    if (!work) return -1;
+    if (threads == 1) {
+        ss2d_bwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, bsz, dim, H, W, parts, hs, dts,
+                     sgs, gy, gu, gdelta, gA, gD, gbias, gBp, gCp, 0, tasks, work);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+        for (int p = 0; p < threads; ++p)
+            ss2d_bwd_SFX(u, delta, A, Bm, Cm, Dv, bias, softplus, bsz, dim, H, W, parts, hs,
+                         dts, sgs, gy, gu, gdelta, gA, gD, gbias, gBp, gCp,
+                         tasks * p / threads, tasks * (p + 1) / threads, work + per * p);
+    }
+    free(work);
+    return 0;
 }

@@ -121,6 +121,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"usfm_bwd_par_{sfx}")
         bwd.argtypes = [p] * 7 + [i32, i64, i64, i64, i64, i64] + [p] * 12 + [i64, i32]
         bwd.restype = None
+    for sfx in ("f32", "f64"):
+        fwd = getattr(lib, f"usfm_ss2d_fwd_par_{sfx}")
+        fwd.argtypes = [p] * 7 + [i32, i64, i64, i64, p, p, p, p, i64, i32]
+        fwd.restype = i32
+        bwd = getattr(lib, f"usfm_ss2d_bwd_par_{sfx}")
+        bwd.argtypes = [p] * 7 + [i32, i64, i64, i64, i64, i64] + [p] * 11 + [i64, i32]
+        bwd.restype = i32
     lib.usfm_openmp.argtypes = []
     lib.usfm_openmp.restype = i32
 
@@ -281,3 +288,113 @@ def c_scan(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     y, last = _CScan.apply(*inputs, delta_softplus, grad)
     return (y, last) if return_last_state else y
+
+
+class _CSS2D(torch.autograd.Function):
+    """VMamba's four-direction scan with cross-scan and cross-merge fused (``N = 1``):
+    ``u (B, D, L)`` row-major map, ``delta (B, 4 D, L)``, ``A (4 D,)``, ``B, C (B, 4, L)``
+    (each direction in its own order), ``D, bias (4 D,)`` -> ``y (B, D, L)`` row-major, the sum
+    of the four directions' outputs (see ``usfm_ss2d_fwd`` in ``_scan_c.c``)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, bias, softplus, hw, grad):  # type: ignore[override]
+        lib, _ = _load()
+        assert lib is not None
+        sfx = _CTYPES[u.dtype][0]
+        bsz, dim, _ = u.shape
+        h, w = hw
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        a = A.reshape(-1).contiguous()
+        k_dim = a.shape[0]
+        dv = D.contiguous() if D is not None else u.new_zeros(k_dim)
+        bv = bias.contiguous() if bias is not None else u.new_zeros(k_dim)
+        y = torch.empty_like(u)
+        hs = torch.empty_like(delta) if grad else None
+        keep = grad and bool(softplus)
+        dts = torch.empty_like(delta) if keep else None
+        sgs = torch.empty_like(delta) if keep else None
+        rc = getattr(lib, f"usfm_ss2d_fwd_par_{sfx}")(
+            _ptr(u), _ptr(delta), _ptr(a), _ptr(B), _ptr(C), _ptr(dv), _ptr(bv),
+            int(bool(softplus)), dim, h, w, _ptr(y), _ptr(hs), _ptr(dts), _ptr(sgs),
+            bsz * dim, _threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError(f"fused SS2D scan: no memory for its {h}×{w} work buffers")
+        ctx.set_materialize_grads(False)
+        if grad:
+            ctx.save_for_backward(u, delta, a, B, C, dv, bv, hs, dts, sgs)
+        ctx.flags = (D is not None, bias is not None, bool(softplus), h, w)
+        ctx.a_shape = A.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        lib, _ = _load()
+        assert lib is not None
+        u, delta, a, B, C, dv, bv, hs, dts, sgs = ctx.saved_tensors
+        has_d, has_bias, softplus, h, w = ctx.flags
+        if grad_y is None:
+            return (None,) * 10
+        bsz, dim, _ = u.shape
+        sfx = _CTYPES[u.dtype][0]
+        gy = grad_y.contiguous()
+        f64 = dict(dtype=torch.float64)
+        threads = _threads()
+        parts = max(1, min(dim, -(-2 * threads // bsz)))
+        gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
+        gA = torch.empty(bsz, a.shape[0], **f64)
+        gD = torch.empty(bsz, a.shape[0], **f64)
+        gbias = torch.empty(bsz, a.shape[0], **f64)
+        gBp = torch.zeros(parts, *B.shape, **f64)
+        gCp = torch.zeros(parts, *C.shape, **f64)
+        rc = getattr(lib, f"usfm_ss2d_bwd_par_{sfx}")(
+            _ptr(u), _ptr(delta), _ptr(a), _ptr(B), _ptr(C), _ptr(dv), _ptr(bv),
+            int(softplus), bsz, dim, h, w, parts, _ptr(hs), _ptr(dts), _ptr(sgs), _ptr(gy),
+            _ptr(gu), _ptr(gdelta), _ptr(gA), _ptr(gD), _ptr(gbias), _ptr(gBp), _ptr(gCp),
+            bsz * parts, threads,
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError(f"fused SS2D scan: no memory for its {h}×{w} work buffers")
+        dtype = u.dtype
+        return (
+            gu,
+            gdelta,
+            gA.sum(0).to(dtype).view(ctx.a_shape),
+            gBp.sum(0).to(dtype),
+            gCp.sum(0).to(dtype),
+            gD.sum(0).to(dtype) if has_d else None,
+            gbias.sum(0).to(dtype) if has_bias else None,
+            None,
+            None,
+            None,
+        )
+
+
+def c_cross_scan(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Fused four-direction ``N = 1`` scan (cross-scan, scan, cross-merge) on CPU tensors of
+    one float dtype.
+
+    ``x (B, D, H, W)``, ``delta (B, 4, D, L)``, ``A (4 D, 1)``, ``B, C (B, 4, 1, L)`` (each
+    direction in its own order, as :func:`.scan.cross_scan` makes them), ``D, delta_bias
+    (4 D,)`` -> ``y (B, D, L)`` row-major: what ``cross_merge(selective_scan(cross_scan(x),
+    ...))`` computes.  Shapes are checked by the caller (:func:`.scan.cross_selective_scan`).
+    """
+    bsz, dim, h, w = x.shape
+    u = x.reshape(bsz, dim, h * w)
+    delta3 = delta.reshape(bsz, -1, h * w)
+    B3 = B.reshape(bsz, -1, h * w)  # (B, 4, L): N = 1
+    C3 = C.reshape(bsz, -1, h * w)
+    inputs = (u, delta3, A, B3, C3, D, delta_bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y = _CSS2D.apply(*inputs, delta_softplus, (h, w), grad)
+    return y

@@ -54,15 +54,23 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "backend_report",
+    "cross_merge",
+    "cross_scan",
+    "cross_selective_scan",
     "get_default_backend",
     "resolve_backend",
     "selective_scan",
     "selective_scan_reference",
     "set_default_backend",
+    "to_direction_order",
     "tune_cpu_allocator",
 ]
 
 BACKENDS = ("reference", "torch", "numba", "c", "cuda")
+# With the "c" backend, cross_selective_scan runs VMamba's four directions, cross-scan and
+# cross-merge in one kernel; False sends it through cross_scan / selective_scan / cross_merge
+# (benchmarks/backbone.py's "c-unfused" column; the results are the same within float32).
+FUSE_CROSS_SCAN = True
 ENV_VAR = "USFM_SCAN_BACKEND"
 _default_backend: str | None = None
 
@@ -404,3 +412,104 @@ def selective_scan(
             y = y * F.silu(z.to(work))
         y = y.to(out_dtype)
     return (y, last) if return_last_state else y
+
+
+# --------------------------------------------------------------------------- 2-D (SS2D)
+def cross_scan(x: Tensor) -> Tensor:
+    """``(B, D, H, W)`` → ``(B, 4, D, L)``: row-major, column-major, reversed row, reversed col."""
+    b, d, h, w = x.shape
+    xs = x.new_empty(b, 4, d, h * w)
+    xs[:, 0] = x.flatten(2)
+    xs[:, 1].view(b, d, w, h).copy_(x.transpose(2, 3))  # write the transpose straight in
+    xs[:, 2:] = xs[:, :2].flip(-1)
+    return xs
+
+
+def cross_merge(y: Tensor, h: int, w: int) -> Tensor:
+    """``(B, 4, D, L)`` outputs of the 4 directions → ``(B, D, L)`` row-major, summed."""
+    b, _, d, _ = y.shape
+    out = y[:, 0] + y[:, 2].flip(-1)
+    col = y[:, 1] + y[:, 3].flip(-1)
+    out.view(b, d, h, w).add_(col.view(b, d, w, h).transpose(2, 3))
+    return out
+
+
+def to_direction_order(t: Tensor, h: int, w: int) -> Tensor:
+    """``(B, 4, C, L)`` row-major maps, one per direction → each in its direction's order
+    (block ``k`` as :func:`cross_scan` orders direction ``k``).  A per-position linear map
+    commutes with these permutations, so ``W_k · cross_scan(x)_k`` equals
+    ``to_direction_order(W_k · x)_k``: SS2D projects the ``D``-channel map once and permutes
+    only the few projected channels."""
+    b, _, c, _ = t.shape
+    out = torch.empty_like(t)
+    out[:, 0] = t[:, 0]
+    out[:, 1].view(b, c, w, h).copy_(t[:, 1].view(b, c, h, w).transpose(2, 3))
+    out[:, 2] = t[:, 2].flip(-1)
+    out[:, 3].view(b, c, w, h).copy_(t[:, 3].view(b, c, h, w).transpose(2, 3))
+    out[:, 3] = out[:, 3].flip(-1)
+    return out
+
+
+def cross_selective_scan(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """VMamba's 2-D selective scan: ``cross_merge(selective_scan(cross_scan(x), ...))``.
+
+    ``x (B, D, H, W)``; ``delta (B, 4, D, L)``, ``B, C (B, 4, N, L)`` with each direction in
+    its own order (:func:`cross_scan`, :func:`to_direction_order`); ``A (4 D, N)``, ``D`` and
+    ``delta_bias`` ``(4 D,)`` (channel ``k D + d``) -> ``y (B, D, L)`` row-major, the sum of
+    the four directions.  With the ``c`` backend (``N = 1``) the four directions run in one
+    fused kernel that reads ``x`` and writes ``y`` in place of the ``(B, 4, D, L)`` copies;
+    every other backend goes through :func:`cross_scan`, :func:`selective_scan` and
+    :func:`cross_merge`.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, D, H, W), got shape {tuple(x.shape)}")
+    bsz, dim, h, w = x.shape
+    length = h * w
+    if tuple(delta.shape) != (bsz, 4, dim, length):
+        raise ValueError(
+            f"delta must be (B, 4, D, L) = ({bsz}, 4, {dim}, {length}), got {tuple(delta.shape)}"
+        )
+    n = A.shape[-1] if A.dim() == 2 else -1
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (bsz, 4, n, length):
+            raise ValueError(
+                f"{name} must be (B, 4, N, L) = ({bsz}, 4, {n}, {length}), got {tuple(t.shape)}"
+            )
+    if A.dim() != 2 or A.shape[0] != 4 * dim:
+        raise ValueError(f"A must be (4 D, N) = ({4 * dim}, N), got {tuple(A.shape)}")
+    for arg, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (4 * dim,):
+            raise ValueError(f"{arg} must be (4 D,) = ({4 * dim},), got {tuple(t.shape)}")
+    name = resolve_backend(backend, x.device, n, False)
+    if name == "c" and FUSE_CROSS_SCAN:
+        if A.is_complex():
+            raise ValueError("complex A is not supported; pass a real, negative A")
+        from usfm_core.models._scan_c import c_cross_scan
+
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cast = [None if t is None else t.to(work) for t in (x, delta, A, B, C, D, delta_bias)]
+            y = c_cross_scan(*cast[:7], delta_softplus=delta_softplus)  # type: ignore[arg-type]
+        return y.to(x.dtype)
+    ys = selective_scan(
+        cross_scan(x).reshape(bsz, 4 * dim, length),
+        delta.reshape(bsz, 4 * dim, length),
+        A,
+        B,
+        C,
+        D=D,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        backend=name,
+    )
+    return cross_merge(ys.view(bsz, 4, dim, length), h, w)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from usfm_core.errors import ConfigError
 from usfm_core.models.common import adapt_input
 from usfm_core.models.limits import VMAMBA_FIELDS, check_fields, check_param_budget
+from usfm_core.models.scan import cross_merge, cross_scan, cross_selective_scan, to_direction_order
 
 __all__ = [
     "SS2D",
@@ -231,25 +232,6 @@ class DropPath(nn.Module):
         return x * x.new_empty(shape).bernoulli_(keep) / keep
 
 
-def cross_scan(x: Tensor) -> Tensor:
-    """``(B, D, H, W)`` → ``(B, 4, D, L)``: row-major, column-major, reversed row, reversed col."""
-    b, d, h, w = x.shape
-    xs = x.new_empty(b, 4, d, h * w)
-    xs[:, 0] = x.flatten(2)
-    xs[:, 1].view(b, d, w, h).copy_(x.transpose(2, 3))  # write the transpose straight in
-    xs[:, 2:] = xs[:, :2].flip(-1)
-    return xs
-
-
-def cross_merge(y: Tensor, h: int, w: int) -> Tensor:
-    """``(B, 4, D, L)`` outputs of the 4 directions → ``(B, D, L)`` row-major, summed."""
-    b, _, d, _ = y.shape
-    out = y[:, 0] + y[:, 2].flip(-1)
-    col = y[:, 1] + y[:, 3].flip(-1)
-    out.view(b, d, h, w).add_(col.view(b, d, w, h).transpose(2, 3))
-    return out
-
-
 def _inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
@@ -318,32 +300,35 @@ class SS2D(nn.Module):
         return rec
 
     def forward(self, x: Tensor) -> Tensor:
-        from usfm_core.models.scan import selective_scan
-
         b, h, w, _ = x.shape
         length, d, n, k = h * w, self.d_inner, self.d_state, self.n_dirs
         x = self.in_proj(x)
         z = None
         if self.use_z_gate:
             x, z = x.chunk(2, dim=-1)
-        x = F.silu(self.conv(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
-        xs = cross_scan(x)  # (B, 4, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        x = F.silu(self.conv(x.permute(0, 3, 1, 2))).contiguous()  # (B, D, H, W)
+        # The per-direction projections act per position, so they commute with the
+        # directions' permutations: project the D-channel map once (one matmul) and permute
+        # only the R + 2N projected channels, instead of projecting 4 permuted copies of x.
+        c = self.x_proj_weight.shape[1]
+        x_dbl = torch.matmul(self.x_proj_weight.reshape(k * c, d), x.view(b, d, length))
+        x_dbl = to_direction_order(x_dbl.view(b, k, c, length), h, w)  # (B, 4, R + 2N, L)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)  # (B, 4, D, L)
+        dts = torch.matmul(self.dt_proj_weight, dts)  # (4, D, R) @ (B, 4, R, L) -> (B, 4, D, L)
         a = -torch.exp(self.A_log.float())  # (4·D, N)
-        # The scan runs in fp32 (half-precision scans produce NaNs).
-        y = selective_scan(
-            xs.reshape(b, k * d, length).float(),
-            dts.reshape(b, k * d, length).float(),
+        # The scan runs in fp32 (half-precision scans produce NaNs); with the C backend the
+        # four directions, cross-scan and cross-merge are one fused kernel.
+        y = cross_selective_scan(
+            x.float(),
+            dts.float(),
             a,
-            bs.float().contiguous(),
-            cs.float().contiguous(),
+            bs.float(),
+            cs.float(),
             D=self.Ds.float(),
             delta_bias=self.dt_proj_bias.reshape(-1).float(),
             delta_softplus=True,
             backend=self.scan_backend,
-        )
+        )  # (B, D, L) row-major
         if self.record_scan:
             with torch.no_grad():
                 delta = F.softplus(dts.float() + self.dt_proj_bias.float()[None, :, :, None])
@@ -354,7 +339,6 @@ class SS2D(nn.Module):
                     "C": cs.detach().float(),
                     "hw": (h, w),
                 }
-        y = cross_merge(y.view(b, k, d, length), h, w)  # (B, D, L)
         y = self.out_norm(y.transpose(1, 2).reshape(b, h, w, d).to(x.dtype))
         if z is not None:
             y = y * F.silu(z)
