@@ -2,9 +2,12 @@
 
 Every model of this toolkit scans with ``d_state = 1`` and no ``z`` gate, which is what this
 kernel does (``_scan_c.c``: one pass forward, one backward, softplus / delta bias / ``D`` skip
-inside, states and reductions in float64).  It runs at 1.3-1.7× the numba kernel's speed
+inside, states and per-channel sums in float64).  It runs at 1.4-2.2× the numba kernel's speed
 (``docs/benchmarks/scan.md``) because all work except the two recurrences is vectorised along
 time, and four channels' recurrences are interleaved to hide the multiply-add latency.
+:func:`c_cross_scan` is VMamba's four-direction scan with cross-scan and cross-merge fused:
+the four directions of one channel are the four interleaved recurrences, reading the map and
+its transpose in place.
 
 Build: on first use the template is instantiated for float32 and float64 and compiled with
 the machine's C compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) for this CPU

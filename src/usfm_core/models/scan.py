@@ -23,9 +23,11 @@ Backends:
   processes start in a few seconds.
 * ``"c"``: a fused kernel in plain C for one state and no gate (``N = 1``, ``z`` absent: every
   model of this toolkit), compiled on first use with the machine's C compiler and cached
-  (:mod:`usfm_core.models._scan_c`); 1.3-1.7× the numba kernel's speed because everything but
-  the two one-FMA recurrences is vectorised along time.  Calls it does not handle (``N > 1``, a
-  ``z`` gate) go to ``numba`` (else ``torch``).
+  (:mod:`usfm_core.models._scan_c`); 1.4-2.2× the numba kernel's speed because everything but
+  the two one-FMA recurrences is vectorised along time.  For VMamba's 2-D scan
+  (:func:`cross_selective_scan`) it also fuses the four directions with cross-scan and
+  cross-merge, so the ``(B, 4, D, L)`` permuted copies are never made.  Calls it does not
+  handle (``N > 1``, a ``z`` gate) go to ``numba`` (else ``torch``).
 * ``"cuda"``: mamba-ssm's fused kernel, only for CUDA tensors when ``mamba_ssm`` imports.
 
 ``"auto"`` picks ``cuda`` for CUDA tensors when mamba_ssm imports; for CPU tensors ``c`` when

@@ -6,8 +6,9 @@ blocks.  Inside, feature maps are channels-last ``(B, H, W, C)``; outputs are ch
 
 The 2-D selective scan (SS2D) reads the map in 4 orders (row-major, column-major and both
 reversed), runs one selective scan over the 4 sequences stacked as groups, and merges the 4
-outputs back to row-major order by summation.  The scan itself is
-:func:`usfm_core.models.scan.selective_scan` (fast CPU backend chosen automatically).
+outputs back to row-major order by summation: :func:`usfm_core.models.scan.cross_selective_scan`
+(fast CPU backend chosen automatically; with the C kernel the four directions, the permutations
+and the merge are one fused pass that never copies the map four times).
 """
 
 from __future__ import annotations
