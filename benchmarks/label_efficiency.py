@@ -1372,6 +1372,14 @@ def main(argv: list[str] | None = None) -> int:
         help="segmentation arms: backbone lr = S x the recipe's lr (decoder keeps it); with "
         "S != 1 use another --results-dir (the recorded grid used 1)",
     )
+    proof.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="segmentation arms: override the recipe's optimiser steps (use another "
+        "--results-dir; the recorded grid used 300)",
+    )
     proof.add_argument("--redo", action="store_true", help="re-run cached runs that are stale")
     proof.add_argument("--plan", action="store_true", help="print the plan, run nothing")
     proof.add_argument(
@@ -1383,10 +1391,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(inference_worker(json.loads(args.worker))))
         return 0
     setting = SETTINGS[args.setting or ("quick" if args.quick else "full")]
-    if (args.backbone_lr_scale != 1.0 or args.lr) and setting.proof is not None:
-        change = {"backbone_lr_scale": args.backbone_lr_scale}
+    if (args.backbone_lr_scale != 1.0 or args.lr or args.steps) and setting.proof is not None:
+        change: dict = {"backbone_lr_scale": args.backbone_lr_scale}
         if args.lr:
             change["lr"] = args.lr
+        if args.steps:
+            change["steps"] = args.steps
         tasks = {
             name: replace(r, **change) if r.steps else r  # segmentation recipes only
             for name, r in setting.proof.tasks.items()
