@@ -235,6 +235,45 @@ static inline void bwd_prep_SFX(const REAL* xc, const REAL* gyc, const REAL* cc,
     }
 }
 
+/* Gradients of one channel over one chunk of tl steps, from its adjoints rj (the state's
+ * gradient carried back from later steps) and gcj = ∂L/∂y · C: writes ∂u to guc and ∂Δ (raw,
+ * before softplus) to gdc, adds ∂C and ∂B of each step to gcf, gbf (REAL, summed over the
+ * caller's rows), and adds the chunk's REAL sums for ∂A, ∂D, ∂bias to the float64 accumulators.
+ * h_{t-1} is read in place at hc - 1 except in the first chunk (first != 0), where h_{-1} = 0
+ * and the shifted copy goes to hp (CHUNK REALs). */
+static inline void bwd_grads_SFX(int tl, int first, const REAL* gcj, const REAL* rj,
+                                 const REAL* gyc, const REAL* uc, const REAL* dtj,
+                                 const REAL* sgj, const REAL* aj, const REAL* bc,
+                                 const REAL* hc, REAL ad, REAL dd, REAL* hp, REAL* gcf,
+                                 REAL* gbf, REAL* guc, REAL* gdc, double* ga_acc,
+                                 double* gd_acc, double* gb_acc) {
+    REAL ga = 0, gdd = 0, gbb = 0;  /* one chunk's sums (≤ CHUNK terms, see the header) */
+    const REAL* hprev = hc - 1;
+    if (first) {
+        hp[0] = (REAL)0;
+        memcpy(hp + 1, hc, (size_t)(tl - 1) * sizeof(REAL));
+        hprev = hp;
+    }
+#pragma omp simd reduction(+ : ga, gdd, gbb)
+    for (int i = 0; i < tl; ++i) {
+        const REAL q = gcj[i] + rj[i];
+        const REAL gyv = gyc[i], uu = uc[i], dt = dtj[i];
+        const REAL su = q * bc[i];
+        const REAL gla = q * aj[i] * hprev[i];
+        gcf[i] += gyv * hc[i];
+        gbf[i] += q * dt * uu;
+        ga += gla * dt;
+        guc[i] = gyv * dd + su * dt;
+        const REAL graw = (gla * ad + su * uu) * sgj[i];
+        gdc[i] = graw;
+        gbb += graw;
+        gdd += gyv * uu;
+    }
+    *ga_acc += (double)ga;
+    *gd_acc += (double)gdd;
+    *gb_acc += (double)gbb;
+}
+
 /* Backward over tasks [lo, hi) of B*G*parts: task (b, g, p) walks channels
  * g*dg + p*dg/parts .. g*dg + (p+1)*dg/parts - 1 (in blocks of ROWS) and adds its ∂B, ∂C
  * into its own rows gBp[p, b, g], gCp[p, b, g] ((parts, B, G, L) float64; the caller sums
@@ -304,36 +343,9 @@ void usfm_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const REAL* B
                     const int kept = softplus && dts;
                     const REAL *dtj = kept ? dts + row * len + t0 : dtb[j];
                     const REAL *sgj = kept ? sgs + row * len + t0 : sgb[j];
-                    const REAL *aj = ab[j], *gcj = gcb[j];
-                    const REAL* rj = rb[j];
-                    const REAL ad = A[d], dd = Dv[d];
-                    REAL ga = 0, gdd = 0, gbb = 0;  /* one chunk's sums (≤ CHUNK terms) */
-                    /* h_{t-1}: read in place, except in the first chunk (h_{-1} = 0) */
-                    const REAL* hprev = hc - 1;
-                    if (t0 == 0) {
-                        hp[0] = (REAL)0;
-                        memcpy(hp + 1, hc, (size_t)(tl - 1) * sizeof(REAL));
-                        hprev = hp;
-                    }
-#pragma omp simd reduction(+ : ga, gdd, gbb)
-                    for (int i = 0; i < tl; ++i) {
-                        /* REAL products and one chunk's REAL sums (see the header) */
-                        const REAL q = gcj[i] + rj[i];
-                        const REAL gyv = gyc[i], uu = uc[i], dt = dtj[i];
-                        const REAL su = q * bc[i];
-                        const REAL gla = q * aj[i] * hprev[i];
-                        gcf[i] += gyv * hc[i];
-                        gbf[i] += q * dt * uu;
-                        ga += gla * dt;
-                        guc[i] = gyv * dd + su * dt;
-                        const REAL graw = (gla * ad + su * uu) * sgj[i];
-                        gdc[i] = graw;
-                        gbb += graw;
-                        gdd += gyv * uu;
-                    }
-                    ga_acc[j] += (double)ga;
-                    gd_acc[j] += (double)gdd;
-                    gb_acc[j] += (double)gbb;
+                    bwd_grads_SFX(tl, t0 == 0, gcb[j], rb[j], gyc, uc, dtj, sgj, ab[j], bc, hc,
+                                  A[d], Dv[d], hp, gcf, gbf, guc, gdc, &ga_acc[j], &gd_acc[j],
+                                  &gb_acc[j]);
                 }
 #pragma omp simd
                 for (int i = 0; i < tl; ++i) {
@@ -512,7 +524,8 @@ static void ss2d_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const 
                          REAL* gdelta, double* gA, double* gD, double* gbias, double* gBp,
                          double* gCp, i64 lo, i64 hi, REAL* work) {
     REAL dtb[ROWS][CHUNK], sgb[ROWS][CHUNK], ab[ROWS][CHUNK], gcb[ROWS][CHUNK],
-        wb[ROWS][CHUNK], rb[ROWS][CHUNK], grev[ROWS][CHUNK], urev[CHUNK], gub[CHUNK], hp[CHUNK];
+        wb[ROWS][CHUNK], rb[ROWS][CHUNK], grev[ROWS][CHUNK], urev[CHUNK], gub[CHUNK], hp[CHUNK],
+        gcf[CHUNK], gbf[CHUNK];  /* one direction's ∂C, ∂B of a chunk */
     const i64 len = H * W;
     const i64 nc = (len + CHUNK - 1) / CHUNK;
     const int kept = softplus && dts;
@@ -562,36 +575,19 @@ static void ss2d_bwd_SFX(const REAL* u, const REAL* delta, const REAL* A, const 
                     const i64 o = off[k] + t0;
                     const REAL *bc = br[k] + t0, *hc = hs + o, *gyc = gyp[k];
                     const REAL *dtj = kept ? dts + o : dtb[k], *sgj = kept ? sgs + o : sgb[k];
-                    const REAL *aj = ab[k], *gcj = gcb[k], *rj = rb[k];
                     const REAL* uc = dir_run_SFX(urow, uT, k, t0, tl, len, urev);
                     REAL* gdc = gdelta + o;
                     double *gbk = gbr[k] + t0, *gck = gcr[k] + t0;
-                    const REAL adk = ad[k], ddk = dd[k];
-                    REAL ga = 0, gdd = 0, gbb = 0;  /* one chunk's sums */
-                    const REAL* hprev = hc - 1;  /* h_{t-1}; h_{-1} = 0 */
-                    if (t0 == 0) {
-                        hp[0] = (REAL)0;
-                        memcpy(hp + 1, hc, (size_t)(tl - 1) * sizeof(REAL));
-                        hprev = hp;
+                    memset(gcf, 0, (size_t)tl * sizeof(REAL));
+                    memset(gbf, 0, (size_t)tl * sizeof(REAL));
+                    bwd_grads_SFX(tl, t0 == 0, gcb[k], rb[k], gyc, uc, dtj, sgj, ab[k], bc, hc,
+                                  ad[k], dd[k], hp, gcf, gbf, gub, gdc, &ga_acc[k], &gd_acc[k],
+                                  &gb_acc[k]);
+#pragma omp simd
+                    for (int i = 0; i < tl; ++i) {  /* one row: the same as adding in double */
+                        gck[i] += (double)gcf[i];
+                        gbk[i] += (double)gbf[i];
                     }
-#pragma omp simd reduction(+ : ga, gdd, gbb)
-                    for (int i = 0; i < tl; ++i) {
-                        const REAL q = gcj[i] + rj[i];
-                        const REAL gyv = gyc[i], uu = uc[i], dt = dtj[i];
-                        const REAL su = q * bc[i];
-                        const REAL gla = q * aj[i] * hprev[i];
-                        gck[i] += (double)(gyv * hc[i]);
-                        gbk[i] += (double)(q * dt * uu);
-                        ga += gla * dt;
-                        gub[i] = gyv * ddk + su * dt;
-                        const REAL graw = (gla * adk + su * uu) * sgj[i];
-                        gdc[i] = graw;
-                        gbb += graw;
-                        gdd += gyv * uu;
-                    }
-                    ga_acc[k] += (double)ga;
-                    gd_acc[k] += (double)gdd;
-                    gb_acc[k] += (double)gbb;
                     dir_add_SFX(gurow, guT, k, t0, tl, len, gub);
                 }
             }
