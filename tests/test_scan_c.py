@@ -311,6 +311,35 @@ def test_fused_cross_scan_matches_cross_scan_scan_merge(case):
         assert float((g32.double() - r).abs().max() / scale) < 1e-5, name
 
 
+@pytest.mark.parametrize("softplus", [True, False])
+def test_inference_forward_equals_training_forward(softplus):
+    """Without autograd the kernels keep nothing for a backward (Δ goes through a chunk
+    buffer instead of the kept array): the 1-D and the fused 2-D outputs must be the same as
+    with autograd, bit for bit, and match the float64 loop (float32, 3 chunks)."""
+    t = make_inputs(2, 6, 1, 600, 2, dtype=torch.float32, seed=4)
+    if not softplus:  # a raw Δ must be positive (else exp(Δ A) grows without bound)
+        for k in ("delta", "delta_bias"):
+            t[k] = (t[k].detach().abs() * 0.2).requires_grad_()
+    kw = dict(D=t["D"], delta_bias=t["delta_bias"], delta_softplus=softplus)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"])
+    y_train = selective_scan(*args, **kw, backend="c")
+    with torch.no_grad():
+        y_infer = selective_scan(*args, **kw, backend="c")
+        ref = selective_scan(*(a.double() for a in args),
+                             **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                             backend="reference")  # fmt: skip
+    assert torch.equal(y_train.detach(), y_infer)
+    assert float((y_infer.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+    x, delta, A, B, C, D, bias = _cross_inputs(1, 3, 23, 27, torch.float32, softplus=softplus)
+    y2_train = scan.cross_selective_scan(x, delta, A, B, C, D=D, delta_bias=bias,
+                                         delta_softplus=softplus, backend="c")  # fmt: skip
+    with torch.no_grad():
+        y2_infer = scan.cross_selective_scan(x, delta, A, B, C, D=D, delta_bias=bias,
+                                             delta_softplus=softplus, backend="c")  # fmt: skip
+    assert torch.equal(y2_train.detach(), y2_infer)
+
+
 def test_fused_cross_scan_gradcheck():
     """``torch.autograd.gradcheck`` of the fused kernel in float64 (two chunks, B = 2)."""
     x, delta, A, B, C, D, bias = _cross_inputs(2, 2, 13, 21, torch.float64, seed=3)
