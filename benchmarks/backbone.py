@@ -5,13 +5,17 @@ Usage::
     python benchmarks/backbone.py                       # tiny, small-cpu, vmamba-t; batch 1, 8
     python benchmarks/backbone.py --presets vmamba-t --batch-sizes 1 --repeats 5 \
         --backends numba torch --threads 1 2            # scan backends side by side
+    python benchmarks/backbone.py --presets vmamba-t --batch-sizes 1 --repeats 7 \
+        --threads 2 --precisions fp32 bf16              # float32 vs bf16 autocast
 
 Prints a table and writes ``benchmarks/results/backbone.json``. Also reports where the forward
 time of each preset goes (batch 1): selective scan vs convolutions vs linear layers vs layer
 norms vs the rest (cross-scan/merge, einsum projections, activations), measured with wall-clock
 hooks (CPU ops are synchronous).  With several ``--backends`` / ``--threads``, every
 combination runs in the same process (same model weights), each row recording the load
-average (``os.getloadavg``) at its start.
+average (``os.getloadavg``) at its start. ``--precisions fp32 bf16`` times every combination
+also under bf16 autocast (:mod:`usfm_core.models.precision`; the scans stay float32), and
+``--rounds R`` repeats the whole grid R times so that the arms alternate in time.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 
 import usfm_core.models.scan as scan_module
 import usfm_core.models.vmamba as vmamba_module
+from usfm_core.models.precision import autocast, cpu_bf16_flags
 from usfm_core.models.vmamba import VMamba, VMambaConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "backbone.json"
@@ -48,7 +53,9 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
-def forward_breakdown(model: VMamba, x: torch.Tensor, repeats: int) -> dict[str, float]:
+def forward_breakdown(
+    model: VMamba, x: torch.Tensor, repeats: int, precision: str = "fp32"
+) -> dict[str, float]:
     """Seconds per forward spent in the scan, convs, linears, layer norms and the rest."""
     spent: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
@@ -78,7 +85,7 @@ def forward_breakdown(model: VMamba, x: torch.Tensor, repeats: int) -> dict[str,
 
     vmamba_module.cross_selective_scan = timed_scan
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             model(x)  # warm-up, not counted
             spent.clear()
             start = time.perf_counter()
@@ -104,8 +111,10 @@ def bench_preset(
     backend: str = "auto",
     threads: int | None = None,
     breakdown: bool = True,
+    precision: str = "fp32",
 ):
-    """Rows of results (one per batch size) for one preset, scan backend and thread count."""
+    """Rows of results (one per batch size) for one preset, scan backend, thread count and
+    precision (``fp32`` | ``bf16``: forward and training step under bf16 autocast)."""
     torch.manual_seed(0)
     model = VMamba(VMambaConfig.preset(name))
     params = sum(p.numel() for p in model.parameters())
@@ -119,7 +128,7 @@ def bench_preset(
         x = torch.randn(bs, 3, size, size)
         model.eval()
         load = os.getloadavg()[0]
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             fwd = median_time(lambda x=x: model(x), repeats)
         row = {
             "preset": name,
@@ -127,6 +136,7 @@ def bench_preset(
                 backend if backend == "c-unfused" else scan_module.resolve_backend("auto", "cpu")
             ),
             "threads": torch.get_num_threads(),
+            "precision": precision,
             "load_1min": round(load, 2),
             "params_m": round(params / 1e6, 2),
             "batch": bs,
@@ -138,13 +148,16 @@ def bench_preset(
 
             def step(x=x):
                 model.zero_grad(set_to_none=True)
-                model(x).tokens.square().mean().backward()
+                with autocast(precision):
+                    loss = model(x).tokens.float().square().mean()
+                loss.backward()
 
             row["train_step_s_per_image"] = median_time(step, max(1, repeats // 2)) / bs
         rows.append(row)
         print_row(row)
     model.eval()
-    parts = forward_breakdown(model, torch.randn(1, 3, size, size), repeats) if breakdown else {}
+    x1 = torch.randn(1, 3, size, size)
+    parts = forward_breakdown(model, x1, repeats, precision) if breakdown else {}
     return rows, parts
 
 
@@ -152,7 +165,8 @@ def print_row(row: dict) -> None:
     train = row.get("train_step_s_per_image")
     train_txt = f"{train:9.3f}" if train is not None else "        -"
     print(
-        f"{row['preset']:>10} {row['scan_backend']:>7} {row['threads']:3d} {row['params_m']:8.2f} "
+        f"{row['preset']:>10} {row['scan_backend']:>7} {row['precision']:>5} {row['threads']:3d} "
+        f"{row['params_m']:8.2f} "
         f"{row['batch']:5d} {row['forward_s_per_image']:9.3f} {train_txt} {row['load_1min']:5.1f}",
         flush=True,
     )
@@ -173,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         default=["auto"],
         help="scan backends (auto, c, c-unfused, numba, torch)",
     )
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+        help="fp32 and/or bf16 autocast",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole grid")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the time breakdown")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -181,22 +200,30 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, load average {os.getloadavg()}")
     print(
-        f"{'preset':>10} {'backend':>7} thr {'params M':>8} {'batch':>5} {'fwd s/img':>9} "
+        f"{'preset':>10} {'backend':>7} {'prec':>5} thr {'params M':>8} {'batch':>5} "
+        f"{'fwd s/img':>9} "
         f"{'train s/img':>9} load"
     )
     results, breakdowns = [], {}
     try:
-        for name in args.presets:
-            for threads in args.threads:
-                for backend in args.backends:
-                    rows, breakdown = bench_preset(
-                        name, args.batch_sizes, args.size, args.repeats, not args.no_train,
-                        backend, threads or None, not args.no_breakdown,
-                    )  # fmt: skip
-                    results += rows
-                    breakdowns[f"{name}/{rows[0]['scan_backend']}/{rows[0]['threads']}t"] = (
-                        breakdown
-                    )
+        grid = [
+            (name, threads, backend, precision)
+            for name in args.presets
+            for threads in args.threads
+            for backend in args.backends
+            for precision in args.precisions
+        ]
+        for rnd in range(args.rounds):
+            for name, threads, backend, precision in grid:
+                rows, breakdown = bench_preset(
+                    name, args.batch_sizes, args.size, args.repeats, not args.no_train,
+                    backend, threads or None, not args.no_breakdown, precision,
+                )  # fmt: skip
+                for row in rows:
+                    row["round"] = rnd
+                results += rows
+                key = f"{name}/{rows[0]['scan_backend']}/{precision}/{rows[0]['threads']}t"
+                breakdowns[key if args.rounds == 1 else f"{key}/r{rnd}"] = breakdown
     finally:
         scan_module.set_default_backend(None)
         scan_module.FUSE_CROSS_SCAN = True
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
         "scan_backends": args.backends,
+        "precisions": args.precisions,
+        "cpu_bf16_flags": list(cpu_bf16_flags()),
         "load_end": os.getloadavg(),
         "results": results,
         "forward_breakdown_batch1_s": breakdowns,

@@ -181,12 +181,15 @@ def test_segment_widget_streams_labels_and_measurements(
     seg = viewer.layers["cine segmentation"]
     assert seg.data.shape == sim_cine.frames.shape[:3] and seg.data.dtype == np.uint8
     assert tuple(seg.scale) == tuple(layer.scale)
-    # Same masks as calling the core directly (the widget only wires).
+    # Same masks as calling the core directly with the plugin's precision setting (the widget
+    # only wires).
+    from napari_usfm._settings import precision
     from usfm_core.finetune.infer import segment_frames
     from usfm_core.finetune.models import load_finetuned
 
     model, _ = load_finetuned(tiny_segmenter)
-    direct = np.stack(list(segment_frames(model, list(sim_cine.frames), batch_size=1)))
+    frames = list(sim_cine.frames)
+    direct = np.stack(list(segment_frames(model, frames, batch_size=1, precision=precision())))
     np.testing.assert_array_equal(seg.data, direct)
     # Measurements table in mm, one row per object, saved as CSV.
     if seg.data.any():

@@ -1,4 +1,5 @@
-"""Plugin settings (napari Preferences → napari-usfm): model directory, device, threads.
+"""Plugin settings (napari Preferences → napari-usfm): model directory, device, threads,
+Segment's precision.
 
 Declared under ``contributions.configurations`` in ``napari.yaml``; read through
 ``napari.settings.get_plugin_settings`` when napari provides it, with environment/default
@@ -33,6 +34,13 @@ def default_device() -> str:
     """``auto`` / ``cpu`` / ``cuda`` (``USFM_DEVICE`` overrides the setting, e.g. in CI)."""
     value = os.environ.get("USFM_DEVICE") or _setting("device") or "auto"
     return value if value in ("auto", "cpu", "cuda") else "auto"
+
+
+def precision() -> str:
+    """``fp32`` (default) / ``bf16`` / ``auto`` for Segment (``USFM_PRECISION`` overrides the
+    setting)."""
+    value = os.environ.get("USFM_PRECISION") or _setting("precision") or "fp32"
+    return value if value in ("auto", "fp32", "bf16") else "fp32"
 
 
 def num_threads() -> int:

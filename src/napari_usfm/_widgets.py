@@ -35,7 +35,7 @@ from magicgui.widgets import (
 from psygnal import Signal
 
 from napari_usfm import _layers
-from napari_usfm._settings import default_device, model_dir, num_threads
+from napari_usfm._settings import default_device, model_dir, num_threads, precision
 
 FROM_SCRATCH = "(from scratch: tiny VMamba)"
 # The shipped OpenUS-pretrained backbone: Fine-tune's default and what Inspect shows.
@@ -254,7 +254,8 @@ def _segment_job(
     model, _ = load_finetuned(model_path, device=device)
     frames = (get(i) for i in indices)
     calibration = "layer scale" if spacing else "none"
-    for i, mask in zip(indices, segment_frames(model, frames, batch_size=1, device=device)):
+    masks = segment_frames(model, frames, batch_size=1, device=device, precision=precision())
+    for i, mask in zip(indices, masks):
         rows = measurement_rows(
             mask, spacing, file=names[0], source=names[1], frame=i, calibration=calibration
         )

@@ -60,6 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="fp32 (default: the model cards' numbers), bf16 autocast, or auto (bf16 where the "
+        "CPU computes it natively)",
+    )
     p.set_defaults(func=run)
 
 
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         max_items=args.max_items,
         baseline=args.baseline,
         splits_file=args.splits,
+        precision=args.precision,
     )
     print((args.out / "summary.md").read_text(encoding="utf-8"))
     return 0 if res else 1

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def compute_report() -> dict[str, Any]:
-    """torch version, CUDA availability and the selective-scan backend report (if available)."""
+    """torch version, CUDA availability, what ``--precision auto`` picks on the CPU (and the
+    native-bf16 flags behind it) and the selective-scan backend report (if available)."""
     import torch
 
     report: dict[str, Any] = {
@@ -39,6 +40,12 @@ def compute_report() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "threads": torch.get_num_threads(),
+    }
+    from usfm_core.models.precision import cpu_bf16_flags, resolve_precision
+
+    report["precision"] = {
+        "auto": resolve_precision("auto", "cpu"),
+        "cpu_bf16_flags": list(cpu_bf16_flags()),
     }
     try:
         from usfm_core.models.scan import backend_report
@@ -128,6 +135,9 @@ def _print_text(scan: dict[str, Any] | None, compute: dict[str, Any]) -> None:
     devices = ", ".join(compute["cuda_devices"]) or "none"
     print(f"  cuda available: {compute['cuda_available']} (devices: {devices})")
     print(f"  torch threads: {compute['threads']}")
+    prec = compute["precision"]
+    why = ", ".join(prec["cpu_bf16_flags"]) or "no native bf16 on this CPU"
+    print(f"  precision: --precision auto picks {prec['auto']} ({why})")
     backend = compute["selective_scan"]
     if "error" in backend:
         print(f"  selective scan: {backend['error']}")

@@ -4,9 +4,11 @@ Every input any usfm_core.io.load_scan reader opens works (image, cine, volume s
 A folder is a batch of independent images, each segmented and named by its file: the images
 listed by its manifest.csv (image or png column) when it has one, else every scan file directly
 inside it (not its sub-folders). Frames are streamed: masks are written as they are produced,
-so memory stays flat. Single images give <name>_mask.png, stacks <name>_mask.tif (same H x W,
-one page per frame, calibrated like the scan); binary masks are 0/255, multi-class masks hold
-class indices (1, 2, ...; the class column of measurements.csv names them).
+so memory stays flat; --precision bf16 (or auto: bf16 where the CPU computes it natively) runs
+the forward passes in bf16 autocast, faster for large models. Single images give <name>_mask.png,
+stacks <name>_mask.tif (same H x W, one page per frame, calibrated like the scan); binary masks
+are 0/255, multi-class masks hold class indices (1, 2, ...; the class column of
+measurements.csv names them).
 
 measurements.csv has one row per object of every frame (objects numbered 1, 2, ... largest
 first, as in the napari Segment table), with the units in the column names: area_mm2,
@@ -65,6 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="frames per forward pass")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--min-pixels", type=int, default=5, help="ignore smaller objects")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="fp32 (default): float32 everywhere; bf16: bf16 autocast (linear layers and "
+        "convolutions; scans stay float32), 1.3-1.5x faster for VMamba-T-sized models on CPUs "
+        "with native bf16 (AVX-512 BF16 / AMX), no gain for the small shipped models; auto: bf16 "
+        "where the CPU computes it natively, else fp32 (USFM_PRECISION sets auto's choice)",
+    )
     p.add_argument(
         "--tta",
         action="store_true",
@@ -349,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
     from usfm_core.errors import USFMError
     from usfm_core.finetune.infer import MEASUREMENT_COLUMNS
     from usfm_core.finetune.models import load_finetuned
+    from usfm_core.models.precision import resolve_precision
     from usfm_core.outputs import atomic_path, clean_stale_temporaries
     from usfm_core.progress import progress_bar
     from usfm_core.utils import resolve_device
@@ -362,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
     given = check_inputs(list(args.inputs))
     plan = plan_outputs(expand_inputs(given), args.out, given)
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     model, meta = load_finetuned(args.model, device=device)
     if args.tta or args.no_tta:
         model.tta = bool(args.tta)
@@ -393,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
                     stem=stem,
                     batch_size=args.batch_size,
                     device=device,
+                    precision=precision,
                     min_pixels=args.min_pixels,
                     calibrator=calibrator,
                     bar=bar,
@@ -422,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
         extras.append("flip TTA")
     if getattr(model, "infer_size", None):
         extras.append(f"input {model.infer_size}² (trained at {model.input_size}²)")
+    extras.append(f"precision {precision}")
     print("  " + "; ".join(extras))
     if failures:
         print(f"{len(failures)} of {len(plan)} input(s) failed:", file=sys.stderr)
@@ -440,6 +455,7 @@ def segment_scan(
     stem: str | None = None,
     batch_size: int = 4,
     device: str = "cpu",
+    precision: str = "fp32",
     min_pixels: int = 5,
     calibrator=None,
     bar=None,
@@ -452,7 +468,8 @@ def segment_scan(
     (:class:`usfm_core.calibration.Calibrator`) picks the pixel size (default: the scan's own).
     ``bar`` (:func:`usfm_core.progress.progress_bar`) counts frames; it is expected to hold one
     frame for this scan, and its total is corrected once the scan's frame count is known. On an
-    error nothing of this scan is written and ``rows`` is unchanged.
+    error nothing of this scan is written and ``rows`` is unchanged. ``precision``: ``fp32`` /
+    ``bf16`` / ``auto`` (:mod:`usfm_core.models.precision`).
     """
     import numpy as np
     import tifffile
@@ -486,7 +503,12 @@ def segment_scan(
         target = out_dir / f"{stem}_mask.{'png' if single else 'tif'}"
         new_rows: list[dict] = []
         masks = segment_frames(
-            model, scan.iter_frames(), batch_size=batch_size, device=device, progress=count
+            model,
+            scan.iter_frames(),
+            batch_size=batch_size,
+            device=device,
+            progress=count,
+            precision=precision,
         )
         try:
             with atomic_path(target) as tmp:

@@ -45,11 +45,14 @@ def evaluate_model_dir(
     max_items: int | None = None,
     baseline: str | Path | None = None,
     splits_file: str | Path | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Score the model on ``split`` (clean and, optionally, corrupted) and write the report.
 
     ``baseline`` (e.g. the same recipe trained from scratch) is scored on exactly the same
-    items and shown beside the model in ``summary.md``. The split comes from ``splits_file``,
+    items and shown beside the model in ``summary.md``. ``precision``: ``"fp32"`` (default: the
+    numbers of the model cards), ``"bf16"`` or ``"auto"`` (:mod:`usfm_core.models.precision`);
+    the one used is recorded as ``"precision"``. The split comes from ``splits_file``,
     else from the ``splits.json`` of the model's run folder, else (``split="test"``) from the test
     items the model recorded; ``split="all"`` scores every item; anything else is refused.
 
@@ -63,10 +66,12 @@ def evaluate_model_dir(
     from usfm_core.evaluate.corruptions import CORRUPTIONS, SEVERITIES, corrupt
     from usfm_core.finetune.data import LabelledSet, load_splits
     from usfm_core.finetune.models import load_finetuned
+    from usfm_core.models.precision import resolve_precision
     from usfm_core.progress import progress_bar
     from usfm_core.utils import atomic_write_text
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    precision = resolve_precision(precision, device)
     model, meta = load_finetuned(model_dir, device=device)
     task = meta["task"]
     data = LabelledSet.from_folder(data_dir, task)
@@ -107,7 +112,7 @@ def evaluate_model_dir(
             bar.update(1)
             return tf(img) if tf is not None else img
 
-        return scorer(net, data, indices, counted, device, batch_size)
+        return scorer(net, data, indices, counted, device, batch_size, precision)
 
     per_image: dict[str, list[dict[str, Any]]] = {}
 
@@ -133,6 +138,7 @@ def evaluate_model_dir(
         "n": len(indices),
         "model": str(model_dir),
         "splits_file": str(splits_path) if splits_path else None,
+        "precision": precision,
         **score_all(model, "model"),
     }
     if baseline is not None:
@@ -221,7 +227,13 @@ def declare_mask_classes(data, meta: dict[str, Any]) -> None:
 
 
 def score_items(
-    model, data, indices: Sequence[int], *, device: str = "cpu", batch_size: int = 8
+    model,
+    data,
+    indices: Sequence[int],
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Clean metrics of a fine-tuned ``model`` on items ``indices`` of a :class:`LabelledSet`.
 
@@ -230,7 +242,7 @@ def score_items(
     classification: accuracy, macro-F1, precision, recall, AUROC, misclassified items.
     """
     score = _seg_scorer if getattr(model, "task", "") == "segmentation" else _cls_scorer
-    return score(model, data, list(indices), None, device, batch_size)[0]
+    return score(model, data, list(indices), None, device, batch_size, precision)[0]
 
 
 # Failure thresholds of the report (issue #14): Dice below these, |HC error| above 10 mm.
@@ -240,7 +252,13 @@ N_WORST = 10
 
 
 def _seg_scorer(
-    model, data, indices, transform: Callable | None, device: str, batch_size: int
+    model,
+    data,
+    indices,
+    transform: Callable | None,
+    device: str,
+    batch_size: int,
+    precision: str = "fp32",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-class and mean Dice / IoU / HD95 over items, at native resolution, plus one row
     per image (``image``, ``gt_empty``, ``pred_empty``, ``dice``, ``iou``, ``hd95`` and
@@ -267,7 +285,8 @@ def _seg_scorer(
     n_classes = max(model.n_classes, 1)
     rows, legacy, hc_errors, images = [], [], [], []
     for i, pred in zip(
-        indices, segment_frames(model, frames(), batch_size=batch_size, device=device)
+        indices,
+        segment_frames(model, frames(), batch_size=batch_size, device=device, precision=precision),
     ):
         item = data.items[i]
         px = item.pixel_size_mm
@@ -377,7 +396,13 @@ def circumference_error_mm(pred: np.ndarray, pixel_size_mm: float, reference_mm:
 
 
 def _cls_scorer(
-    model, data, indices, transform: Callable | None, device: str, batch_size: int
+    model,
+    data,
+    indices,
+    transform: Callable | None,
+    device: str,
+    batch_size: int,
+    precision: str = "fp32",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy, macro precision / recall / F1, AUROC and CE loss at model resolution (as in
     fine-tuning's validation), the number of misclassified items and the worst ones (lowest
@@ -387,11 +412,12 @@ def _cls_scorer(
 
     from usfm_core.evaluate.metrics import classification_metrics
     from usfm_core.finetune.data import SupervisedDataset
+    from usfm_core.models.precision import autocast
 
     ds = SupervisedDataset(data, indices, "classification", model.input_size, transform=transform)
     model = model.to(device).eval()
     probs, targets, loss = [], [], 0.0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, device):
         for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size):
             logits = model(x.to(device)).float().cpu()
             loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))

@@ -41,8 +41,8 @@ def segment_frames(
     """Segment frames one batch at a time; yields ``(H, W) uint8`` label maps (0 = background).
 
     The logits of :func:`frame_logits` (at each frame's own size, so the mask overlays the
-    frame exactly; ``options``: its ``batch_size``, ``device``, ``progress``, ``input_size``
-    and ``tta``) are thresholded (one sigmoid) or arg-maxed, then post-processed:
+    frame exactly; ``options``: its ``batch_size``, ``device``, ``progress``, ``input_size``,
+    ``tta`` and ``precision``) are thresholded (one sigmoid) or arg-maxed, then post-processed:
     ``postprocess`` is the presence gate / largest object / hole filling of
     :mod:`usfm_core.finetune.postprocess`, default ``model.postprocess`` (a saved model's
     ``extra.postprocess``), else none.
@@ -61,6 +61,7 @@ def frame_logits(
     progress: Callable[[int], None] | None = None,
     input_size: int | None = None,
     tta: bool | None = None,
+    precision: str = "fp32",
 ) -> Iterator[torch.Tensor]:
     """A segmenter's float32 logits ``(K, H, W)`` per frame, at the frame's own ``(H, W)``.
 
@@ -71,13 +72,18 @@ def frame_logits(
     segmented, and its logits resized back (bilinear). ``progress(n_done)`` is called after
     each batch. ``tta``: average the logits of the frame and of its horizontal mirror (flipped
     back): two forward passes, smoother outlines; default ``model.tta`` (a saved model's
-    ``extra.tta``), else off.
+    ``extra.tta``), else off. ``precision``: ``"fp32"`` (default), ``"bf16"`` or ``"auto"``
+    (bf16 where the CPU computes it natively, :mod:`usfm_core.models.precision`); the logits
+    are float32 either way.
     """
     import cv2
+
+    from usfm_core.models.precision import autocast, resolve_precision
 
     saved = getattr(model, "infer_size", None) or getattr(model, "input_size", 224)
     size = int(input_size or saved)
     tta = bool(getattr(model, "tta", False)) if tta is None else tta
+    precision = resolve_precision(precision, device)  # refuse a bad name before any work
     model = model.to(device).eval()
     done = 0
     batch: list[np.ndarray] = []
@@ -85,7 +91,7 @@ def frame_logits(
     def run(batch: list[np.ndarray]) -> list[torch.Tensor]:
         x = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in batch])
         xt = torch.from_numpy(normalize(x))[:, None].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device):
             logits = model(xt).float().cpu()
             if tta:  # mirror, segment, mirror back, average the logits
                 logits = 0.5 * (logits + model(xt.flip(-1)).float().cpu().flip(-1))
