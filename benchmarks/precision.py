@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from usfm_core.outputs import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "precision.json"
 MODELS = [  # shipped model, prepared data folder, task
@@ -133,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         result["val_accuracy"][name] = acc = accuracy(model, data, val, task)
         print(f"{name:>14} validation (fp32, bf16): {acc}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from usfm_core.outputs import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "pretrain_step_ab.json"
 DEFAULT_ARMS = [
@@ -177,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": _cpu_name(), "rows": rows, "summary": summary,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(payload, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 
