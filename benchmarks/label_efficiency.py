@@ -561,6 +561,29 @@ def backbone_id(backbone: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def same_finetune_regularisation(backbone: Any, reference: Any) -> Any:
+    """``backbone`` rebuilt with ``reference``'s drop-path rate, its weights unchanged.
+
+    Stochastic depth is a fine-tuning regulariser, not part of the pretrained weights, yet it
+    travels in the backbone's config: a ``usfm-core pretrain`` run's backbone keeps its preset's
+    0.1 while the shipped ``openus-small-fast`` export carries 0.0, so without this the MAE /
+    JEPA arms were fine-tuned with stochastic depth and OpenUS / scratch without (found
+    2026-12-02; the lr 5e-4 grid's MAE / JEPA rows were made that way). Every arm of the proof
+    now gets ``reference``'s rate. ``backbone`` is returned
+    as it is when the rates agree or when the configs differ in anything else too.
+    """
+    ref_cfg, cfg = reference.config, backbone.config
+    rate = getattr(ref_cfg, "drop_path_rate", None)
+    if rate is None or getattr(cfg, "drop_path_rate", rate) == rate:
+        return backbone
+    aligned = replace(cfg, drop_path_rate=rate)
+    if aligned.to_dict() != ref_cfg.to_dict():
+        return backbone
+    rebuilt = type(backbone)(aligned)
+    rebuilt.load_state_dict(backbone.state_dict())
+    return rebuilt
+
+
 def architecture_id(backbone: Any) -> str:
     """sha256 (first 16 hex) of a backbone's type and config: the identity of a scratch arm."""
     import hashlib
@@ -821,6 +844,9 @@ def proof_part(
     seeds = seeds if seeds is not None else list(proof.seeds)
     arms = ["openus", "scratch"] + [a for a in OPTIONAL_ARMS if a in backbones]
     loaded = {arm: load_backbone(spec) for arm, spec in backbones.items()}
+    for arm in OPTIONAL_ARMS:  # same stochastic depth in fine-tuning for every arm
+        if arm in loaded:
+            loaded[arm] = same_finetune_regularisation(loaded[arm], loaded["openus"])
     ids = {arm: backbone_id(m) for arm, m in loaded.items()}
     ids["scratch"] = "scratch-" + architecture_id(loaded["openus"])
     for arm in OPTIONAL_ARMS:

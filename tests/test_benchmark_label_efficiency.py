@@ -114,3 +114,26 @@ def test_pretrain_folder_leaves_out_test_images(le, shared_data, tmp_path):
 def test_cli_rejects_unknown_setting(le):
     with pytest.raises(SystemExit):
         le.main(["--setting", "nope"])
+
+
+def test_baseline_arms_get_the_reference_drop_path(le):
+    """MAE / JEPA backbones are fine-tuned with the OpenUS arm's stochastic depth (the rate is
+    a fine-tuning regulariser stored in the config); weights untouched; a backbone that differs
+    in anything else is left alone."""
+    import torch
+
+    from usfm_core.models.vmamba import VMamba, VMambaConfig
+
+    torch.manual_seed(0)
+    ref = VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8, drop_path_rate=0.0))
+    mae = VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=8, drop_path_rate=0.1))
+    out = le.same_finetune_regularisation(mae, ref)
+    assert out is not mae and out.config.drop_path_rate == 0.0
+    assert le.architecture_id(out) == le.architecture_id(ref)
+    for (name, a), b in zip(out.state_dict().items(), mae.state_dict().values()):
+        assert torch.equal(a, b), name
+    rates = [m.drop_path.p for m in out.modules() if hasattr(m, "drop_path")]
+    assert rates and all(r == 0.0 for r in rates)
+    wider = VMamba(VMambaConfig(in_chans=1, depths=(1, 1, 1, 1), dims=16, drop_path_rate=0.1))
+    assert le.same_finetune_regularisation(wider, ref) is wider
+    assert le.same_finetune_regularisation(ref, ref) is ref
