@@ -45,11 +45,11 @@ MODELS = [  # shipped model, prepared data folder, task
 
 def prepared_data(data: Path | None) -> Path:
     """The prepared data folder (made from ``../shared/data`` under /tmp when not given)."""
+    if data is not None:
+        return data
     sys.path.insert(0, str(REPO / "tools"))
     import shipped_models
 
-    if data is not None:
-        return data
     out = Path("/tmp/usfm-precision-data")
     if not (out / "busi" / "manifest.csv").exists():
         shipped_models.prepare(REPO.parent / "shared" / "data", out, n_sim=0)

@@ -39,8 +39,10 @@ def default_device() -> str:
 def precision() -> str:
     """``fp32`` (default) / ``bf16`` / ``auto`` for Segment (``USFM_PRECISION`` overrides the
     setting)."""
+    from usfm_core.models.precision import PRECISIONS
+
     value = os.environ.get("USFM_PRECISION") or _setting("precision") or "fp32"
-    return value if value in ("auto", "fp32", "bf16") else "fp32"
+    return value if value in PRECISIONS else "fp32"
 
 
 def num_threads() -> int:
