@@ -461,3 +461,28 @@ def test_models_import_refuses_a_shipped_name(tiny_model, model_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "shipped model" in err and "--name my-sim-lesion" in err
     assert list(model_dir.iterdir()) == []
+
+
+def test_evaluate_refuses_a_report_folder_that_would_write_over_the_data(shared_data, tmp_path):
+    """``evaluate --out`` equal to the data folder would replace a user's summary.md there (it
+    did, before): refused before anything is written, the user's file intact; a report folder
+    beside the data works. The label-efficiency report refuses a run folder as --out."""
+    root = tmp_path / "hc18"
+    root.mkdir()
+    for sub in ("images", "masks"):
+        (root / sub).symlink_to(shared_data / "hc18" / sub)
+    lines = (shared_data / "hc18" / "manifest.csv").read_text().splitlines()
+    (root / "manifest.csv").write_text("\n".join(lines[:3]) + "\n")
+    (root / "summary.md").write_text("my notes\n")
+    args = ["evaluate", "fetal-head", "--data", str(root), "--split", "all"]
+    assert main([*args, "--out", str(root)]) == 1
+    assert (root / "summary.md").read_text() == "my notes\n"
+    assert not (root / "metrics.json").exists()
+    assert main([*args, "--out", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n"] == 2
+    run = tmp_path / "run"
+    run.mkdir()
+    result = {"task": "segmentation", "label_ratio": 1.0, "val_metrics": {"dice": 0.5}}
+    (run / "result.json").write_text(json.dumps(result))
+    assert main(["evaluate", "--label-efficiency", str(run), "--out", str(run)]) == 1
+    assert sorted(p.name for p in run.iterdir()) == ["result.json"]

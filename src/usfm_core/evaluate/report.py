@@ -20,9 +20,27 @@ from typing import Any
 import numpy as np
 
 from usfm_core.errors import ConfigError
-from usfm_core.outputs import save_figure
+from usfm_core.outputs import check_out_dir, check_outputs, save_figure
 
 MAIN_METRIC = {"segmentation": "dice", "classification": "macro_f1"}
+
+
+#: Files :func:`evaluate_model_dir` writes into its report folder.
+REPORT_FILES = (
+    "metrics.json", "summary.md", "per_image.csv", "per_image_baseline.csv", "robustness.png",
+    "overlays.png",
+)  # fmt: skip
+#: Files :func:`label_efficiency_report` writes into its report folder.
+LABEL_EFFICIENCY_FILES = ("label_efficiency.json", "label_efficiency.md", "label_efficiency.png")
+
+
+def check_report_folder(out_dir: Path, names: Sequence[str], inputs: Sequence[Path]) -> None:
+    """Refuse, before anything is written, a report folder that is one of ``inputs`` or whose
+    files ``names`` would land in an input folder or replace an input (a data folder's own
+    ``summary.md``, say): :func:`usfm_core.outputs.check_out_dir` and
+    :func:`usfm_core.outputs.check_outputs`."""
+    check_out_dir(out_dir, inputs)
+    check_outputs([out_dir / name for name in names], inputs)
 
 
 def find_splits(model_dir: Path) -> Path | None:
@@ -67,6 +85,7 @@ def evaluate_model_dir(
     from usfm_core.finetune.data import LabelledSet, load_splits
     from usfm_core.finetune.models import load_finetuned
     from usfm_core.models.precision import resolve_precision
+    from usfm_core.models.zoo import resolve_model_dir
     from usfm_core.progress import progress_bar
     from usfm_core.utils import atomic_write_text
 
@@ -84,6 +103,9 @@ def evaluate_model_dir(
             path=splits_path,
             hint="pass the splits.json written by `usfm-core finetune` into its run folder",
         )
+    inputs = [Path(data_dir), resolve_model_dir(model_dir)]
+    inputs += [Path(baseline)] if baseline is not None else []
+    check_report_folder(out_dir, REPORT_FILES, inputs + ([splits_path] if splits_path else []))
     if split == "all":
         indices = list(range(len(data)))
     elif splits_path is not None:
@@ -162,7 +184,7 @@ def evaluate_model_dir(
     if task == "segmentation":
         index = {item.key: i for i, item in enumerate(data.items)}
         worst = [index[w["image"]] for w in result["clean"]["worst"][:4]] or indices[:4]
-        _plot_overlays(model, data, worst, out_dir / "overlays.png", device)
+        _plot_overlays(model, data, worst, out_dir / "overlays.png", device, precision)
     return result
 
 
@@ -598,9 +620,12 @@ def _plot_robustness(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_overlays(model, data, indices: Sequence[int], path: Path, device: str) -> None:
+def _plot_overlays(
+    model, data, indices: Sequence[int], path: Path, device: str, precision: str = "fp32"
+) -> None:
     """Image with ground-truth (green) and predicted (red) contours for a few items (the
-    report passes the worst by Dice), each titled with its file name and Dice."""
+    report passes the worst by Dice, segmented in the report's precision), each titled with its
+    file name and Dice."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -611,7 +636,7 @@ def _plot_overlays(model, data, indices: Sequence[int], path: Path, device: str)
     from usfm_core.finetune.infer import segment_frames
 
     imgs = [read_image(data.items[i]) for i in indices]
-    preds = list(segment_frames(model, imgs, device=device))
+    preds = list(segment_frames(model, imgs, device=device, precision=precision))
     fig, axes = plt.subplots(1, len(imgs), figsize=(3 * len(imgs), 3.3), squeeze=False)
     for ax, i, img, pred in zip(axes[0], indices, imgs, preds):
         target = read_mask(data.items[i]) > 0
@@ -667,6 +692,8 @@ def label_efficiency_report(
         for r in ratios
     }
     out_dir = Path(out_dir)
+    # After the runs are read: "not a finished run" says more than "would write into it".
+    check_report_folder(out_dir, LABEL_EFFICIENCY_FILES, [Path(r) for r in run_dirs])
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"metric": key, "task": task, "ratios": stats}
     atomic_write_text(out_dir / "label_efficiency.json", json.dumps(doc, indent=1))
