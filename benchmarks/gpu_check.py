@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from usfm_core.models.scan import available_backends, backend_report, selective_scan
+from usfm_core.optim import adamw
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -171,7 +172,7 @@ def openus_step(batch_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = get_method("openus")(cfg, total_steps=100, steps_per_epoch=10, n_items=batch_size)
     model = model.cuda().train()
-    opt = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
+    opt = adamw(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
     v = cfg.views
     batch = {
         "global_views": torch.randn(

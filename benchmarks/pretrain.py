@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from usfm_core.optim import adamw
 from usfm_core.pretrain.config import preset
 from usfm_core.pretrain.openus import step_generator
 
@@ -121,7 +122,7 @@ def time_steps(method: str, cfg, batch_size: int, steps: int):
 
     cfg.method = method
     model = get_method(method)(cfg, total_steps=100, steps_per_epoch=10, n_items=batch_size)
-    opt = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
+    opt = adamw(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
     batch = _batch(cfg, batch_size)
     model.train()
 

@@ -39,7 +39,8 @@ DEFAULT_ARMS = [
 ]
 # The child: time `steps` full OpenUS steps (forward, backward, AdamW, EMA) after one warm-up,
 # on random views of the preset's sizes; prints seconds per step. Uses only API that exists in
-# every revision since the C kernel landed (and before: backend "torch").
+# every revision since the C kernel landed (and before: backend "torch"); the optimiser is
+# the checkout's own (usfm_core.optim.adamw, fused, where it exists; plain AdamW before).
 CHILD = r"""
 import contextlib, sys, time
 import torch
@@ -54,7 +55,11 @@ torch.manual_seed(0)
 cfg = preset(name)
 cfg.method = "openus"
 model = get_method("openus")(cfg, total_steps=100, steps_per_epoch=10, n_items=bs)
-opt = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
+try:  # the product's optimiser (fused AdamW) where the checkout has one
+    from usfm_core.optim import adamw
+except ImportError:
+    adamw = torch.optim.AdamW
+opt = adamw(model.param_groups(cfg.optim.weight_decay), lr=1e-4)
 v = cfg.views
 batch = {
     "global_views": torch.randn(bs, v.n_global, v.in_chans, v.global_size, v.global_size),

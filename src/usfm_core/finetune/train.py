@@ -55,6 +55,7 @@ from usfm_core.finetune.models import (
     save_finetuned,
     trains_backbone_frozen,
 )
+from usfm_core.optim import adamw
 
 SAVE_INTERVAL_S = 60.0
 
@@ -339,7 +340,7 @@ def finetune(
     wd = weight_decay if weight_decay is not None else (5e-2 if task == "segmentation" else 1e-4)
     params = parameter_groups(model, lr, backbone_lr_scale)
     opt = (
-        torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        adamw(params, lr=lr, weight_decay=wd)
         if optimizer == "adamw"
         else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     )

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from usfm_core.errors import CheckpointError, USFMError
+from usfm_core.optim import adamw
 from usfm_core.pretrain.config import PretrainConfig
 from usfm_core.pretrain.methods import get_method
 from usfm_core.pretrain.schedules import cosine_schedule
@@ -439,9 +440,7 @@ def pretrain(
         warmup_steps=o.warmup_epochs * spe,
     )
     wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total_steps)
-    optimizer = torch.optim.AdamW(
-        model.param_groups(o.weight_decay), lr=float(lr[0]), betas=o.betas
-    )
+    optimizer = adamw(model.param_groups(o.weight_decay), lr=float(lr[0]), betas=o.betas)
     step = 0
     ckpt_root = out_dir / "checkpoints"
     if resume:
