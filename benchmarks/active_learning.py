@@ -117,7 +117,9 @@ class Setting:
     ``tiny`` (a random tiny VMamba, smoke only). ``sim_side``: simulated frame side.
     ``retrain``: every round starts again from the bare backbone (fresh decoder) instead of
     warm-starting from the last round's model, so a round's Dice depends on its labelled set
-    and not on how many rounds of training came before (module doc).
+    and not on how many rounds of training came before (module doc). ``warmup``: the fresh
+    decoder's learning-rate warm-up, a fraction of ``steps`` (``propagate(warmup=...)``; the
+    product's ``DEFAULT_WARMUP_NEW_DECODER`` is 0.1 since the ``full-retrain`` runs, which used 0).
     """
 
     name: str
@@ -133,6 +135,7 @@ class Setting:
     backbone: str = "openus-small-fast"
     sim_side: int = 256
     retrain: bool = False
+    warmup: float = 0.0
 
 
 SETTINGS = {
@@ -143,6 +146,10 @@ SETTINGS = {
     # The same sizes under the usual active-learning protocol: each round retrains from the
     # backbone for a fixed 120 steps (4x a product round; 16 epochs of the last round's 30 frames).
     "full-retrain": Setting("full-retrain", 0, 0, 128, 5, 6, 120, 4, (0, 1, 2), True, retrain=True),
+    # The same with the product's fresh-decoder recipe since: a 10 % learning-rate warm-up.
+    "full-retrain-warmup": Setting(
+        "full-retrain-warmup", 0, 0, 128, 5, 6, 120, 4, (0, 1, 2), True, retrain=True, warmup=0.1
+    ),
     "smoke-retrain": Setting(
         "smoke-retrain", 6, 3, 64, 2, 2, 1, 2, (0,), False, "tiny", sim_side=64, retrain=True
     ),
@@ -359,6 +366,7 @@ def run_one(
             {j: pool.masks[i] for j, i in enumerate(labelled)},
             steps=setting.steps,
             lr=DEFAULT_LR_NEW_DECODER if fresh else DEFAULT_LR,
+            warmup=setting.warmup if fresh else 0.0,
             batch_size=setting.batch,
             input_size=setting.size,
             seed=seed * 100 + r,
@@ -410,6 +418,8 @@ def run_key(setting: Setting, dataset: str, strategy: str, seed: int, bb: str) -
     fields = asdict(setting) | {"seeds": None}
     if not setting.retrain:  # keys written before the field existed stay valid
         fields.pop("retrain")
+    if not setting.warmup:  # likewise
+        fields.pop("warmup")
     return {
         "setting": fields,
         "dataset": dataset,

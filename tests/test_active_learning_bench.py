@@ -147,9 +147,13 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
 
 def test_retrain_setting_starts_every_round_from_the_backbone(al, tmp_path, monkeypatch):
     """``retrain`` settings build a fresh decoder on the bare backbone every round (and train it
-    at the new-decoder rate); warm-start settings only in round 1. Old keys stay valid."""
+    at the new-decoder rate and the setting's warm-up); warm-start settings only in round 1.
+    Old keys stay valid."""
+    from dataclasses import replace
+
     starts: list[int] = []
     lrs: list[float] = []
+    warmups: list[float] = []
     real_first = al.first_model
 
     def counting_first(backbone, seed, train_backbone):
@@ -162,17 +166,25 @@ def test_retrain_setting_starts_every_round_from_the_backbone(al, tmp_path, monk
 
     def recording_prop(*args, **kwargs):
         lrs.append(kwargs["lr"])
+        warmups.append(kwargs["warmup"])
         return real_prop(*args, **kwargs)
 
     monkeypatch.setattr(al, "first_model", counting_first)
     monkeypatch.setattr(prop, "propagate", recording_prop)
-    for name, n_starts in (("smoke", 1), ("smoke-retrain", 2)):
+    warm = replace(al.SETTINGS["smoke-retrain"], name="smoke-retrain-warmup", warmup=0.5)
+    monkeypatch.setitem(al.SETTINGS, warm.name, warm)
+    cases = (("smoke", 1, [0.0, 0.0]), ("smoke-retrain", 2, [0.0, 0.0]))
+    cases += (("smoke-retrain-warmup", 2, [0.5, 0.5]),)
+    for name, n_starts, warmup in cases:
         starts.clear()
         lrs.clear()
+        warmups.clear()
         argv = ["--setting", name, "--datasets", "sim", "--strategies", "random"]
         argv += ["--threads", "1", "--results-dir", str(tmp_path)]
         assert al.main(argv) == 0
         assert len(starts) == n_starts and len(lrs) == 2
-        assert (lrs[1] == prop.DEFAULT_LR_NEW_DECODER) == (name == "smoke-retrain")
+        assert (lrs[1] == prop.DEFAULT_LR_NEW_DECODER) == (name != "smoke")
+        assert warmups == warmup
         doc = json.loads((tmp_path / name / "sim" / "random-s0.json").read_text())
-        assert ("retrain" in doc["key"]["setting"]) == (name == "smoke-retrain")
+        assert ("retrain" in doc["key"]["setting"]) == (name != "smoke")
+        assert ("warmup" in doc["key"]["setting"]) == (name == "smoke-retrain-warmup")

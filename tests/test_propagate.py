@@ -17,6 +17,7 @@ from usfm_core.finetune.propagate import (
     frame_dice,
     iter_propagate,
     keep_overlapping,
+    lr_factor,
     mask_flicker,
     propagate,
 )
@@ -149,6 +150,61 @@ def test_fresh_decoder_on_backbone_and_cancel(cine):
     gen = iter_propagate(backbone, frames, {1: gt[1]}, steps=50, input_size=SIZE)
     assert next(gen)["stage"] == "train"
     gen.close()  # a napari worker.quit(): no error, nothing more runs
+
+
+def test_lr_factor_ramps_then_decays():
+    """A linear ramp over round(warmup·steps) steps times the cosine; no warm-up is the cosine."""
+    cos = [0.5 * (1 + np.cos(np.pi * s / 10)) for s in range(10)]
+    assert [lr_factor(s, 10) for s in range(10)] == pytest.approx(cos)
+    f = [lr_factor(s, 10, warmup=0.3) for s in range(10)]
+    assert f[:3] == pytest.approx([cos[0] / 3, cos[1] * 2 / 3, cos[2]])
+    assert f[0] < f[1] < f[2] and f[3:] == pytest.approx(cos[3:])
+    assert lr_factor(0, 60, warmup=0.1) == pytest.approx(1 / 6)
+
+
+def _moved(model, start):
+    """Mean absolute change of the backbone's parameters from the state dict ``start``."""
+    now = model.backbone.state_dict()
+    return float(
+        np.mean(
+            [(now[k] - v).abs().mean().item() for k, v in start.items() if v.is_floating_point()]
+        )
+    )
+
+
+def test_fresh_decoder_warmup_and_backbone_rate_slow_the_backbone(cine):
+    """The fresh-decoder recipe reaches the optimiser: a 0.001 backbone scale leaves the
+    backbone almost where it was, and a warm-up over all 3 steps (rates 1/3, 2/3·0.75, 0.25 of
+    the peak instead of 1, 0.75, 0.25) moves it less than none. AdamW's early steps move each
+    weight by about the rate, so movement tracks the summed rate."""
+    frames, gt = cine
+    torch.manual_seed(0)
+    backbone = CnnBackbone(CnnCfg(width=8))
+    start = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    def moved(**kw):
+        res = propagate(
+            backbone,
+            frames[:4],
+            {1: gt[1]},
+            steps=3,
+            lr=1e-2,
+            input_size=SIZE,
+            smooth=0,
+            seed=0,
+            **kw,
+        )
+        return _moved(res.model, start)
+
+    plain = moved(warmup=0.0, backbone_lr_scale=1.0)
+    assert moved(warmup=0.0, backbone_lr_scale=1e-3) < 0.02 * plain
+    assert moved(warmup=1.0, backbone_lr_scale=1.0) < 0.75 * plain
+    # the caller's backbone is untouched (propagate trains a copy)
+    assert backbone.state_dict()["stages.0.0.weight"].equal(start["stages.0.0.weight"])
+    with pytest.raises(ConfigError, match="warmup"):
+        propagate(backbone, frames[:4], {1: gt[1]}, steps=1, warmup=1.5)
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        propagate(backbone, frames[:4], {1: gt[1]}, steps=1, backbone_lr_scale=0)
 
 
 def test_propagate_errors(cine):

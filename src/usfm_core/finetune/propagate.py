@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from usfm_core.errors import ConfigError
+from usfm_core.optim import adamw
 
 #: Logit given to painted pixels (and minus it to the others) when labels anchor smoothing.
 LABEL_LOGIT = 8.0
@@ -64,6 +65,14 @@ DEFAULT_STEPS = 30
 DEFAULT_STEPS_NEW_DECODER = 60
 DEFAULT_LR = 2e-4  # warm start: the whole segmenter is already trained
 DEFAULT_LR_NEW_DECODER = 1e-3  # a fresh decoder on a backbone learns from scratch
+#: A fresh decoder's learning-rate warm-up (fraction of its steps) and the backbone's rate
+#: relative to the decoder's (warm starts use no warm-up and one rate). Without the warm-up,
+#: full-rate updates from a random decoder can wreck the pretrained backbone in the first
+#: steps (BUSI retrain rounds at Dice 0.04-0.10, recovered to 0.21-0.44 by it); chosen on the
+#: validation split by ``benchmarks/propagate_recipe.py`` (docs/benchmarks/active_learning.md),
+#: where a 0.1 backbone scale cost HC18 0.012-0.018 Dice and so stays 1.
+DEFAULT_WARMUP_NEW_DECODER = 0.1
+DEFAULT_BACKBONE_LR_SCALE_NEW_DECODER = 1.0
 
 
 @dataclass
@@ -214,6 +223,15 @@ def _training_set(
     return SupervisedDataset(data, range(len(idx)), "segmentation", size, augment=True, seed=seed)
 
 
+def lr_factor(step: int, steps: int, warmup: float = 0.0) -> float:
+    """The learning-rate multiplier of optimiser step ``step`` (0-based) of ``steps``: a linear
+    ramp over the first ``round(warmup·steps)`` steps (``(step + 1) / n``), times a cosine decay
+    from 1 to 0 over ``steps``."""
+    n_warm = round(warmup * steps)
+    ramp = min(1.0, (step + 1) / n_warm) if n_warm > 0 else 1.0
+    return ramp * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+
+
 def _iter_train(
     model: nn.Module,
     dataset: Any,
@@ -226,21 +244,24 @@ def _iter_train(
     device: str,
     cancel: Any,
     losses: list[float],
+    warmup: float = 0.0,
+    backbone_lr_scale: float = 1.0,
 ) -> Iterator[dict[str, Any]]:
     """``steps`` AdamW steps with a cosine schedule on batches drawn with replacement; yields a
-    progress dict after each step. Stops early (returning) when ``cancel`` is set."""
+    progress dict after each step. Stops early (returning) when ``cancel`` is set.
+
+    ``warmup``: the first ``warmup·steps`` steps (rounded) ramp the rate linearly up to ``lr``;
+    ``backbone_lr_scale``: the backbone's rate as a fraction of ``lr``
+    (:func:`~usfm_core.finetune.train.parameter_groups`)."""
     from usfm_core.finetune.models import trains_backbone_frozen
-    from usfm_core.finetune.train import _is_cancelled, segmentation_loss
+    from usfm_core.finetune.train import _is_cancelled, parameter_groups, segmentation_loss
 
     model.to(device).train()
     if trains_backbone_frozen(model):  # unet-hrc: only the decoder learns (models.py)
         model.backbone.eval()
         model.set_backbone_trainable(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
+    opt = adamw(parameter_groups(model, lr, backbone_lr_scale), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     rng = np.random.default_rng(seed)
     for step in range(1, steps + 1):
         if _is_cancelled(cancel):
@@ -397,6 +418,8 @@ def iter_propagate(
     *,
     steps: int | None = None,
     lr: float | None = None,
+    warmup: float | None = None,
+    backbone_lr_scale: float | None = None,
     weight_decay: float = 5e-2,
     batch_size: int = 4,
     input_size: int | None = None,
@@ -450,6 +473,14 @@ def iter_propagate(
     model.input_size = size
     masks = {int(i): _class_mask(m, k, int(i), shape) for i, m in labels.items()}
     lr = lr if lr is not None else DEFAULT_LR_NEW_DECODER if new_decoder else DEFAULT_LR
+    if warmup is None:
+        warmup = DEFAULT_WARMUP_NEW_DECODER if new_decoder else 0.0
+    if backbone_lr_scale is None:
+        backbone_lr_scale = DEFAULT_BACKBONE_LR_SCALE_NEW_DECODER if new_decoder else 1.0
+    if not 0 <= warmup <= 1:
+        raise ConfigError(f"warmup must be a fraction of the steps in [0, 1], got {warmup}")
+    if not 0 < backbone_lr_scale <= 10:
+        raise ConfigError(f"backbone_lr_scale must be in (0, 10], got {backbone_lr_scale}")
     torch.manual_seed(seed)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -464,6 +495,8 @@ def iter_propagate(
         device=device,
         cancel=cancel,
         losses=losses,
+        warmup=warmup,
+        backbone_lr_scale=backbone_lr_scale,
     )
     from usfm_core.finetune.train import _is_cancelled
 
@@ -509,6 +542,8 @@ def propagate(
     *,
     steps: int | None = None,
     lr: float | None = None,
+    warmup: float | None = None,
+    backbone_lr_scale: float | None = None,
     weight_decay: float = 5e-2,
     batch_size: int = 4,
     input_size: int | None = None,
@@ -538,6 +573,10 @@ def propagate(
             fresh decoder).
         lr: default ``DEFAULT_LR`` (2e-4) for a warm start, ``DEFAULT_LR_NEW_DECODER`` (1e-3)
             for a fresh decoder.
+        warmup: fraction of the steps over which the rate ramps up linearly (default
+            ``DEFAULT_WARMUP_NEW_DECODER`` for a fresh decoder, 0 for a warm start).
+        backbone_lr_scale: the backbone's rate as a fraction of ``lr`` (default
+            ``DEFAULT_BACKBONE_LR_SCALE_NEW_DECODER`` for a fresh decoder, 1 for a warm start).
         batch_size: frames per step (drawn with replacement) and per inference batch.
         input_size: model input side (default: the model's; for a fresh decoder on a bare
             backbone its pretraining crop side when recorded, e.g. 128 for
@@ -563,6 +602,8 @@ def propagate(
         labels,
         steps=steps,
         lr=lr,
+        warmup=warmup,
+        backbone_lr_scale=backbone_lr_scale,
         weight_decay=weight_decay,
         batch_size=batch_size,
         input_size=input_size,
