@@ -120,6 +120,9 @@ class Setting:
     and not on how many rounds of training came before (module doc). ``warmup``: the fresh
     decoder's learning-rate warm-up, a fraction of ``steps`` (``propagate(warmup=...)``; the
     product's ``DEFAULT_WARMUP_NEW_DECODER`` is 0.1 since the ``full-retrain`` runs, which used 0).
+    ``split``: ``test`` scores BUSI / HC18 on the test split with a train+val pool; ``val``
+    scores on the validation split with a train-only pool, for choosing between rules without
+    reading the test split.
     """
 
     name: str
@@ -136,6 +139,7 @@ class Setting:
     sim_side: int = 256
     retrain: bool = False
     warmup: float = 0.0
+    split: str = "test"
 
 
 SETTINGS = {
@@ -149,6 +153,22 @@ SETTINGS = {
     # The same with the product's fresh-decoder recipe since: a 10 % learning-rate warm-up.
     "full-retrain-warmup": Setting(
         "full-retrain-warmup", 0, 0, 128, 5, 6, 120, 4, (0, 1, 2), True, retrain=True, warmup=0.1
+    ),
+    # The same on train (pool) / validation (score) only: for choosing the product's rule.
+    "val-retrain-warmup": Setting(
+        "val-retrain-warmup",
+        0,
+        0,
+        128,
+        5,
+        6,
+        120,
+        4,
+        (0, 1, 2),
+        True,
+        retrain=True,
+        warmup=0.1,
+        split="val",
     ),
     "smoke-retrain": Setting(
         "smoke-retrain", 6, 3, 64, 2, 2, 1, 2, (0,), False, "tiny", sim_side=64, retrain=True
@@ -188,18 +208,22 @@ def _resize(images: Sequence[np.ndarray], side: int, nearest: bool = False) -> n
 
 def load_real(dataset: str, setting: Setting, seed: int, cache: dict) -> Pool:
     """BUSI / HC18 pool (per-seed sub-sample of train+val, data-set order) and test set
-    (lesion-bearing test items, evenly sub-sampled; the same for every seed)."""
+    (lesion-bearing test items, evenly sub-sampled; the same for every seed). With
+    ``setting.split == "val"`` the pool is the train split and the score set the validation
+    split's items with a structure."""
     from label_efficiency import spread_indices, task_data
     from usfm_core.finetune.data import read_image, read_mask
 
     if dataset not in cache:
         data, splits = task_data("busi-seg" if dataset == "busi" else "hc18-seg")
-        test = [i for i in splits["test"] if (read_mask(data.items[i]) > 0).any()]
+        held = splits["val"] if setting.split == "val" else splits["test"]
+        pool_items = splits["train"] if setting.split == "val" else splits["train"] + splits["val"]
+        test = [i for i in held if (read_mask(data.items[i]) > 0).any()]
         if setting.test:
             test = spread_indices(test, setting.test)
         tf = [read_image(data.items[i]) for i in test]
         tm = [(read_mask(data.items[i]) > 0).astype(np.uint8) for i in test]
-        cache[dataset] = (data, sorted(splits["train"] + splits["val"]), tf, tm)
+        cache[dataset] = (data, sorted(pool_items), tf, tm)
     data, trainval, tf, tm = cache[dataset]
     pool = trainval
     if setting.pool and setting.pool < len(trainval):
@@ -420,6 +444,8 @@ def run_key(setting: Setting, dataset: str, strategy: str, seed: int, bb: str) -
         fields.pop("retrain")
     if not setting.warmup:  # likewise
         fields.pop("warmup")
+    if setting.split == "test":
+        fields.pop("split")
     return {
         "setting": fields,
         "dataset": dataset,

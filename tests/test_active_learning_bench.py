@@ -4,13 +4,13 @@ simulated pools with per-run caching and resume."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "active_learning.py"
 
@@ -18,11 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "active_learning.p
 @pytest.fixture(scope="module")
 def al():
     """The benchmark script imported as a module."""
-    spec = importlib.util.spec_from_file_location("active_learning_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "active_learning_bench")
 
 
 def test_labels_to_match_random_interpolates_between_rounds(al):
@@ -188,3 +184,23 @@ def test_retrain_setting_starts_every_round_from_the_backbone(al, tmp_path, monk
         doc = json.loads((tmp_path / name / "sim" / "random-s0.json").read_text())
         assert ("retrain" in doc["key"]["setting"]) == (name != "smoke")
         assert ("warmup" in doc["key"]["setting"]) == (name == "smoke-retrain-warmup")
+
+
+def test_val_split_pools_train_and_scores_validation(al, shared_data):
+    """``split="val"`` (choosing a rule without the test split): the pool comes from the train
+    split only and the score set from the validation split's items with a head."""
+    from dataclasses import replace
+
+    from label_efficiency import spread_indices, task_data
+    from usfm_core.finetune.data import read_image, read_mask
+
+    data, splits = task_data("hc18-seg")
+    val = replace(al.SETTINGS["smoke"], split="val", pool=6, test=3)
+    pool = al.load_real("hc18", val, 0, {})
+    assert {int(i) for i in pool.ids} <= set(splits["train"]) and len(pool.ids) == 6
+    held = [i for i in splits["val"] if (read_mask(data.items[i]) > 0).any()]
+    expected = [read_image(data.items[i]) for i in spread_indices(held, 3)]
+    assert len(pool.test_frames) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(pool.test_frames, expected, strict=True))
+    assert "split" in al.run_key(val, "hc18", "random", 0, "x")["setting"]
+    assert "split" not in al.run_key(al.SETTINGS["smoke"], "hc18", "random", 0, "x")["setting"]

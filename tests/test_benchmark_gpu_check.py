@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
@@ -16,11 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 @pytest.fixture(scope="module")
 def gpu_check():
     """The benchmark script imported as a module."""
-    spec = importlib.util.spec_from_file_location("gpu_check_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "gpu_check_bench")
 
 
 def test_without_cuda_writes_a_json_saying_so(gpu_check, tmp_path, monkeypatch):

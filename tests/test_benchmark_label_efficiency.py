@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_efficiency.py"
 
@@ -15,11 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_efficiency.
 @pytest.fixture(scope="module")
 def le():
     """The benchmark script imported as a module."""
-    spec = importlib.util.spec_from_file_location("label_efficiency_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "label_efficiency_bench")
 
 
 def test_write_cine_repeats_distinct_frames_and_reads_lazily(le, tmp_path):

@@ -3,12 +3,12 @@ validation data are cached per recipe and resumed, and the summary pairs recipes
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "propagate_recipe.py"
 
@@ -16,11 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "propagate_recipe.
 @pytest.fixture(scope="module")
 def pr():
     """The benchmark script imported as a module."""
-    spec = importlib.util.spec_from_file_location("propagate_recipe_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "propagate_recipe_bench")
 
 
 def test_parse_recipe(pr):

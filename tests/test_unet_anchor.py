@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unet_anchor.py"
 BASIC_UNET_PARAMS = 1_978_433  # MONAI 1.6.1 BasicUNet(spatial_dims=2, 1 → 1), default features
@@ -18,11 +19,7 @@ BASIC_UNET_PARAMS = 1_978_433  # MONAI 1.6.1 BasicUNet(spatial_dims=2, 1 → 1),
 @pytest.fixture(scope="module")
 def anchor():
     """The benchmark script imported as a module."""
-    spec = importlib.util.spec_from_file_location("unet_anchor_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "unet_anchor_bench")
 
 
 def test_plain_unet_is_basic_unets_architecture(anchor):
