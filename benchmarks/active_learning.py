@@ -776,7 +776,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("labelled frames")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("test Dice (mean ± std over seeds)")
+    scored = "validation" if summary["setting"].get("split") == "val" else "test"
+    axes[0].set_ylabel(f"{scored} Dice (mean ± std over seeds)")
     fig.suptitle(f"Active learning ({summary['setting']['name']} setting)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
