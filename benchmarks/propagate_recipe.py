@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from usfm_core.outputs import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_RECIPES = ["base=0:1", "warmup=0.1:1", "bb=0:0.1", "both=0.1:0.1"]
+DEFAULT_RECIPES = ["base=0:1", "warmup=0.1:1", "warm20=0.2:1", "bb=0:0.1", "both=0.1:0.1"]
 SIZE, BATCH, LR = 128, 4, 1e-3  # the retrain protocol's input side, batch and fresh-decoder rate
 
 
