@@ -17,7 +17,6 @@ from usfm_core.finetune.propagate import (
     frame_dice,
     iter_propagate,
     keep_overlapping,
-    lr_factor,
     mask_flicker,
     propagate,
 )
@@ -32,6 +31,7 @@ from usfm_core.finetune.rounds import (
 )
 from usfm_core.finetune.suggest import load_model_or_backbone
 from usfm_core.models.zoo import list_models
+from usfm_core.optim import lr_factor
 from usfm_core.sim import simulate_cine
 
 SIZE = 64

@@ -1,4 +1,5 @@
-"""The optimiser every trainer of the toolkit uses: AdamW, fused where torch has a fused kernel.
+"""The optimiser every trainer of the toolkit uses: AdamW, fused where torch has a fused kernel,
+and the fine-tuning learning-rate schedule (:func:`lr_factor`).
 
 PyTorch's default AdamW on CPU updates one parameter at a time (about a dozen small ops per
 tensor); the fused kernel does the whole update in one call. For ``small-fast`` pretraining
@@ -10,6 +11,7 @@ state dicts load in either form, so checkpoints written before resume unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,3 +55,12 @@ def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
         except (RuntimeError, TypeError, ValueError):  # an older torch or an exotic tensor
             pass
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_factor(step: int, steps: int, warmup: float = 0.0) -> float:
+    """The learning-rate multiplier of optimiser step ``step`` (0-based) of ``steps``: a linear
+    ramp over the first ``round(warmup·steps)`` steps (``(step + 1) / n``), times a cosine decay
+    from 1 to 0 over ``steps`` (``LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))``)."""
+    n_warm = round(warmup * steps)
+    ramp = min(1.0, (step + 1) / n_warm) if n_warm > 0 else 1.0
+    return ramp * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))

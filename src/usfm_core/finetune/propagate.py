@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -54,7 +53,7 @@ import torch
 from torch import nn
 
 from usfm_core.errors import ConfigError
-from usfm_core.optim import adamw
+from usfm_core.optim import adamw, lr_factor
 
 #: Logit given to painted pixels (and minus it to the others) when labels anchor smoothing.
 LABEL_LOGIT = 8.0
@@ -221,15 +220,6 @@ def _training_set(
     data = LabelledSet.from_arrays([_gray(frames[i]) for i in idx], masks=[masks[i] for i in idx])
     data.set_mask_classes(range(max(2, n_classes)))  # masks hold class indices already
     return SupervisedDataset(data, range(len(idx)), "segmentation", size, augment=True, seed=seed)
-
-
-def lr_factor(step: int, steps: int, warmup: float = 0.0) -> float:
-    """The learning-rate multiplier of optimiser step ``step`` (0-based) of ``steps``: a linear
-    ramp over the first ``round(warmup·steps)`` steps (``(step + 1) / n``), times a cosine decay
-    from 1 to 0 over ``steps``."""
-    n_warm = round(warmup * steps)
-    ramp = min(1.0, (step + 1) / n_warm) if n_warm > 0 else 1.0
-    return ramp * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
 
 
 def _iter_train(

@@ -55,7 +55,7 @@ from usfm_core.finetune.models import (
     save_finetuned,
     trains_backbone_frozen,
 )
-from usfm_core.optim import adamw
+from usfm_core.optim import adamw, lr_factor
 
 SAVE_INTERVAL_S = 60.0
 
@@ -349,9 +349,7 @@ def finetune(
     val_ds = SupervisedDataset(dataset, splits["val"], task, input_size)
     loader = training_loader(train_ds, batch_size, seed)
     total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total))
 
     weight = None
     if balanced and task == "classification":
