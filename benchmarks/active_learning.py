@@ -798,9 +798,13 @@ def load_records(results: Path, setting: str) -> list[dict[str, Any]]:
 
 
 def write_summary(results: Path, setting: Setting, out: Path, plot_path: Path | None) -> dict:
-    """Merge the cached runs into ``out`` (+ ``.md``) and the plot."""
-    from usfm_core.outputs import atomic_write_text
+    """Merge the cached runs into ``out`` (+ ``.md``) and the plot; none of them may replace a
+    run file or land among them."""
+    from usfm_core.outputs import atomic_write_text, check_outputs
 
+    runs = results / setting.name
+    outputs = [out, out.with_suffix(".md"), *([plot_path] if plot_path is not None else [])]
+    check_outputs(outputs, [runs, *(p for p in runs.glob("*") if p.is_dir())])
     summary = summarise(load_records(results, setting.name), setting)
     summary["machine_load_at_summary"] = machine_load()
     if plot_path is not None and summary["datasets"]:

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from usfm_core.outputs import atomic_write_text
+from usfm_core.outputs import atomic_write_text, check_outputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RECIPES = ["base=0:1", "warmup=0.1:1", "warm20=0.2:1", "bb=0:0.1", "both=0.1:0.1"]
@@ -52,24 +52,17 @@ def parse_recipe(text: str) -> tuple[str, float, float]:
     return label, warm, scale
 
 
-def load_split_data(dataset: str, cache: dict) -> dict[str, Any]:
-    """Train-split frames / masks at the model side, validation images with a structure."""
-    from active_learning import _resize
-    from label_efficiency import task_data
-    from usfm_core.finetune.data import read_image, read_mask
+def load_split_data(dataset: str, cache: dict) -> Any:
+    """Train-split frames / masks at the model side (``frames``, ``masks``) and validation
+    images with a structure (``test_frames``, ``test_masks``): ``active_learning``'s pool with
+    ``split="val"``, read once per data set."""
+    from dataclasses import replace
+
+    from active_learning import SETTINGS, load_real
 
     if dataset not in cache:
-        data, splits = task_data("busi-seg" if dataset == "busi" else "hc18-seg")
-        train = sorted(splits["train"])
-        val = [i for i in splits["val"] if (read_mask(data.items[i]) > 0).any()]
-        cache[dataset] = {
-            "frames": _resize([read_image(data.items[i]) for i in train], SIZE),
-            "masks": _resize(
-                [(read_mask(data.items[i]) > 0).astype(np.uint8) for i in train], SIZE, True
-            ),
-            "val_frames": [read_image(data.items[i]) for i in val],
-            "val_masks": [(read_mask(data.items[i]) > 0).astype(np.uint8) for i in val],
-        }
+        whole = replace(SETTINGS["val-retrain-warmup"], size=SIZE, pool=0, test=0)
+        cache[dataset] = load_real(dataset, whole, 0, {})
     return cache[dataset]
 
 
@@ -83,25 +76,25 @@ def run_one(
 
     d = load_split_data(dataset, cache)
     rng = np.random.default_rng(seed * 1000 + n)
-    picked = sorted(rng.choice(len(d["frames"]), n, replace=False).tolist())
+    picked = sorted(rng.choice(len(d.frames), n, replace=False).tolist())
     _, warm, scale = recipe
     t0 = time.perf_counter()
     res = propagate(
         first_model(backbone, seed, True),
-        d["frames"][picked],
-        {j: d["masks"][i] for j, i in enumerate(picked)},
+        d.frames[picked],
+        {j: d.masks[i] for j, i in enumerate(picked)},
         steps=steps, lr=LR, warmup=warm, backbone_lr_scale=scale, batch_size=BATCH,
         input_size=SIZE, seed=seed * 100 + n,
     )  # fmt: skip
     t1 = time.perf_counter()
-    dice = mean_test_dice(res.model, d["val_frames"], d["val_masks"], SIZE)
+    dice = mean_test_dice(res.model, d.test_frames, d.test_masks, SIZE)
     return {
         "dice": dice,
         "picked": picked,
-        "picked_foreground": [bool(d["masks"][i].any()) for i in picked],
+        "picked_foreground": [bool(d.masks[i].any()) for i in picked],
         "loss_first10": float(np.mean(res.losses[:10])),
         "loss_last10": float(np.mean(res.losses[-10:])),
-        "n_val": len(d["val_frames"]),
+        "n_val": len(d.test_frames),
         "seconds": {"train": round(t1 - t0, 1), "val": round(time.perf_counter() - t1, 1)},
     }
 
@@ -192,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "propagate_recipe.json")
     parser.add_argument("--summarise", action="store_true")
     args = parser.parse_args(argv)
+    # The summary never replaces a run file it is made from (nor lands among them).
+    runs = args.results_dir
+    check_outputs([args.out], [runs, *(p for p in runs.glob("*") if p.is_dir())])
     if not args.summarise:
         run_grid(args)
     summary = summarise(args.results_dir, args.recipes, args.steps)

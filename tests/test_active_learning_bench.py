@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from script_loader import load_script
+from usfm_core.errors import USFMError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "active_learning.py"
 
@@ -118,6 +119,10 @@ def test_smoke_runs_caches_resumes_and_summarises(al, shared_data, tmp_path, mon
     assert "labels_to_match_random" in hc["suggest-typical"] and summary["targets_typical"]
     assert "labels_to_match_random" in hc["suggest-typical-w0"] and summary["targets_typical-w0"]
     assert png.stat().st_size > 10_000 and out.with_suffix(".md").is_file()
+    run_file = results / "smoke" / "hc18" / "random-s0.json"
+    with pytest.raises(USFMError, match="input folder"):  # a summary never replaces a run
+        al.main([*argv[:-4], "--out", str(run_file), "--summarise"])
+    assert "curve" in json.loads(run_file.read_text())
 
     # resume: nothing reruns while every cached key matches ...
     calls: list[tuple] = []

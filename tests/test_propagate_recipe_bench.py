@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from script_loader import load_script
+from usfm_core.errors import USFMError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "propagate_recipe.py"
 
@@ -42,6 +43,11 @@ def test_runs_resume_and_pair_per_seed(pr, shared_data, tmp_path, monkeypatch):
     assert cells["a"]["paired_diff"] == 0.0 and cells["a"]["seeds"] == [0, 1]
     d = [runs[f"b-n2-s{s}-t2.json"]["dice"] - runs[f"a-n2-s{s}-t2.json"]["dice"] for s in (0, 1)]
     assert cells["b"]["paired_diff"] == pytest.approx(sum(d) / 2)
+
+    # the summary may not replace a run file (nor be written among them)
+    with pytest.raises(USFMError, match="input folder"):
+        pr.main([*argv[:-2], "--out", str(results / "hc18" / "a-n2-s0-t2.json"), "--summarise"])
+    assert "key" in json.loads((results / "hc18" / "a-n2-s0-t2.json").read_text())
 
     calls: list = []
     monkeypatch.setattr(pr, "run_one", lambda *a: calls.append(a) or pytest.fail("reran"))
