@@ -415,3 +415,32 @@ def test_preprocess_refuses_deidentify_options_that_keep_text(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "error:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_short_misread_word_on_a_line_with_an_identifier_is_removed(monkeypatch):
+    """Tesseract's reading differs between CPUs: on one, 'MRN' beside the digits came back as
+    '—MEN' at confidence 0, too short to count alone, and its 'M' stayed in the output. Words on
+    the line of an identifier-like word now count; a lone short low-confidence word (speckle)
+    still does not. Tesseract's answer is fixed here (upscale 2: boxes in 2× pixels)."""
+    pytesseract = pytest.importorskip("pytesseract")
+    from usfm_core.preprocess import deidentify
+
+    def words(*rows):  # (text, conf, left, top, width, height, line)
+        keys = ["text", "conf", "left", "top", "width", "height", "line_num"]
+        data = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+        n = len(rows)
+        data.update(page_num=[1] * n, block_num=[1] * n, par_num=[1] * n)
+        return data
+
+    answer = words(
+        ("", -1, 0, 0, 400, 60, 1),  # a layout row, not a word
+        ("—MEN", 0, 20, 20, 60, 24, 1),
+        ("12345678", 0, 100, 20, 120, 24, 1),
+        ("oe", 10, 300, 300, 20, 16, 2),  # speckle, alone on its line
+    )
+    monkeypatch.setattr(pytesseract, "image_to_data", lambda *a, **k: answer)
+    mask = deidentify._tesseract_boxes(np.full((200, 200), 255, np.uint8), 2)
+    assert mask[15, 15] and mask[15, 35]  # the misread label, beside the MRN
+    assert mask[15, 60]  # the MRN itself
+    assert not mask[154, 155]  # the speckle word
+    assert not mask[100, 100]

@@ -242,6 +242,18 @@ def _identifier_like(word: str, conf: float) -> bool:
     )
 
 
+def _line_keys(data: dict) -> list[tuple[int, int, int, int]]:
+    """Per word of Tesseract's ``image_to_data`` dict: its (page, block, paragraph, line)."""
+    n = len(data["text"])
+    return [
+        tuple(
+            int(data[k][i]) if k in data else 0
+            for k in ("page_num", "block_num", "par_num", "line_num")
+        )
+        for i in range(n)
+    ]
+
+
 def _tesseract_boxes(image: np.ndarray, upscale: int) -> np.ndarray:
     """(H, W) bool filled word boxes Tesseract reads in ``image`` (upscaled ``upscale``×)."""
     import cv2
@@ -253,10 +265,20 @@ def _tesseract_boxes(image: np.ndarray, upscale: int) -> np.ndarray:
     data = pytesseract.image_to_data(big, config=OCR_CONFIG, output_type=pytesseract.Output.DICT)
     h, w = image.shape
     mask = np.zeros((h, w), np.uint8)
-    for text, conf, x, y, bw, bh in zip(
-        data["text"], data["conf"], data["left"], data["top"], data["width"], data["height"]
-    ):
-        if not _identifier_like(str(text), float(conf)):
+    words = list(
+        zip(
+            data["text"], data["conf"], data["left"], data["top"], data["width"],
+            data["height"], _line_keys(data),
+        )
+    )  # fmt: skip
+    # A line with one identifier-like word is a line of text: its other words go too. The
+    # label beside an MRN is short and often misread at confidence 0 ('MRN' as '—MEN' on an
+    # AVX-512 machine, where Tesseract's arithmetic differs), too little to count on its own.
+    text_lines = {key for text, conf, *_, key in words if _identifier_like(str(text), float(conf))}
+    for text, conf, x, y, bw, bh, key in words:
+        if float(conf) < 0 or not any(c.isalnum() for c in str(text)):
+            continue
+        if key not in text_lines:
             continue
         x0, y0 = x // upscale, y // upscale
         x1, y1 = (x + bw) // upscale + 1, (y + bh) // upscale + 1
