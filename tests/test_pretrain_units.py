@@ -16,7 +16,7 @@ from usfm_core.errors import ConfigError
 from usfm_core.pretrain import openus as openus_mod
 from usfm_core.pretrain.config import PretrainConfig, load_config, preset
 from usfm_core.pretrain.ema import PerImageLossEMA, PositionalLossEMA, ema_update
-from usfm_core.pretrain.heads import ProjectionHead, ReconstructionHead
+from usfm_core.pretrain.heads import BatchStandardize, ProjectionHead, ReconstructionHead
 from usfm_core.pretrain.losses import DistillationLoss, reconstruction_loss
 from usfm_core.pretrain.masking import (
     AttentionMaskGenerator,
@@ -570,3 +570,29 @@ def test_baseline_methods_get_their_own_views_and_optimiser():
     # The user's keys win over the method's defaults; OpenUS keeps the preset.
     assert load_config("tiny", ["method=mae", "optim.lr=0.01"]).optim.lr == 0.01
     assert load_config("tiny").views.global_blur_p == (1.0, 0.1)
+
+
+def test_batch_standardize_is_batch_norm_over_every_leading_position():
+    """BatchStandardize = batch norm in training mode without running statistics, over images
+    and tokens together: values and gradients equal F.batch_norm's on the flattened rows."""
+    torch.manual_seed(0)
+    bs = BatchStandardize(6).double()
+    with torch.no_grad():
+        bs.weight.normal_()
+        bs.bias.normal_()
+    x = (2 * torch.randn(3, 5, 6, dtype=torch.float64) + 0.5).requires_grad_()
+    got = bs(x)
+    want = nn.functional.batch_norm(
+        x.reshape(-1, 6), None, None, bs.weight, bs.bias, training=True, eps=bs.eps
+    ).view_as(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(got)
+    got_g = torch.autograd.grad(got, (x, bs.weight, bs.bias), g)
+    want_g = torch.autograd.grad(want, (x, bs.weight, bs.bias), g)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    flat = got.detach().reshape(-1, 6)  # each channel: mean = bias, std = |weight| (to eps)
+    torch.testing.assert_close(flat.mean(0), bs.bias.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        flat.std(0, unbiased=False), bs.weight.detach().abs(), rtol=1e-5, atol=0
+    )

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import usfm_core.models.vmamba as vm
 from usfm_core.errors import ConfigError
 from usfm_core.models.attention import direction_orders
 from usfm_core.models.vmamba import VMamba, VMambaConfig, cross_merge, cross_scan
@@ -198,3 +199,75 @@ def test_importance_output(tiny: VMamba) -> None:
         assert early(x, return_attention=True).importance.shape == (2, 8, 12)
     with pytest.raises(ValueError, match="no block"):
         tiny.get_ss2d(0, 5)
+
+
+def _native_channel_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """torch's own LayerNorm over the channels of (B, C, H, W) → (B, H, W, C)."""
+    return torch.nn.functional.layer_norm(
+        x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps
+    )
+
+
+@pytest.mark.parametrize("channels", [3, 8, 16])
+def test_channel_norm_matches_layer_norm(channels: int) -> None:
+    """Below SMALL_NORM_CHANNELS the norm runs channels-first (its own backward); both paths
+    give torch's LayerNorm values and gradients (float64, so rounding cannot hide a bug)."""
+    torch.manual_seed(channels)
+    m = vm.ChannelsLastNorm(channels, 1e-5).double()
+    with torch.no_grad():
+        m.norm.weight.normal_()
+        m.norm.bias.normal_()
+    x = (3 * torch.randn(2, channels, 5, 6, dtype=torch.float64) + 1).requires_grad_()
+    g = torch.randn(2, 5, 6, channels, dtype=torch.float64)
+    got = m(x)
+    assert got.shape == (2, 5, 6, channels)
+    got_grads = torch.autograd.grad(got, (x, m.norm.weight, m.norm.bias), g)
+    want = _native_channel_norm(m.norm, x)
+    want_grads = torch.autograd.grad(want, (x, m.norm.weight, m.norm.bias), g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_channels_first_norm_gradcheck() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: vm._ChannelsFirstNorm.apply(x, w, b, 1e-5), (x, w, b)
+    )
+
+
+def test_channel_norm_float32_and_autocast_paths() -> None:
+    """float32 (the channels-first path) agrees with torch's LayerNorm to float32 rounding, and
+    under bf16 autocast the module falls back to torch's LayerNorm."""
+    torch.manual_seed(1)
+    m = vm.ChannelsLastNorm(8, 1e-5)
+    x = torch.randn(4, 8, 16, 16)
+    torch.testing.assert_close(m(x), _native_channel_norm(m.norm, x), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.bfloat16())
+        want = m.norm(x.bfloat16().permute(0, 2, 3, 1))
+    assert y.dtype == want.dtype
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize(("size", "dim", "out_dim"), [(8, 128, 256), (16, 16, 48)])
+def test_downsample_input_layout_does_not_change_results(size: int, dim: int, out_dim: int) -> None:
+    """Downsample copies the map channels-first when its weight is the larger tensor (first
+    case) and keeps channels-last strides otherwise (second); either way it computes the
+    convolution of the map, checked against conv2d on a plain NCHW copy in float64."""
+    torch.manual_seed(size)
+    ds = vm.Downsample(dim, out_dim, 1e-5).double()
+    x = torch.randn(2, size, size, dim, dtype=torch.float64, requires_grad=True)
+    got = ds(x)
+    conv = torch.nn.functional.conv2d(
+        x.permute(0, 3, 1, 2).contiguous(), ds.conv.weight, ds.conv.bias, stride=2, padding=1
+    )
+    want = _native_channel_norm(ds.norm.norm, conv)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(got)
+    (gx,) = torch.autograd.grad(got, x, g)
+    (wx,) = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(gx, wx, rtol=1e-10, atol=1e-10)

@@ -21,16 +21,20 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     ``student`` may be wrapped (DDP ``module.`` prefix is stripped).
     """
     s_params = {k.removeprefix("module."): v for k, v in student.named_parameters()}
-    # One foreach call per (device, dtype) group instead of two small ops per tensor (same
-    # arithmetic, bit for bit): the per-tensor loop cost 4.5 ms per small-fast step on a core.
+    # One foreach call per (device, dtype) group instead of small ops per tensor (the
+    # per-tensor loop cost 4.5 ms per small-fast step on a core), and that call a lerp,
+    # θ_t + (1−m)(θ_s − θ_t): one pass over the teacher instead of a multiply and an add
+    # (1.3 → 0.7 ms for small-fast's 3.5 M values; equal to the two-op form to float rounding).
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, p_t in teacher.named_parameters():
         groups.setdefault((p_t.device, p_t.dtype), []).append((p_t, s_params[name].detach()))
     for (device, dtype), group in groups.items():
         targets = [t for t, _ in group]
-        sources = [s.to(device=device, dtype=dtype) for _, s in group]
-        torch._foreach_mul_(targets, momentum)
-        torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+        sources = [
+            s if (s.device == device and s.dtype == dtype) else s.to(device=device, dtype=dtype)
+            for _, s in group
+        ]
+        torch._foreach_lerp_(targets, sources, 1.0 - momentum)
     s_buffers = {k.removeprefix("module."): v for k, v in student.named_buffers()}
     for name, b_t in teacher.named_buffers():
         if name in s_buffers and b_t.dtype.is_floating_point:
