@@ -13,10 +13,11 @@ model of every round is scored on a fixed, never-selected test set:
 
 Strategies, given the labelled frames so far:
 
-* ``suggest``: the product's ranking, :func:`usfm_core.finetune.suggest.score_frames` +
-  :func:`~usfm_core.finetune.suggest.select_frames` with the current round's model (first
-  round: the bare backbone, i.e. pure k-center diversity from its embeddings; later rounds:
-  the last round's segmenter, uncertainty weight 0.5, the product's default);
+* ``suggest``: the product's k-center ranking, :func:`usfm_core.finetune.suggest.score_frames`
+  + :func:`~usfm_core.finetune.suggest.select_frames` (``strategy="kcenter"``) with the current
+  round's model (first round: the bare backbone, i.e. pure k-center diversity from its
+  embeddings; later rounds: the last round's segmenter, uncertainty weight 0.5). It was the
+  product's default until the ``val-warmup`` grid chose random frames (2026-12-02);
 * ``suggest-typical`` / ``suggest-typical-w0``: the same with ``select_frames``' typical rule
   (TypiClust), with the product's uncertainty weights / with weight 0 in every round;
 * ``random``: ``k`` unlabelled frames drawn uniformly (``numpy`` generator seeded by the seed);
@@ -147,6 +148,13 @@ SETTINGS = {
     "quick": Setting("quick", 120, 40, 64, 3, 4, 20, 4, (0, 1, 2), False, sim_side=128),
     # The issue's sizes: whole pools, whole test splits, the product's full fine-tuning.
     "full": Setting("full", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True),
+    # The product's loop as it is now: warm starts, and round 1's fresh decoder with the
+    # product's 10 % warm-up (``full`` predates it).
+    "full-warmup": Setting("full-warmup", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True, warmup=0.1),
+    # The same on train (pool) / validation (score) only: for choosing the product's rule.
+    "val-warmup": Setting(
+        "val-warmup", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True, warmup=0.1, split="val"
+    ),
     # The same sizes under the usual active-learning protocol: each round retrains from the
     # backbone for a fixed 120 steps (4x a product round; 16 epochs of the last round's 30 frames).
     "full-retrain": Setting("full-retrain", 0, 0, 128, 5, 6, 120, 4, (0, 1, 2), True, retrain=True),
@@ -620,7 +628,8 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
             sug, rnd = by[variant], by["random"]
             m = min(len(sug), len(rnd))
             if common and m:
-                # "suggest" (the product default) keeps the historical top-level keys.
+                # "suggest" (k-center, the product default until 2026-12-02) keeps the
+                # historical top-level keys.
                 sub = entry if variant == "suggest" else entry.setdefault(variant, {})
                 sub["compared_seeds"] = sorted(common)
                 n_labels = [x["n_labelled"] for x in rnd[:m]]

@@ -76,7 +76,9 @@ def test_suggest_fills_the_table_marks_frames_and_a_click_jumps_there(
     direct = suggest_frames(START, cine.frames, 3)
     assert frames == [s.frame for s in direct]
     assert len(set(frames)) == 3 and all(0 <= f < 10 for f in frames)
-    assert widget._table.to_dict("list")["frame"] == frames
+    table = widget._table.to_dict("list")
+    assert table["frame"] == frames
+    assert table["uncertainty"] == [round(float(s.uncertainty), 3) for s in direct]
     assert widget.progress.value == widget.progress.max == 10
     # Each suggested frame is outlined on its own frame (a rectangle at time t).
     marker = viewer.layers["suggested frames"]
@@ -94,6 +96,20 @@ def test_suggest_fills_the_table_marks_frames_and_a_click_jumps_there(
     assert widget.input_size(str(find_model("openus-small-fast").path)) == BACKBONE_INPUT
     widget._size.value = 96
     assert widget.input_size(str(find_model(START).path)) == 96
+    # Another rule: the widget passes it through (k-center, as the core ranks it).
+    widget._size.value = 0
+    widget._rule.value = "kcenter"
+    widget.suggest()
+    _wait(qtbot, widget)
+    ranked = suggest_frames(START, cine.frames, 3, strategy="kcenter")
+    assert [s.frame for s in widget.suggestions] == [s.frame for s in ranked]
+
+
+def test_suggest_rules_are_the_cores():
+    from napari_usfm._annotate import SUGGEST_RULES
+    from usfm_core.finetune.suggest import DEFAULT_STRATEGY, STRATEGIES
+
+    assert SUGGEST_RULES == STRATEGIES and SUGGEST_RULES[0] == DEFAULT_STRATEGY
 
 
 @pytest.mark.gui

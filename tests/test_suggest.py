@@ -15,6 +15,7 @@ from cnn_backbone import CnnBackbone, CnnCfg
 from usfm_core.cli import main
 from usfm_core.errors import ConfigError
 from usfm_core.finetune.suggest import (
+    DEFAULT_STRATEGY,
     FrameScores,
     load_model_or_backbone,
     min_pairwise_distance,
@@ -63,7 +64,7 @@ def test_k_center_covers_the_scenes(scene_scores, scenes):
     random choice of 4 of the 20 frames does only 1 time in ~8 (625 of 4845 subsets), and they
     spread further apart than the first 4 frames (one scene) or an average random set."""
     _, scene = scenes
-    picks = [s.frame for s in select_frames(scene_scores, SCENES)]
+    picks = [s.frame for s in select_frames(scene_scores, SCENES, strategy="kcenter")]
     assert len(set(scene[picks])) == SCENES
     emb = scene_scores.embeddings
     spread = min_pairwise_distance(emb, picks)
@@ -77,7 +78,9 @@ def test_k_center_covers_the_scenes(scene_scores, scenes):
 def test_labelled_scenes_steer_suggestions_elsewhere(scene_scores, scenes):
     """With scenes 0 and 1 labelled (one frame each), pure diversity suggests the other two."""
     _, scene = scenes
-    picks = select_frames(scene_scores, 2, labelled=[0, PER_SCENE], uncertainty_weight=0.0)
+    picks = select_frames(
+        scene_scores, 2, labelled=[0, PER_SCENE], uncertainty_weight=0.0, strategy="kcenter"
+    )
     assert sorted(scene[[s.frame for s in picks]]) == [2, 3]
     assert all(s.frame not in (0, PER_SCENE) for s in picks)
     assert picks[0].diversity >= picks[1].diversity > 0
@@ -91,11 +94,21 @@ def test_uncertainty_finds_corrupted_frame(sim_lesion):
     frames[6] = np.random.default_rng(0).integers(0, 256, frames[6].shape, dtype=np.uint8)
     scores = score_frames(sim_lesion, frames, input_size=SIZE)
     assert int(np.argmax(scores.uncertainty)) == 6
-    top = select_frames(scores, 3, labelled=[0, 9])
+    top = select_frames(scores, 3, labelled=[0, 9], strategy="kcenter")
     assert top[0].frame == 6 and top[0].uncertainty == pytest.approx(scores.uncertainty[6])
     # uncertainty alone (w = 1) also puts it first; pure diversity too (it is an outlier)
-    assert select_frames(scores, 1, labelled=[0, 9], uncertainty_weight=1.0)[0].frame == 6
-    assert select_frames(scores, 1, labelled=[0, 9], uncertainty_weight=0.0)[0].frame == 6
+    assert (
+        select_frames(scores, 1, labelled=[0, 9], uncertainty_weight=1.0, strategy="kcenter")[
+            0
+        ].frame
+        == 6
+    )
+    assert (
+        select_frames(scores, 1, labelled=[0, 9], uncertainty_weight=0.0, strategy="kcenter")[
+            0
+        ].frame
+        == 6
+    )
 
 
 def test_bare_backbone_is_pure_diversity_and_seeded():
@@ -105,26 +118,31 @@ def test_bare_backbone_is_pure_diversity_and_seeded():
     backbone = CnnBackbone(CnnCfg(width=8))
     cine = simulate_cine(3, seed=1, height=64, width=64).frames
     frames = np.concatenate([np.repeat(cine[:1], 4, 0), cine[1:]])  # frames 0-3 identical
-    got = suggest_frames(backbone, frames, 3, input_size=SIZE, seed=5)
+    got = suggest_frames(backbone, frames, 3, input_size=SIZE, seed=5, strategy="kcenter")
     assert all(s.uncertainty is None for s in got)
-    assert got == suggest_frames(backbone, list(frames), 3, input_size=SIZE, seed=5)
+    assert got == suggest_frames(
+        backbone, list(frames), 3, input_size=SIZE, seed=5, strategy="kcenter"
+    )
     scores = score_frames(backbone, frames, input_size=SIZE)
     assert scores.uncertainty is None
-    firsts = {select_frames(scores, 1, labelled=[4, 5], seed=s)[0].frame for s in range(8)}
+    firsts = {
+        select_frames(scores, 1, labelled=[4, 5], seed=s, strategy="kcenter")[0].frame
+        for s in range(8)
+    }
     assert firsts <= {0, 1, 2, 3} and len(firsts) > 1  # a tie among duplicates, seed-broken
 
 
 def test_select_frames_rules():
     emb = np.eye(4, dtype=np.float32)
     scores = FrameScores(emb, uncertainty=np.array([0.1, 0.2, 0.3, 0.4], np.float32))
-    assert [s.frame for s in select_frames(scores, 10, labelled=[1])][:1] == [3]
+    assert [s.frame for s in select_frames(scores, 10, labelled=[1], strategy="kcenter")][:1] == [3]
     assert len(select_frames(scores, 10, labelled=[1])) == 3  # only unlabelled frames
     with pytest.raises(ConfigError, match="outside"):
-        select_frames(scores, 2, labelled=[4])
+        select_frames(scores, 2, labelled=[4], strategy="kcenter")
     with pytest.raises(ConfigError, match="k must"):
-        select_frames(scores, 0)
+        select_frames(scores, 0, strategy="kcenter")
     with pytest.raises(ConfigError, match="weight"):
-        select_frames(scores, 1, uncertainty_weight=1.5)
+        select_frames(scores, 1, uncertainty_weight=1.5, strategy="kcenter")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -233,3 +251,35 @@ def test_typical_strategy_goes_to_uncovered_modes_and_uses_uncertainty():
     assert not {s.frame for s in again} & set(labelled)
     with pytest.raises(ConfigError, match="strategy"):
         select_frames(scores, 1, strategy="coreset")
+
+
+def test_random_rule_is_the_default_seeded_and_nested():
+    """The default rule (chosen on validation data) draws unlabelled frames in one seeded
+    permutation: the same frames for the same seed, other frames for another seed, and a later
+    round (its picks labelled) continues the same order. Uncertainty and diversity are still
+    reported; the score is 0 (not ranked)."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    unc = rng.random(40).astype(np.float32)
+    scores = FrameScores(emb, uncertainty=unc)
+    assert DEFAULT_STRATEGY == "random"
+    first = select_frames(scores, 5, labelled=[3])
+    assert [s.frame for s in first] == [s.frame for s in select_frames(scores, 5, labelled=[3])]
+    order = [int(i) for i in np.random.default_rng(0).permutation(40) if i != 3]
+    assert [s.frame for s in first] == order[:5]
+    assert [s.frame for s in select_frames(scores, 5, labelled=[3], seed=1)] != order[:5]
+    later = select_frames(scores, 5, labelled=[3, *(s.frame for s in first)])
+    assert [s.frame for s in later] == order[5:10]
+    for s in first:
+        assert s.score == 0.0 and s.uncertainty == pytest.approx(float(unc[s.frame]))
+        assert s.diversity is not None and s.diversity > 0
+    assert [s.rank for s in first] == [1, 2, 3, 4, 5]
+    assert len(select_frames(scores, 100, labelled=range(30))) == 10  # only what is left
+
+
+def test_cli_strategy_choices_match_the_core():
+    from usfm_core.commands import suggest as cmd
+    from usfm_core.finetune import suggest as core
+
+    assert cmd.STRATEGIES == core.STRATEGIES and cmd.DEFAULT_STRATEGY == core.DEFAULT_STRATEGY

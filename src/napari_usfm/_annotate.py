@@ -1,7 +1,9 @@
 """Annotate dock widget: the annotation-light loop (issue #17) on one image layer.
 
-1. **Suggest** ranks the frames most worth labelling (``usfm_core.finetune.suggest``): a table
-   of the top-k frames (click a row: the viewer jumps there) and an outline around those frames.
+1. **Suggest** picks k frames to label (``usfm_core.finetune.suggest``; rule ``random`` by
+   default, chosen on validation data, or the ``kcenter`` / ``typical`` rankings): a table of
+   the frames with the model's uncertainty on each (click a row: the viewer jumps there) and an
+   outline around those frames.
 2. The user paints a few frames in the ``annotations`` Labels layer.
 3. **Propagate** fine-tunes briefly from the last round's model (or the chosen model /
    backbone) on every painted frame and segments all frames into the ``propagated`` layer
@@ -51,6 +53,9 @@ PROPAGATED = "propagated"
 SUGGESTED = "suggested frames"
 #: Preselected when shipped: the OpenUS-pretrained backbone.
 DEFAULT_BACKBONE = "openus-small-fast"
+#: Suggest rules: ``usfm_core.finetune.suggest.STRATEGIES``, default first (not imported here:
+#: that module loads torch, which the widget only loads in its workers; a test keeps them equal).
+SUGGEST_RULES = ("random", "kcenter", "typical")
 #: Outline colour of suggested frames (predictions are cyan/magenta/…, references yellow).
 SUGGEST_COLOR = "orangered"
 #: Fine-tuning steps per Propagate. Twice ``propagate.DEFAULT_STEPS``: from the bare shipped
@@ -123,9 +128,11 @@ def _suggest_job(
     labelled: list[int],
     input_size: int | None,
     device: str,
+    strategy: str = SUGGEST_RULES[0],
 ):
     """Worker: score every frame (yields frames done, an ``int``), then yields
-    ``("result", [Suggestion, ...])`` (:func:`usfm_core.finetune.suggest.select_frames`)."""
+    ``("result", [Suggestion, ...])`` (:func:`usfm_core.finetune.suggest.select_frames` with
+    rule ``strategy``)."""
     _limit_threads()
     from usfm_core.finetune.suggest import iter_score_frames, select_frames
 
@@ -133,7 +140,7 @@ def _suggest_job(
     scores = yield from iter_score_frames(
         model_ref, frames, batch_size=4, input_size=input_size, device=device
     )
-    yield ("result", select_frames(scores, k, labelled))
+    yield ("result", select_frames(scores, k, labelled, strategy=strategy))
 
 
 def _propagate_job(
@@ -194,8 +201,15 @@ class AnnotateWidget(_Base):
             self._model.value = start
         self._describe_model()
         self._k = SpinBox(min=1, max=100, value=5, tooltip="number of frames to suggest")
+        self._rule = ComboBox(
+            choices=SUGGEST_RULES,
+            value=SUGGEST_RULES[0],
+            tooltip="random: a seeded random sample (best on validation data, "
+            "docs/benchmarks/active_learning.md); kcenter: far from the labelled frames, then "
+            "where the model is unsure; typical: dense frames of uncovered clusters",
+        )
         self._suggest = PushButton(text="Suggest")
-        self._table = Table(value={"frame": [], "score": []})
+        self._table = Table(value={"frame": [], "uncertainty": []})
         self._table.native.setMinimumHeight(TABLE_HEIGHT)
         self._table.native.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self._table.native.cellClicked.connect(self._on_cell)
@@ -227,6 +241,7 @@ class AnnotateWidget(_Base):
             [
                 self._image,
                 self._model,
+                _row("suggest", self._rule),
                 _row("k", self._k, self._suggest),
                 self._table,
                 self._new_labels,
@@ -350,7 +365,7 @@ class AnnotateWidget(_Base):
     # ---------------------------------------------------------------- suggest
 
     def suggest(self, *_: Any) -> Any:
-        """Rank the frames worth labelling; fills the table and outlines them."""
+        """Pick the frames to label with the chosen rule; fills the table and outlines them."""
         layer = self._image.value
         if layer is None:
             self._notice("open an image first")
@@ -379,6 +394,7 @@ class AnnotateWidget(_Base):
             self.annotated_frames(),
             self.input_size(start),
             device,
+            str(self._rule.value),
             total=n,
             desc="Suggest",
             on_yield=self._on_suggest,
@@ -413,7 +429,10 @@ class AnnotateWidget(_Base):
         self.suggestions = list(suggestions)
         self._table.value = {
             "frame": [s.frame for s in self.suggestions],
-            "score": [round(float(s.score), 3) for s in self.suggestions],
+            "uncertainty": [
+                "—" if s.uncertainty is None else round(float(s.uncertainty), 3)
+                for s in self.suggestions
+            ],
         }
         self._table.row_headers = tuple(f"#{s.rank}" for s in self.suggestions)
         self._mark(self.suggestions)

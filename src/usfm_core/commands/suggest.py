@@ -5,12 +5,15 @@ a model folder or a run folder, and may be a bare backbone folder. INPUT is any 
 usfm_core.io.load_scan opens (its frames are numbered from 0) or a folder of images (numbered in
 the order segment uses: its manifest.csv, else natural file-name order).
 
-Score (see usfm_core.finetune.suggest): the model's uncertainty (mean predictive entropy +
-disagreement under a horizontal flip; none for a bare backbone) combined with diversity in the
-backbone's embedding space (greedy k-center started from the --labelled frames). With nothing
-labelled the ranking is pure diversity (the first frame is the most typical one); once frames are
-labelled it is (1 - w) x normalised distance to the labelled set + w x normalised uncertainty,
-w = --uncertainty-weight (default 0.5).
+Rules (see usfm_core.finetune.suggest), --strategy: random (the default) draws the frames in a
+seeded random order: on the validation splits of BUSI and HC18 it beat both rankings below
+(docs/benchmarks/active_learning.md). kcenter ranks by the model's uncertainty (mean predictive
+entropy + disagreement under a horizontal flip; none for a bare backbone) combined with diversity
+in the backbone's embedding space (greedy k-center started from the --labelled frames): with
+nothing labelled pure diversity (the first frame is the most typical one), then (1 - w) x
+normalised distance to the labelled set + w x normalised uncertainty, w = --uncertainty-weight
+(default 0.5). typical picks the densest frame of the least-covered k-means cluster. Every rule
+reports each frame's uncertainty and diversity.
 
 Prints a table (rank, frame, score, uncertainty, diversity; file for a folder input) and, with
 --out, writes it as CSV or JSON (by suffix) atomically; --out may not be the input, nor an
@@ -25,13 +28,17 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("rank", "frame", "score", "uncertainty", "diversity")
+#: usfm_core.finetune.suggest.STRATEGIES and its default (not imported: that module loads torch,
+#: and the CLI parser must start fast; a test keeps the two equal).
+STRATEGIES = ("random", "kcenter", "typical")
+DEFAULT_STRATEGY = "random"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``suggest`` sub-command."""
     p = subparsers.add_parser(
         "suggest",
-        help="rank the frames most worth labelling (uncertainty + diversity)",
+        help="choose the frames to label next (random by default; uncertainty + diversity)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -58,10 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--strategy",
-        choices=["kcenter", "typical"],
-        default="kcenter",
-        help="diversity rule: kcenter (farthest from the labelled frames) or typical "
-        "(TypiClust: the densest frame of the least-covered k-means cluster)",
+        choices=list(STRATEGIES),
+        default=DEFAULT_STRATEGY,
+        help=f"rule (default {DEFAULT_STRATEGY}): random (a seeded random sample; it beat both "
+        "rankings on validation data, docs/benchmarks/active_learning.md), kcenter (farthest "
+        "from the labelled frames, mixed with uncertainty) or typical (TypiClust: the densest "
+        "frame of the least-covered k-means cluster)",
     )
     p.add_argument("--out", type=Path, default=None, help="write the table: FILE.csv or FILE.json")
     p.add_argument(
