@@ -123,7 +123,9 @@ class Setting:
     product's ``DEFAULT_WARMUP_NEW_DECODER`` is 0.1 since the ``full-retrain`` runs, which used 0).
     ``split``: ``test`` scores BUSI / HC18 on the test split with a train+val pool; ``val``
     scores on the validation split with a train-only pool, for choosing between rules without
-    reading the test split.
+    reading the test split. ``retry_unfit``: ``propagate``'s retry of a model that missed its
+    own painted frames (the product's default since 2026-12-02; off in the settings run
+    before, so they reproduce).
     """
 
     name: str
@@ -141,6 +143,7 @@ class Setting:
     retrain: bool = False
     warmup: float = 0.0
     split: str = "test"
+    retry_unfit: bool = False
 
 
 SETTINGS = {
@@ -154,6 +157,36 @@ SETTINGS = {
     # The same on train (pool) / validation (score) only: for choosing the product's rule.
     "val-warmup": Setting(
         "val-warmup", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True, warmup=0.1, split="val"
+    ),
+    # Both again with propagate's retry of unfit models (the product since 2026-12-02).
+    "full-warmup-retry": Setting(
+        "full-warmup-retry",
+        0,
+        0,
+        128,
+        5,
+        6,
+        30,
+        4,
+        (0, 1, 2),
+        True,
+        warmup=0.1,
+        retry_unfit=True,
+    ),
+    "val-warmup-retry": Setting(
+        "val-warmup-retry",
+        0,
+        0,
+        128,
+        5,
+        6,
+        30,
+        4,
+        (0, 1, 2),
+        True,
+        warmup=0.1,
+        split="val",
+        retry_unfit=True,
     ),
     # The same sizes under the usual active-learning protocol: each round retrains from the
     # backbone for a fixed 120 steps (4x a product round; 16 epochs of the last round's 30 frames).
@@ -399,6 +432,7 @@ def run_one(
             steps=setting.steps,
             lr=DEFAULT_LR_NEW_DECODER if fresh else DEFAULT_LR,
             warmup=setting.warmup if fresh else 0.0,
+            retry_unfit=setting.retry_unfit,
             batch_size=setting.batch,
             input_size=setting.size,
             seed=seed * 100 + r,
@@ -452,6 +486,8 @@ def run_key(setting: Setting, dataset: str, strategy: str, seed: int, bb: str) -
         fields.pop("retrain")
     if not setting.warmup:  # likewise
         fields.pop("warmup")
+    if not setting.retry_unfit:  # likewise
+        fields.pop("retry_unfit")
     if setting.split == "test":
         fields.pop("split")
     return {

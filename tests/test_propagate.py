@@ -275,6 +275,10 @@ def test_run_round_warm_starts_from_the_latest(cine, tmp_path):
     assert info.val_dice == pytest.approx(frame_dice(r2.propagation.masks[4], gt[4]))
     assert r2.propagation.model.input_size == SIZE  # carried over from round 1's model
     assert [r.number for r in list_rounds(rounds)] == [1, 2]
+    # round.json records how well each round's model fits its painted frames
+    _, saved = load_round(info.path)
+    assert saved.extra["fit_dice"] == pytest.approx(r2.propagation.fit_dice)
+    assert saved.extra["retried"] == r2.propagation.retried
 
 
 def test_auto_decoder_follows_the_painted_structures(cine, sim_lesion):
@@ -310,3 +314,52 @@ def test_auto_decoder_follows_the_painted_structures(cine, sim_lesion):
     warm = propagate(sim_lesion, frames[:3], {1: dots}, **common)
     assert type(warm.model.decoder) is type(sim_lesion.decoder)
     assert "decoder auto" not in warm.warm_start
+
+
+def test_fit_dice_measures_the_painted_frames(sim_lesion, cine):
+    """fit_dice = the mean frame_dice of the model's own masks on the painted frames with a
+    structure (frames without one do not count; none at all gives None); propagate reports it
+    for the model it returns."""
+    from usfm_core.finetune.propagate import fit_dice
+
+    frames, gt = cine
+    painted = {0: gt[0], 5: gt[5], 9: np.zeros_like(gt[9])}
+    res = propagate(sim_lesion, frames, painted, steps=12, input_size=SIZE)
+    got = fit_dice(res.model, frames, painted, size=SIZE)
+    masks = list(segment_frames(res.model, [frames[0], frames[5]], input_size=SIZE))
+    want = np.mean([frame_dice(masks[0], gt[0]), frame_dice(masks[1], gt[5])])
+    assert got == pytest.approx(want, abs=1e-6) and got > 0.3
+    assert res.fit_dice == pytest.approx(got, abs=1e-6)
+    assert fit_dice(res.model, frames, {9: np.zeros_like(gt[9])}, size=SIZE) is None
+
+
+def test_a_model_that_misses_its_painted_frames_is_trained_again(cine, monkeypatch):
+    """Below FIT_RETRY_DICE propagate trains again from the same start for twice the steps and
+    keeps the attempt that fits the painted frames better; progress says 'retry'. The
+    threshold is raised here so that the retry always runs (real training, real fit)."""
+    import usfm_core.finetune.propagate as prop
+
+    frames, gt = cine
+    labels = {i: gt[i] for i in (2, 9)}
+    backbone = CnnBackbone(CnnCfg(width=8))
+
+    def run(**kw):
+        stages = []
+        res = propagate(
+            backbone, frames, labels, steps=3, input_size=SIZE, seed=1,
+            progress=lambda info: stages.append(info.get("stage")), **kw,
+        )  # fmt: skip
+        return res, stages
+
+    plain, stages = run(retry_unfit=False)
+    assert not plain.retried and plain.steps == 3 and "retry" not in stages
+    assert plain.fit_dice == pytest.approx(prop.fit_dice(plain.model, frames, labels, size=SIZE))
+    monkeypatch.setattr(prop, "FIT_RETRY_DICE", 1.01)
+    again, stages = run()
+    assert again.retried and stages.count("retry") == 6  # 2 × 3 steps
+    assert again.fit_dice >= plain.fit_dice - 1e-9  # the better of the two attempts
+    assert again.steps in (3, 6) and len(again.losses) == again.steps
+    # The first attempt is the plain run (same start, data order and augmentation).
+    monkeypatch.setattr(prop, "FIT_RETRY_DICE", -1.0)
+    same, _ = run()
+    assert not same.retried and same.losses == plain.losses

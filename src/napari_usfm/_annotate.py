@@ -528,9 +528,13 @@ class AnnotateWidget(_Base):
         data[:] = masks if data.ndim == masks.ndim else masks[0]
         self._target.refresh()
         self._original = np.array(data)
+        fit = self.result.fit_dice
+        fit_note = "" if fit is None else f" (Dice on the painted frames {fit:.2f}"
+        if fit_note:
+            fit_note += ", after a second, longer training)" if self.result.retried else ")"
         self._notice(
-            f"round {self.saved_round.number} saved: correct masks in '{PROPAGATED}', "
-            "Accept, Propagate again"
+            f"round {self.saved_round.number} saved{fit_note}: correct masks in "
+            f"'{PROPAGATED}', Accept, Propagate again"
         )
 
     def _progress(self, info: dict[str, Any]) -> None:
@@ -545,6 +549,11 @@ class AnnotateWidget(_Base):
         if stage == "segment":
             self.frames_done = done
             self._notice(f"segmenting: {done}/{total} frames")
+        elif stage == "retry":
+            self._notice(
+                f"the model missed the painted frames (Dice {info.get('fit_dice', 0):.2f} on "
+                f"them): training again, twice as long: step {done}/{total}"
+            )
         elif "loss" in info:
             self._notice(f"fine-tuning: step {done}/{total}  loss {info['loss']:.4f}")
 

@@ -331,6 +331,8 @@ def iter_round(
             "n_frames": len(result.masks),
             "smooth": result.smooth,
             "track": result.track,
+            "fit_dice": result.fit_dice,
+            "retried": result.retried,
             **dict(extra or {}),
         },
     )
