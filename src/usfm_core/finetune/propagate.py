@@ -464,15 +464,20 @@ def iter_propagate(
         raise ConfigError(f"labelled frame(s) {bad[:5]} outside 0..{n - 1}")
     shape = _gray(seq[0]).shape
     n_out = n_classes or label_classes(labels)
-    # A fresh decoder ("auto") is picked from the painted structures at the input side.
-    model, source, new_decoder = start_model(
-        model_or_backbone,
-        n_classes=n_out,
-        decoder=decoder,
-        seed=seed,
-        masks=labels.values(),
-        input_size=input_size,
-    )
+
+    def begin() -> tuple[nn.Module, str, bool]:
+        """The start model: the caller's copied, or a fresh decoder (seeded; ``auto`` picks
+        it from the painted structures at the input side). Called again for a retry."""
+        return start_model(
+            model_or_backbone,
+            n_classes=n_out,
+            decoder=decoder,
+            seed=seed,
+            masks=labels.values(),
+            input_size=input_size,
+        )
+
+    model, source, new_decoder = begin()
     size = model_input_size(model, input_size)
     if steps is None:
         steps = DEFAULT_STEPS_NEW_DECODER if new_decoder else DEFAULT_STEPS
@@ -516,14 +521,7 @@ def iter_propagate(
     if retry_unfit and fit is not None and fit < FIT_RETRY_DICE:
         # The model did not learn the frames it was trained on: train again from the same
         # start for longer, keep whichever attempt fits the painted frames better.
-        again, _, _ = start_model(
-            model_or_backbone,
-            n_classes=n_out,
-            decoder=decoder,
-            seed=seed,
-            masks=labels.values(),
-            input_size=input_size,
-        )
+        again = begin()[0]
         again.input_size = size
         more: list[float] = []
         for info in train(again, RETRY_STEPS_FACTOR * steps, more):
