@@ -1,11 +1,12 @@
-"""Which frames to label next: model uncertainty combined with diversity (issue #17).
+"""Which frames to label next: model uncertainty, diversity, or a random sample (issue #17).
 
-A frame is worth labelling when the current model is unsure about it (*uncertainty*) and when
-it shows something the labelled frames do not (*diversity*); the two ranking rules below build
-on that. Measured, neither beat a random sample of frames at 5-30 labels on BUSI or HC18, so
-the default rule is random (below); the rankings stay available. Both come from one streamed pass
-over the frames (:func:`score_frames`); the cheap selection (:func:`select_frames`) then ranks
-them, so a caller can re-rank with other labels or weights without running the model again.
+A frame may be worth labelling when the current model is unsure about it (*uncertainty*) and
+when it shows something the labelled frames do not (*diversity*). Both come from one streamed
+pass over the frames (:func:`score_frames`); the cheap selection (:func:`select_frames`) then
+picks, so a caller can re-rank with other labels or weights without running the model again.
+Two rules rank by them (k-center, typical); measured, neither beat a random sample of frames at
+5-30 labels on BUSI or HC18, so the default rule is a seeded random sample (below) and the
+rankings stay available.
 
 **Embeddings.** Each frame (gray uint8, resized to the model's square input with
 ``cv2.INTER_AREA`` and normalised as for segmentation) goes through the backbone; its pooled
