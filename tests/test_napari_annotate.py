@@ -105,6 +105,16 @@ def test_suggest_fills_the_table_marks_frames_and_a_click_jumps_there(
     assert [s.frame for s in widget.suggestions] == [s.frame for s in ranked]
 
 
+@pytest.mark.gui
+def test_suggest_with_every_frame_painted_says_so(make_napari_viewer, model_dir, cine):
+    viewer = make_napari_viewer()
+    widget = _widget(viewer, cine)
+    widget._paint()
+    viewer.layers["annotations"].data[:] = 1
+    assert widget.suggest() is None and widget._worker is None
+    assert "all 10 frames are painted" in widget._status.value
+
+
 def test_suggest_rules_are_the_cores():
     from napari_usfm._annotate import SUGGEST_RULES
     from usfm_core.finetune.suggest import DEFAULT_STRATEGY, STRATEGIES

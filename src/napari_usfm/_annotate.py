@@ -377,6 +377,9 @@ class AnnotateWidget(_Base):
         if n < 2:
             self._notice("one frame only: nothing to choose from; paint it and Propagate")
             return None
+        if len(self.annotated_frames()) >= n:
+            self._notice(f"all {n} frames are painted: nothing left to suggest; Propagate")
+            return None
         try:
             device = self._device(default_device())
         except Exception as exc:
