@@ -199,9 +199,12 @@ def run(args: argparse.Namespace) -> int:
     if names is not None:
         for row in rows:
             row["file"] = names[row["frame"]]
+    no_unc = ""
+    if scores.uncertainty is None:
+        no_unc = "; no uncertainty" + (": diversity only" if args.strategy != "random" else "")
     print(
-        f"{len(rows)} of {scores.n_frames} frame(s) suggested by {args.model} ({kind}"
-        f"{'; no uncertainty: diversity only' if scores.uncertainty is None else ''})"
+        f"{len(rows)} of {scores.n_frames} frame(s) suggested by {args.model} ({kind}; "
+        f"rule {args.strategy}{no_unc})"
     )
     print(format_table(rows))
     if args.out is not None:
