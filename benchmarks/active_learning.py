@@ -79,7 +79,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,70 +146,36 @@ class Setting:
     retry_unfit: bool = False
 
 
+#: The issue's sizes: whole pools, whole test splits, the product's full fine-tuning. The other
+#: full-size settings change only the fields named in them.
+FULL = Setting("full", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True)
+
+
+def _full(name: str, **changes: Any) -> Setting:
+    """:data:`FULL` renamed, with ``changes`` to its fields."""
+    return replace(FULL, name=name, **changes)
+
+
 SETTINGS = {
     # Fits the loaded 2-core box at one thread (frozen backbone, 64 px).
     "quick": Setting("quick", 120, 40, 64, 3, 4, 20, 4, (0, 1, 2), False, sim_side=128),
-    # The issue's sizes: whole pools, whole test splits, the product's full fine-tuning.
-    "full": Setting("full", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True),
+    "full": FULL,
     # The product's loop as it is now: warm starts, and round 1's fresh decoder with the
-    # product's 10 % warm-up (``full`` predates it).
-    "full-warmup": Setting("full-warmup", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True, warmup=0.1),
-    # The same on train (pool) / validation (score) only: for choosing the product's rule.
-    "val-warmup": Setting(
-        "val-warmup", 0, 0, 128, 5, 6, 30, 4, (0, 1, 2), True, warmup=0.1, split="val"
-    ),
+    # product's 10 % warm-up (``full`` predates it); ``val-``: on train (pool) / validation
+    # (score) only, for choosing the product's rule.
+    "full-warmup": _full("full-warmup", warmup=0.1),
+    "val-warmup": _full("val-warmup", warmup=0.1, split="val"),
     # Both again with propagate's retry of unfit models (the product since 2026-12-02).
-    "full-warmup-retry": Setting(
-        "full-warmup-retry",
-        0,
-        0,
-        128,
-        5,
-        6,
-        30,
-        4,
-        (0, 1, 2),
-        True,
-        warmup=0.1,
-        retry_unfit=True,
-    ),
-    "val-warmup-retry": Setting(
-        "val-warmup-retry",
-        0,
-        0,
-        128,
-        5,
-        6,
-        30,
-        4,
-        (0, 1, 2),
-        True,
-        warmup=0.1,
-        split="val",
-        retry_unfit=True,
-    ),
+    "full-warmup-retry": _full("full-warmup-retry", warmup=0.1, retry_unfit=True),
+    "val-warmup-retry": _full("val-warmup-retry", warmup=0.1, split="val", retry_unfit=True),
     # The same sizes under the usual active-learning protocol: each round retrains from the
     # backbone for a fixed 120 steps (4x a product round; 16 epochs of the last round's 30 frames).
-    "full-retrain": Setting("full-retrain", 0, 0, 128, 5, 6, 120, 4, (0, 1, 2), True, retrain=True),
+    "full-retrain": _full("full-retrain", steps=120, retrain=True),
     # The same with the product's fresh-decoder recipe since: a 10 % learning-rate warm-up.
-    "full-retrain-warmup": Setting(
-        "full-retrain-warmup", 0, 0, 128, 5, 6, 120, 4, (0, 1, 2), True, retrain=True, warmup=0.1
-    ),
+    "full-retrain-warmup": _full("full-retrain-warmup", steps=120, retrain=True, warmup=0.1),
     # The same on train (pool) / validation (score) only: for choosing the product's rule.
-    "val-retrain-warmup": Setting(
-        "val-retrain-warmup",
-        0,
-        0,
-        128,
-        5,
-        6,
-        120,
-        4,
-        (0, 1, 2),
-        True,
-        retrain=True,
-        warmup=0.1,
-        split="val",
+    "val-retrain-warmup": _full(
+        "val-retrain-warmup", steps=120, retrain=True, warmup=0.1, split="val"
     ),
     "smoke-retrain": Setting(
         "smoke-retrain", 6, 3, 64, 2, 2, 1, 2, (0,), False, "tiny", sim_side=64, retrain=True
