@@ -531,10 +531,11 @@ class AnnotateWidget(_Base):
         data[:] = masks if data.ndim == masks.ndim else masks[0]
         self._target.refresh()
         self._original = np.array(data)
-        fit = self.result.fit_dice
-        fit_note = "" if fit is None else f" (Dice on the painted frames {fit:.2f}"
-        if fit_note:
-            fit_note += ", after a second, longer training)" if self.result.retried else ")"
+        fit, again = self.result.fit_dice, self.result.retried
+        fit_note = "" if fit is None else (
+            f" (Dice on the painted frames {fit:.2f}"
+            f"{', after a second, longer training' if again else ''})"
+        )  # fmt: skip
         self._notice(
             f"round {self.saved_round.number} saved{fit_note}: correct masks in "
             f"'{PROPAGATED}', Accept, Propagate again"

@@ -242,18 +242,6 @@ def _identifier_like(word: str, conf: float) -> bool:
     )
 
 
-def _line_keys(data: dict) -> list[tuple[int, int, int, int]]:
-    """Per word of Tesseract's ``image_to_data`` dict: its (page, block, paragraph, line)."""
-    n = len(data["text"])
-    return [
-        tuple(
-            int(data[k][i]) if k in data else 0
-            for k in ("page_num", "block_num", "par_num", "line_num")
-        )
-        for i in range(n)
-    ]
-
-
 def _tesseract_boxes(image: np.ndarray, upscale: int) -> np.ndarray:
     """(H, W) bool filled word boxes Tesseract reads in ``image`` (upscaled ``upscale``×)."""
     import cv2
@@ -265,10 +253,11 @@ def _tesseract_boxes(image: np.ndarray, upscale: int) -> np.ndarray:
     data = pytesseract.image_to_data(big, config=OCR_CONFIG, output_type=pytesseract.Output.DICT)
     h, w = image.shape
     mask = np.zeros((h, w), np.uint8)
+    lines = zip(data["page_num"], data["block_num"], data["par_num"], data["line_num"])
     words = list(
         zip(
             data["text"], data["conf"], data["left"], data["top"], data["width"],
-            data["height"], _line_keys(data),
+            data["height"], lines,
         )
     )  # fmt: skip
     # A line with one identifier-like word is a line of text: its other words go too. The

@@ -30,10 +30,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         groups.setdefault((p_t.device, p_t.dtype), []).append((p_t, s_params[name].detach()))
     for (device, dtype), group in groups.items():
         targets = [t for t, _ in group]
-        sources = [
-            s if (s.device == device and s.dtype == dtype) else s.to(device=device, dtype=dtype)
-            for _, s in group
-        ]
+        sources = [s.to(device=device, dtype=dtype) for _, s in group]  # self when equal
         torch._foreach_lerp_(targets, sources, 1.0 - momentum)
     s_buffers = {k.removeprefix("module."): v for k, v in student.named_buffers()}
     for name, b_t in teacher.named_buffers():
